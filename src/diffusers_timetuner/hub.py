@@ -409,7 +409,7 @@ from diffusers_timetuner.schedulers import {cls}
 pipe.scheduler = {cls}.from_pretrained("{repo_id}", subfolder="scheduler")
 ```
 
-Then call the pipeline with `num_inference_steps` in ({steps}); other step counts run untuned.
+Then call the pipeline with `num_inference_steps` in ({steps}): the step counts this repo has a table for.
 
 ## Measured held-out improvement
 

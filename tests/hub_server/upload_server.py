@@ -212,7 +212,10 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{org}/{name}"
         with self.state.lock:
             if os.path.isdir(repo.path):
-                return self._error(409, "You already created this model repo", "RepoExists")
+                # The Hub's 409 body carries the repo url too; create_repo(exist_ok=True) reads it.
+                return self._send(409, {"error": "You already created this model repo",
+                                        "url": f"http://{self.headers['Host']}/{repo_id}"},
+                                  {"X-Error-Message": "You already created this model repo"})
             repo.init()
             self.state.private[repo_id] = bool(payload.get("private") or payload.get("visibility") == "private")
         self._send(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
