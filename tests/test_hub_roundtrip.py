@@ -200,6 +200,9 @@ def test_pull_errors_are_clear(hub_servers, hub_env, tmp_path):
         scheduler.set_timesteps(7)
     with pytest.raises(ValueError, match="not a bundled tuned schedule.*not an existing folder"):
         load_tuned_scheduler("no-such-name")
+    hub_env.offline()
+    with pytest.raises(ValueError, match=r"offline mode \(HF_HUB_OFFLINE=1\) and scheduler/scheduler_config.json is not"):
+        load_tuned_scheduler("tt-org/never-downloaded")
 
 
 @pytest.mark.slow

@@ -154,7 +154,7 @@ def write_bundled_index(root: str | os.PathLike | None = None) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------------
-def _hub_error(repo_id: str, subfolder: str, revision: str | None, err: Exception) -> Exception:
+def _hub_error(repo_id: str, subfolder: str, revision: str | None, err: Exception, token=None) -> Exception:
     """Turn a huggingface_hub download error into one clear message (olah answers 401 for a missing file)."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import (
@@ -183,7 +183,7 @@ def _hub_error(repo_id: str, subfolder: str, revision: str | None, err: Exceptio
         # A real Hub answers 404 EntryNotFound for a missing file, olah 401 RepositoryNotFound: ask whether the repo
         # itself exists to tell the two cases apart.
         try:
-            files = HfApi().list_repo_files(repo_id, revision=revision)
+            files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
         except Exception:
             return ValueError(
                 f"Tuned schedule {repo_id!r} not found: no bundled entry, no local folder and no Hub repo of that name "
@@ -265,7 +265,7 @@ def _load_from_hub(repo_id: str, scheduler_class, *, subfolder: str, revision: s
             repo_id, SCHEDULER_CONFIG_NAME, subfolder=subfolder or None, revision=revision, token=token
         )
     except Exception as err:  # mapped to one clear message below; anything unknown is re-raised as is
-        mapped = _hub_error(repo_id, subfolder, revision, err)
+        mapped = _hub_error(repo_id, subfolder, revision, err, token=token)
         if mapped is err:
             raise
         raise mapped from err

@@ -77,3 +77,49 @@ def sample(pipe, scheduler, num_inference_steps: int = 4, seed: int = 0) -> torc
     out = pipe(batch_size=2, num_inference_steps=num_inference_steps, eta=0.0, output_type="np",
                generator=torch.Generator().manual_seed(seed))
     return torch.from_numpy(out.images)
+
+
+SD_MODEL_ID = "test-org/tiny-sd"
+# Stable Diffusion 1.x noise schedule (its scheduler_config.json): what a table for SD is calibrated against.
+SD_NOISE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "steps_offset": 1, "set_alpha_to_one": False}
+
+
+def tiny_stable_diffusion(name_or_path: str = SD_MODEL_ID):
+    """A StableDiffusionPipeline from seeded random tiny components (16x16 images, no files, ~0.2 s per call)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
+    )
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), sample_size=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        num_hidden_layers=1, vocab_size=100, layer_norm_eps=1e-5))
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2, **{f"w{i}</w>": i + 3 for i in range(90)}}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)  # transformers 5: no files needed
+    scheduler = PNDMScheduler(skip_prk_steps=True, **SD_NOISE)  # what SD 1.x ships
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.register_to_config(_name_or_path=name_or_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tuned_sd_scheduler(num_inference_steps: int = 3):
+    """A TimeTuner DDIM table on SD's noise schedule (r_i from 1.05 down to 1.0; arbitrary, valid)."""
+    from diffusers_timetuner.schedulers import TimeTunerDDIMScheduler
+
+    base = TimeTunerDDIMScheduler(clip_sample=False, **SD_NOISE)
+    base.set_timesteps(num_inference_steps)
+    grid = [float(t) for t in base.grid_timesteps]
+    taus = [t * (1.05 - 0.05 * i / max(1, len(grid) - 1)) for i, t in enumerate(grid)]
+    info = {"model_id": SD_MODEL_ID, "objective": "paper", "guidance_scale": 5.0,
+            "held_out": {"metric": "endpoint_mse", "untuned": 0.3, "tuned": 0.2}}
+    return base.with_tuned_timesteps(num_inference_steps, taus, grid=grid, info=info)
