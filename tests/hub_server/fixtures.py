@@ -40,9 +40,11 @@ class HubEnv:
         self._constants = constants
         self.home = home
         self.cache = os.path.join(home, "hub")
-        for var, value in {"HF_HOME": home, "HF_HUB_CACHE": self.cache, "HF_XET_CACHE": os.path.join(home, "xet")}.items():
+        env = {"HF_HOME": home, "HF_HUB_CACHE": self.cache, "HF_XET_CACHE": os.path.join(home, "xet")}
+        for var, value in env.items():
             monkeypatch.setenv(var, value)
-        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_OIDC_RESOURCE"):
+        unset = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_OIDC_RESOURCE")
+        for var in unset:
             monkeypatch.delenv(var, raising=False)
         for name, value in {
             "HF_HOME": home,
@@ -61,7 +63,8 @@ class HubEnv:
         """Point every Hub call (HfApi, hf_hub_download, from_pretrained) at `url`."""
         self._mp.setenv("HF_ENDPOINT", url)
         self._mp.setattr(self._constants, "ENDPOINT", url)
-        self._mp.setattr(self._constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+        template = url + "/{repo_id}/resolve/{revision}/{filename}"
+        self._mp.setattr(self._constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
 
     def login(self, token: str = TEST_TOKEN) -> None:
         self._mp.setenv("HF_TOKEN", token)
@@ -69,10 +72,6 @@ class HubEnv:
     def offline(self) -> None:
         self._mp.setenv("HF_HUB_OFFLINE", "1")
         self._mp.setattr(self._constants, "HF_HUB_OFFLINE", True)
-
-    def subprocess_env(self) -> dict:
-        """The environment a fresh process needs to see the same Hub setup (no constants patching involved)."""
-        return dict(os.environ)
 
 
 @pytest.fixture
