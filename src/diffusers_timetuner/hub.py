@@ -165,6 +165,7 @@ def _hub_error(repo_id: str, subfolder: str, revision: str | None, err: Exceptio
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
@@ -173,7 +174,7 @@ def _hub_error(repo_id: str, subfolder: str, revision: str | None, err: Exceptio
 
     where = f"{repo_id}@{revision or 'main'}"
     wanted = f"{subfolder}/{SCHEDULER_CONFIG_NAME}" if subfolder else SCHEDULER_CONFIG_NAME
-    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or "LocalEntryNotFound" in type(err).__name__:
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         if constants.is_offline_mode():
             return ValueError(
                 f"{where}: offline mode (HF_HUB_OFFLINE=1) and {wanted} is not in the cache "
@@ -190,11 +191,10 @@ def _hub_error(repo_id: str, subfolder: str, revision: str | None, err: Exceptio
         # itself exists to tell the two cases apart.
         try:
             files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
-        except Exception:
+        except (RepositoryNotFoundError, HfHubHTTPError):
             return ValueError(
                 f"Tuned schedule {repo_id!r} not found: no bundled entry, no local folder and no Hub repo of that "
-                "name "
-                f"(endpoint {constants.ENDPOINT}). Bundled entries: {', '.join(_safe_bundled()) or 'none'}. "
+                f"name (endpoint {constants.ENDPOINT}). Bundled entries: {', '.join(_safe_bundled()) or 'none'}. "
                 "For a private repo log in (`huggingface-cli login`) or set HF_TOKEN."
             )
         configs = [f for f in files if f.endswith(SCHEDULER_CONFIG_NAME)]
