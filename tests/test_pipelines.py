@@ -200,6 +200,23 @@ def test_stable_diffusion_txt2img(sd_components, sched_cls, config, guidance_sca
     assert np.array_equal(pipe("a cat", generator=gen(), **kw).images, untuned)
 
 
+def test_stable_diffusion_custom_ddim_grid(sd_components):
+    """retrieve_timesteps(timesteps=[...]) reaches the DDIM custom grid; the table recorded for it applies."""
+    grid, taus = [901, 601, 301, 1], [905.5, 598.25, 303.0, 2.5]
+    config = dict(SD_CONFIG, steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+    sched = TimeTunerDDIMScheduler(**config, tuned_timesteps={4: taus}, tuned_grids={4: grid})
+    pipe = sd_pipe(StableDiffusionPipeline, sd_components, sched)
+    spy = TimestepSpy(sd_components["unet"])
+    kw = dict(height=16, width=16, guidance_scale=5.0, output_type="np")
+    tuned = pipe("a cat", timesteps=grid, generator=gen(), **kw).images
+    assert torch.equal(spy.timesteps(), torch.tensor(taus)) and torch.equal(sched.grid_timesteps, torch.tensor(grid))
+    pipe.scheduler = TimeTunerDDIMScheduler(**config)
+    assert not np.array_equal(tuned, pipe("a cat", timesteps=grid, generator=gen(), **kw).images)
+    with pytest.raises(ValueError, match="produces the grid"):  # another grid: the recorded one is checked
+        pipe.scheduler = sched
+        pipe("a cat", timesteps=[900, 600, 300, 1], generator=gen(), **kw)
+
+
 def _image():
     return torch.linspace(0, 1, 3 * 16 * 16).reshape(1, 3, 16, 16)
 

@@ -77,6 +77,9 @@ def configs():
         for order in (1, 2, 3):
             out.append(("dpm_single", dict(prediction_type=pred, solver_order=order), {}, 7))
     out.append(("dpm", dict(algorithm_type="sde-dpmsolver++", solver_order=2), {}, 7))
+    out.append(("dpm", dict(use_karras_sigmas=True, solver_order=3), {}, 7))
+    out.append(("dpm_single", dict(use_karras_sigmas=True, solver_order=2), {}, 7))
+    out.append(("euler", dict(use_karras_sigmas=True), {}, 7))
     out.append(("ddim", dict(beta_schedule="scaled_linear", steps_offset=1, clip_sample=False), {}, 10))
     return out
 
@@ -155,10 +158,18 @@ def test_ddim_trailing_identity_table_differs_where_the_parent_leaves_its_grid()
     out_ours = ours.step(eps, ours.timesteps[-1], x).prev_sample
     torch.testing.assert_close(out_parent, _ddim_step(x, eps, ac[142], ac[0]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out_ours, _ddim_step(x, eps, ac[142], torch.tensor(1.0)), rtol=1e-6, atol=1e-6)
-    # Over a full loop the two differ too.
+    # Over a full loop the two differ too; so do they with linspace spacing (grid 999, 888, ..., parent 999 -> 899).
     assert not torch.equal(
         sample(TimeTunerDDIMScheduler(timestep_spacing="trailing", tuned_timesteps={7: grid}), 7),
         sample(DDIMScheduler(timestep_spacing="trailing"), 7),
+    )
+    linspace = DDIMScheduler(timestep_spacing="linspace")
+    linspace.set_timesteps(10)
+    assert linspace.timesteps.tolist()[:2] == [999, 888]
+    assert not torch.equal(
+        sample(TimeTunerDDIMScheduler(timestep_spacing="linspace", tuned_timesteps={10: linspace.timesteps.tolist()}),
+               10),
+        sample(DDIMScheduler(timestep_spacing="linspace"), 10),
     )
 
 

@@ -34,8 +34,8 @@ class TimeTunerDDIMScheduler(TimeTunerMixin, DDIMScheduler):
     agree (an identity table tau = t is bit-identical to `DDIMScheduler`) whenever the grid has that constant stride:
     ``"leading"`` spacing, or ``"trailing"`` when n divides T. They differ where the parent leaves its own grid:
     ``"trailing"`` with n not dividing T (T = 1000, n = 7: grid 999, 856, 713, ... but the parent steps 999 -> 857)
-    and ``"linspace"`` (grid 999, 888, ... for n = 10, parent 999 -> 899), and at the last step of those spacings the
-    parent lands on ``alphas_cumprod[t_1 - T // n]`` instead of ``final_alpha_cumprod``. Here the update always ends on
+    and ``"linspace"`` (grid 999, 888, ... for n = 10, parent 999 -> 899); with ``"trailing"`` the parent's last step
+    also lands on ``alphas_cumprod[t_1 - T // n]`` instead of ``final_alpha_cumprod``. Here the update always stays on
     the grid; without a table and custom grid, `step` is the parent's.
     """
 

@@ -216,9 +216,9 @@ class TimeTunerMixin:
         """Step index i of `timestep`.
 
         Untuned: the parent's lookup where it has one (bit-for-bit parent behaviour), else a tolerant lookup in
-        `scheduler.timesteps`. Tuned: a floating timestep is a tau, found in `scheduler.timesteps` within the table
-        tolerance; an integer one keeps the parent's meaning (a grid timestep) and is found in `grid_timesteps`.
-        No match or an ambiguous match raises `ValueError`.
+        `scheduler.timesteps`. Tuned: a floating timestep is a tau, found in `schedule_timesteps` (default
+        `scheduler.timesteps`) within the table tolerance; an integer one keeps the parent's meaning (a grid
+        timestep) and is found in `grid_timesteps`. No match or an ambiguous match raises `ValueError`.
         """
         parent = getattr(super(), "index_for_timestep", None)
         if not self.is_tuned:
@@ -228,7 +228,8 @@ class TimeTunerMixin:
             return find_timestep_index(schedule, timestep)
         if _is_integer_timestep(timestep):
             return find_timestep_index(self.grid_timesteps, timestep, what="scheduler.grid_timesteps")
-        return find_timestep_index(self.timesteps, timestep, what="scheduler.timesteps (tuned taus)")
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        return find_timestep_index(schedule, timestep, what="scheduler.timesteps (tuned taus)")
 
     def _grid_timesteps_for(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Map tau values (floating tensor) to the grid timesteps t_i of their steps; anything else is unchanged.
