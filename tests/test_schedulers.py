@@ -46,11 +46,11 @@ def t_free_model(x, t):
     return 0.3 * x + 0.1 * torch.sin(x)
 
 
-def sample(sched, n, *, model=fake_model, step_kwargs=None, spy=None, seed=0, shape=(2, 3, 4, 4)):
+def sample(sched, n, *, model=fake_model, step_kwargs=None, spy=None, seed=0, shape=(2, 3, 4, 4), device=None):
     """A plain Diffusers sampling loop (as in the pipelines); `spy` collects the timesteps the model received."""
-    sched.set_timesteps(n)
+    sched.set_timesteps(n, device=device)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * sched.init_noise_sigma
+    x = torch.randn(shape, generator=g).to(device) * sched.init_noise_sigma
     kwargs = dict(step_kwargs or {})
     if "generator" in inspect.signature(sched.step).parameters:
         kwargs["generator"] = torch.Generator().manual_seed(seed + 1)
@@ -455,3 +455,27 @@ def test_ddpm_tuned_previous_timestep_walks_the_grid():
     sched.set_timesteps(4)
     assert [int(sched.previous_timestep(t)) for t in sched.timesteps] == [500, 250, 0, -1]
     assert [int(sched.previous_timestep(t)) for t in sched.grid_timesteps] == [500, 250, 0, -1]
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+
+
+@CUDA
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_on_cuda(name):
+    """Device placement: taus and grid on the pipeline's device, lookups and add_noise work, identity == parent."""
+    ours_cls, parent_cls = PAIRS[name]
+    parent = parent_cls()
+    parent.set_timesteps(4, device="cuda")
+    grid = parent.timesteps.tolist()
+    ours = ours_cls(tuned_timesteps={4: TAUS4})
+    spy = []
+    out = sample(ours, 4, spy=spy, device="cuda")
+    assert ours.timesteps.device.type == "cuda" and ours.grid_timesteps.device.type == "cuda" and out.is_cuda
+    assert torch.equal(torch.stack(spy).cpu(), torch.tensor(TAUS4))
+    ours.set_timesteps(4, device="cuda")  # fresh state: add_noise before the first step (no step index yet)
+    x0 = torch.randn(2, 2, 4, 4, device="cuda")
+    got = ours.add_noise(x0, x0.flip(0), ours.timesteps[[0, 2]])
+    assert torch.equal(got, parent.add_noise(x0, x0.flip(0), parent.timesteps[[0, 2]]))
+    identity = sample(ours_cls(tuned_timesteps={4: grid}), 4, device="cuda")
+    assert torch.equal(identity, sample(parent_cls(), 4, device="cuda"))
