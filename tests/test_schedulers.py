@@ -479,3 +479,24 @@ def test_on_cuda(name):
     assert torch.equal(got, parent.add_noise(x0, x0.flip(0), parent.timesteps[[0, 2]]))
     identity = sample(ours_cls(tuned_timesteps={4: grid}), 4, device="cuda")
     assert torch.equal(identity, sample(parent_cls(), 4, device="cuda"))
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_shared_sampling_loop_sees_grid_and_taus(name):
+    """diffusers_timetuner.sampling.sample (used by calibration): callback t = grid t_i, tau = what the net saw."""
+    from diffusers_timetuner.denoiser import Denoiser
+    from diffusers_timetuner.sampling import sample as shared_sample
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t):
+            return fake_model(x, t.reshape(-1, 1, 1, 1))
+
+    ours_cls, parent_cls = PAIRS[name]
+    sched = ours_cls(tuned_timesteps={4: TAUS4})
+    seen = []
+    noise = torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    out = shared_sample(Denoiser(Net()), sched, noise, 4, generator=torch.Generator().manual_seed(1),
+                        callback=lambda info: seen.append((info["t"], info["tau"])))
+    assert torch.equal(torch.stack([t for t, _ in seen]), sched.grid_timesteps)
+    assert torch.equal(torch.stack([tau for _, tau in seen]), torch.tensor(TAUS4))
+    assert torch.equal(out, sample(ours_cls(tuned_timesteps={4: TAUS4}), 4, shape=(2, 3, 4, 4)))
