@@ -219,8 +219,11 @@ def test_grid_mismatch_names_both_grids():
         timestep_spacing="trailing", tuned_timesteps={4: TAUS4}, tuned_grids={4: [750, 500, 250, 0]}
     )
     match = r"tuned on the grid \[750, 500, 250, 0\].*produces the grid \[999, 749, 499, 249\]"
+    before = dict(sched.__dict__)
     with pytest.raises(ValueError, match=match):
         sched.set_timesteps(4)
+    # The failed call left no half-set state: the very same attribute objects as before.
+    assert sched.__dict__.keys() == before.keys() and all(sched.__dict__[k] is v for k, v in before.items())
     # The recorded grid of the config it was tuned with passes.
     ok = TimeTunerDDIMScheduler(tuned_timesteps={4: TAUS4}, tuned_grids={4: [750, 500, 250, 0]})
     ok.set_timesteps(4)

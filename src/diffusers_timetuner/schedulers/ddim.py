@@ -109,13 +109,14 @@ class TimeTunerDDIMScheduler(TimeTunerMixin, DDIMScheduler):
                 raise ValueError(f"`num_inference_steps` must be in [1, {T}], got {num_inference_steps}.")
             grid = quadratic_timesteps(num_inference_steps, T)
         self._check_table_available(self._count_evaluations(num_inference_steps, timesteps))
-        if grid is None:
-            super().set_timesteps(num_inference_steps, device)
-        else:
-            self.num_inference_steps = len(grid)
-            self.timesteps = torch.from_numpy(grid).to(device)
-        self._custom_grid = grid is not None
-        self._apply_tau_table()
+        with self._restore_on_error():
+            if grid is None:
+                super().set_timesteps(num_inference_steps, device)
+            else:
+                self.num_inference_steps = len(grid)
+                self.timesteps = torch.from_numpy(grid).to(device)
+            self._custom_grid = grid is not None
+            self._apply_tau_table()
 
     def step(
         self,

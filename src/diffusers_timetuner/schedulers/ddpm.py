@@ -75,15 +75,19 @@ class TimeTunerDDPMScheduler(TimeTunerMixin, DDPMScheduler):
     ):
         """The parent's `set_timesteps` (or the quadratic grid), then the tau table for that step count, if any."""
         self._check_table_available(self._count_evaluations(num_inference_steps, timesteps))
+        quadratic = None
         if timesteps is None and num_inference_steps is not None and self.config.timestep_spacing == "quadratic":
             T = self.config.num_train_timesteps
             if not 0 < num_inference_steps <= T:
                 raise ValueError(f"`num_inference_steps` must be in [1, {T}], got {num_inference_steps}.")
-            super().set_timesteps(device=device, timesteps=quadratic_timesteps(num_inference_steps, T).tolist())
-            self.num_inference_steps = num_inference_steps
-        else:
-            super().set_timesteps(num_inference_steps, device, timesteps=timesteps)
-        self._apply_tau_table()
+            quadratic = quadratic_timesteps(num_inference_steps, T).tolist()
+        with self._restore_on_error():
+            if quadratic is not None:
+                super().set_timesteps(device=device, timesteps=quadratic)
+                self.num_inference_steps = num_inference_steps
+            else:
+                super().set_timesteps(num_inference_steps, device, timesteps=timesteps)
+            self._apply_tau_table()
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
         """The grid time t_{i-1} after the step of `timestep` (a tau or a grid time); -1 after the last step."""

@@ -105,8 +105,9 @@ class TimeTunerDPMSolverScheduler(TimeTunerMixin, DPMSolverMultistepScheduler):
         `timesteps` sets a custom *grid* (parent semantics); a table for ``len(timesteps)`` then applies to it.
         """
         self._check_table_available(self._count_evaluations(num_inference_steps, timesteps))
-        super().set_timesteps(num_inference_steps, device, mu=mu, timesteps=timesteps)
-        self._apply_tau_table()
+        with self._restore_on_error():
+            super().set_timesteps(num_inference_steps, device, mu=mu, timesteps=timesteps)
+            self._apply_tau_table()
 
     def step(
         self,

@@ -89,8 +89,9 @@ class TimeTunerDPMSolverSinglestepScheduler(TimeTunerMixin, DPMSolverSinglestepS
     ):
         """The parent's `set_timesteps` (grid, sigmas, order list), then the tau table for that step count, if any."""
         self._check_table_available(self._count_evaluations(num_inference_steps, timesteps))
-        super().set_timesteps(num_inference_steps, device, mu=mu, timesteps=timesteps)
-        self._apply_tau_table()
+        with self._restore_on_error():
+            super().set_timesteps(num_inference_steps, device, mu=mu, timesteps=timesteps)
+            self._apply_tau_table()
 
     def step(
         self,

@@ -81,8 +81,9 @@ class TimeTunerEulerDiscreteScheduler(TimeTunerMixin, EulerDiscreteScheduler):
     ):
         """The parent's `set_timesteps` (grid and sigmas), then the tau table for that step count, if any."""
         self._check_table_available(self._count_evaluations(num_inference_steps, timesteps, sigmas))
-        super().set_timesteps(num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
-        self._apply_tau_table()
+        with self._restore_on_error():
+            super().set_timesteps(num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
+            self._apply_tau_table()
 
     def step(
         self,

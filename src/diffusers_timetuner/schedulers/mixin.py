@@ -12,13 +12,14 @@ tau only decides what the network sees.** So after ``set_timesteps(n)``:
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..table import TAU_ATOL, TAU_RTOL, TauTable, normalize_tuning_config, timesteps_close
+from ..table import TAU_ATOL, TAU_RTOL, TauTable, normalize_step_key, normalize_tuning_config, timesteps_close
 
 __all__ = ["TimeTunerMixin", "quadratic_timesteps", "validate_custom_timesteps"]
 
@@ -126,7 +127,8 @@ class TimeTunerMixin:
     A subclass ``TimeTunerXScheduler(TimeTunerMixin, XScheduler)`` declares the parent's full ``__init__`` signature
     plus ``tuned_timesteps``, ``tuned_grids`` and ``tuning_info`` under ``@register_to_config``, calls the parent's
     ``__init__`` and then ``self._init_tau_tables(...)``; its ``set_timesteps`` calls
-    ``self._check_table_available(n)`` before and ``self._apply_tau_table()`` after the parent's.
+    ``self._check_table_available(n)``, then, inside ``with self._restore_on_error():``, the parent's
+    ``set_timesteps`` and ``self._apply_tau_table()``.
 
     With ``tuned_timesteps`` `None` or empty, every method behaves exactly as the parent's.
     """
@@ -182,6 +184,21 @@ class TimeTunerMixin:
             f"Use one of those step counts, calibrate a table for {n} steps "
             f"(`{CALIBRATE_HINT.format(n=n)}`), or load the scheduler without `tuned_timesteps` to sample untuned."
         )
+
+    @contextlib.contextmanager
+    def _restore_on_error(self):
+        """Leave the scheduler as it was if setting the grid or applying the table fails (no half-set state).
+
+        The parents' ``set_timesteps`` rebind attributes (and ``_internal_dict`` via ``register_to_config``) rather
+        than mutate them in place, so a shallow copy of ``__dict__`` is enough to restore them.
+        """
+        saved = dict(self.__dict__)
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
 
     def _apply_tau_table(self) -> None:
         """After the parent's set_timesteps: keep its grid, then expose the taus for that step count (if any)."""
@@ -268,7 +285,7 @@ class TimeTunerMixin:
                 recorded grid for n.
             info (`dict`, *optional*): JSON provenance; `None` removes any recorded info for n.
         """
-        key = str(num_inference_steps)
+        key = normalize_step_key(num_inference_steps)
         tables = dict(self.config.get("tuned_timesteps") or {})
         grids = dict(self.config.get("tuned_grids") or {})
         infos = dict(self.config.get("tuning_info") or {})
