@@ -29,7 +29,7 @@ def test_keys_are_normalised_to_strings_and_values_to_floats():
     assert grids == {"4": [999, 666, 333, 0]} and all(type(v) is int for v in grids["4"])
     assert info == {"4": {"objective": "paper", "guidance_scale": 7.5}}
     assert tables[4] == TauTable(4, (900.5, 600.0, 300.0, 10.0), (999, 666, 333, 0))
-    assert tables[2].grid is None and tables[4].key == "4"
+    assert tables[2].grid is None and tables[4].key == "4" and tables[4].n == 4
     # The normalised form is plain JSON and survives a round trip unchanged.
     assert json.loads(json.dumps({"t": taus, "g": grids, "i": info})) == {"t": taus, "g": grids, "i": info}
 

@@ -76,6 +76,11 @@ class TauTable:
     info: dict | None = field(default=None, compare=False, hash=False)
 
     @property
+    def n(self) -> int:
+        """Short name for `num_inference_steps`."""
+        return self.num_inference_steps
+
+    @property
     def key(self) -> str:
         """The table's key in the config (`str(num_inference_steps)`)."""
         return str(self.num_inference_steps)
