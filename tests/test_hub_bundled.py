@@ -47,7 +47,7 @@ def tiny_endpoint_mse(scheduler, n: int) -> float:
     return float(((sample(pipe, scheduler, n) - teacher) ** 2).mean())
 
 
-# metric name recorded in tuning_info[n]["held_out"]["metric"] -> function(scheduler, n) recomputing it.
+# metric name recorded in tuning_info[n]["heldout"] ("<metric>_tuned") -> function(scheduler, n) recomputing it.
 # Real bundled entries record the calibration's held-out metric; its evaluator is wired here when they land.
 METRIC_EVALUATORS = {"tiny_endpoint_mse": tiny_endpoint_mse}
 METRIC_RTOL = 1e-4  # deterministic CPU recomputation (same seed, same threads); only float summation order differs
@@ -56,12 +56,12 @@ METRIC_RTOL = 1e-4  # deterministic CPU recomputation (same seed, same threads);
 @pytest.fixture(scope="module")
 def fixture_entry(tmp_path_factory):
     """A bundled-style entry built here: a table for 4 steps whose recorded metric is measured on the spot."""
-    scheduler = tuned_scheduler(held_out={"metric": "tiny_endpoint_mse", "untuned": 0.0, "tuned": 0.0})
+    scheduler = tuned_scheduler()
     untuned = type(scheduler).from_config(
         {**scheduler.config, "tuned_timesteps": None, "tuned_grids": None, "tuning_info": None})
     info = dict(scheduler.config.tuning_info["4"])
-    info["held_out"] = {"metric": "tiny_endpoint_mse", "untuned": tiny_endpoint_mse(untuned, 4),
-                        "tuned": tiny_endpoint_mse(scheduler, 4)}
+    info["heldout"] = {"tiny_endpoint_mse_untuned": tiny_endpoint_mse(untuned, 4),
+                       "tiny_endpoint_mse_tuned": tiny_endpoint_mse(scheduler, 4)}
     scheduler = scheduler.with_tuned_timesteps(4, scheduler.config.tuned_timesteps["4"],
                                                grid=scheduler.config.tuned_grids["4"], info=info)
     root = tmp_path_factory.mktemp("bundled")
@@ -92,15 +92,15 @@ def test_entry_metric_reproduces(name, fixture_entry):
     path = _entry_path(name, fixture_entry)
     scheduler = hub.load_tuned_scheduler(str(path) if name == FIXTURE else name)
     for n, info in scheduler.config.tuning_info.items():
-        held = info.get("held_out")
-        assert held, f"{name}: no held-out measurement recorded for {n} steps"
-        evaluator = METRIC_EVALUATORS.get(held["metric"])
+        pair = hub.held_out_pair(hub.recorded_held_out(info))
+        assert pair, f"{name}: no held-out measurement recorded for {n} steps"
+        metric, untuned, tuned = pair
+        evaluator = METRIC_EVALUATORS.get(metric)
         if evaluator is None:
-            pytest.fail(f"{name}: no evaluator wired for metric {held['metric']!r} (add it to METRIC_EVALUATORS)")
+            pytest.fail(f"{name}: no evaluator wired for metric {metric!r} (add it to METRIC_EVALUATORS)")
         # the check can only tell a lost / altered table apart if tuned and untuned differ beyond the tolerance
-        assert abs(held["tuned"] - held["untuned"]) > 10 * METRIC_RTOL * abs(held["tuned"]), f"{name}, {n} steps"
-        got = evaluator(scheduler, int(n))
-        assert got == pytest.approx(held["tuned"], rel=METRIC_RTOL), f"{name}, {n} steps"
+        assert abs(tuned - untuned) > 10 * METRIC_RTOL * abs(tuned), f"{name}, {n} steps"
+        assert evaluator(scheduler, int(n)) == pytest.approx(tuned, rel=METRIC_RTOL), f"{name}, {n} steps"
 
 
 def test_fixture_entry_is_indexed(fixture_entry):

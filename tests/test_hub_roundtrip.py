@@ -214,6 +214,21 @@ def test_unreachable_server_is_a_connection_error(hub_env):
         load_tuned_scheduler("tt-org/anything")
 
 
+def test_base_model_must_be_a_hub_id(tmp_path, hub_env):
+    """covers: model-card metadata rules, checked before any network call (no server running for this test)."""
+    from diffusers_timetuner.hub import build_model_card
+
+    out = make_calibration_output(str(tmp_path / "out"))
+    hub_env.login()
+    with pytest.raises(ValueError, match="not a Hub model id"):
+        push_tuned_schedule(out, "tt-org/x", base_model=str(tmp_path))  # a local path
+    bundled = make_calibration_output(
+        str(tmp_path / "bundled"), tuned_scheduler(model_id="diffusers-timetuner/bundled-mnist"), report=False)
+    assert build_model_card(bundled, "tt-org/x").data.base_model is None  # bundled testbed: not on the Hub
+    assert build_model_card(out, "tt-org/x", base_model="").data.base_model is None
+    assert build_model_card(out, "tt-org/x").data.base_model == MODEL_ID
+
+
 def test_pipeline_mismatch_is_refused(tmp_path):
     """covers: load_tuned_scheduler(pipeline=...) checks (local folder; no server involved)."""
     from diffusers import DDIMScheduler

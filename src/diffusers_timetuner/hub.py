@@ -30,6 +30,8 @@ PAPER_URL = (
     "https://openaccess.thecvf.com/content/CVPR2024/html/"
     "Xia_Towards_More_Accurate_Diffusion_Model_Acceleration_with_A_Timestep_Tuner_CVPR_2024_paper.html"
 )
+# Model ids the calibration records for the testbed models shipped inside this package; they are not Hub repos.
+BUNDLED_MODEL_PREFIX = "diffusers-timetuner/bundled-"
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_CACHE_RE = re.compile(r"models--([^/\\]+?)--([^/\\]+)")
 
@@ -110,13 +112,36 @@ def list_bundled_schedules(root: str | os.PathLike | None = None) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / SCHEDULER_CONFIG_NAME).is_file())
 
 
+def held_out_pair(held: Any) -> tuple[str, float, float] | None:
+    """(metric, untuned, tuned) from a recorded held-out measurement, or None.
+
+    Accepts the calibration's form `{"<metric>_untuned": u, "<metric>_tuned": t, ...}` (e.g. endpoint_mse_*) and the
+    explicit form `{"metric": name, "untuned": u, "tuned": t}`.
+    """
+    if not isinstance(held, dict):
+        return None
+    if "tuned" in held and "untuned" in held:
+        return str(held.get("metric", "error")), float(held["untuned"]), float(held["tuned"])
+    for key in sorted(held):
+        if key.endswith("_untuned") and isinstance(held[key], (int, float)):
+            metric = key[: -len("_untuned")]
+            if isinstance(held.get(f"{metric}_tuned"), (int, float)):
+                return metric, float(held[key]), float(held[f"{metric}_tuned"])
+    return None
+
+
+def recorded_held_out(info: dict) -> Any:
+    """The held-out measurement stored in one `tuning_info[n]` (key `heldout`, or `held_out`)."""
+    return info.get("heldout", info.get("held_out")) if isinstance(info, dict) else None
+
+
 def _fmt_held_out(held: Any) -> str:
-    if isinstance(held, dict) and "tuned" in held and "untuned" in held:
-        metric = held.get("metric", "error")
-        tuned, untuned = float(held["tuned"]), float(held["untuned"])
-        change = f" ({100.0 * (tuned - untuned) / untuned:+.1f}%)" if untuned else ""
-        return f"{metric}: {untuned:.4g} -> {tuned:.4g}{change}"
-    return "" if held is None else json.dumps(held, sort_keys=True)
+    pair = held_out_pair(held)
+    if pair is None:
+        return "" if held is None else json.dumps(held, sort_keys=True)
+    metric, untuned, tuned = pair
+    change = f" ({100.0 * (tuned - untuned) / untuned:+.1f}%)" if untuned else ""
+    return f"{metric}: {untuned:.4g} -> {tuned:.4g}{change}"
 
 
 def render_bundled_index(root: str | os.PathLike | None = None) -> str:
@@ -137,7 +162,7 @@ def render_bundled_index(root: str | os.PathLike | None = None) -> str:
         config = read_tuned_config(root / name)
         info = _first_info(config)
         held = "; ".join(
-            f"n={n}: {_fmt_held_out((config.get('tuning_info') or {}).get(str(n), {}).get('held_out'))}"
+            f"n={n}: {_fmt_held_out(recorded_held_out((config.get('tuning_info') or {}).get(str(n), {})))}"
             for n in _step_counts(config)
         )
         lines.append(
@@ -372,9 +397,9 @@ def _settings_markdown(config: dict, report: dict) -> str:
 def _held_out_markdown(config: dict, report: dict) -> str:
     rows = []
     for n in _step_counts(config):
-        held = ((config.get("tuning_info") or {}).get(str(n)) or {}).get("held_out")
-        if held is None:
-            held = (report.get("held_out") or {}).get(str(n))
+        held = recorded_held_out((config.get("tuning_info") or {}).get(str(n)) or {})
+        if held is None:  # the calibration report's per-step-count section
+            held = ((report.get("step_counts") or {}).get(str(n)) or {}).get("heldout")
         if held is not None:
             rows.append(f"| {n} | {_fmt_held_out(held)} |")
     if not rows:
@@ -391,10 +416,14 @@ def build_model_card(output_dir: str | os.PathLike, repo_id: str, *, base_model:
     report_path = output_dir / REPORT_NAME
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     info = _first_info(config)
-    if base_model is None:  # only a Hub-shaped id that is not a local path; pass base_model="" to omit it
+    if base_model is None:  # inferred only from a recorded Hub id; base_model="" omits it
         recorded = info.get("model_id") or (report.get("settings") or {}).get("model_id")
-        if recorded and _REPO_ID_RE.match(str(recorded)) and not os.path.exists(str(recorded)):
-            base_model = str(recorded)
+        base_model = str(recorded) if recorded and _is_hub_model_id(str(recorded)) else None
+    elif base_model and not _is_hub_model_id(base_model):
+        raise ValueError(
+            f"base_model={base_model!r} is not a Hub model id (a local path, or a model bundled with this package): "
+            "the Hub rejects such a card. Pass the Hub id the weights came from, or base_model='' to omit it."
+        )
     card_data = ModelCardData(
         library_name="diffusers", tags=["timetuner", "scheduler"], base_model=base_model or None
     )
@@ -430,6 +459,11 @@ Then call the pipeline with `num_inference_steps` in ({steps}): the step counts 
 {_settings_markdown(config, report)}
 """
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def _is_hub_model_id(name: str) -> bool:
+    """'ORG/NAME', not an existing local path and not one of this package's bundled (non-Hub) testbed models."""
+    return bool(_REPO_ID_RE.match(name)) and not os.path.exists(name) and not name.startswith(BUNDLED_MODEL_PREFIX)
 
 
 def _is_main_process(state, is_main_process: bool | None) -> bool:

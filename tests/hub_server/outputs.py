@@ -29,7 +29,8 @@ def tuned_scheduler(num_inference_steps: int = 4, ratios=None, model_id: str = M
         "strategy": "sequential",
         "optimizer": "test-fixture",
         "guidance_scale": 1.0,
-        "held_out": held_out or {"metric": "endpoint_mse", "untuned": 0.02, "tuned": 0.015},
+        # the calibration's form (calibration/api.py): tuning_info[n]["heldout"]["<metric>_tuned" / "_untuned"]
+        "heldout": held_out or {"endpoint_mse_tuned": 0.015, "endpoint_mse_untuned": 0.02, "relative_change": -0.25},
     }
     return base.with_tuned_timesteps(num_inference_steps, taus, grid=grid, info=info)
 
@@ -45,7 +46,7 @@ def make_calibration_output(path: str, scheduler=None, *, report: bool = True, p
                 "settings": {"model_id": MODEL_ID, "scheduler": type(scheduler).__name__, "num_inference_steps": [4],
                              "objective": "paper", "strategy": "sequential", "guidance_scale": 1.0,
                              "command": "timetuner-calibrate --fixture"},
-                "held_out": {"4": {"metric": "endpoint_mse", "untuned": 0.02, "tuned": 0.015}},
+                "step_counts": {"4": {"heldout": {"endpoint_mse_tuned": 0.015, "endpoint_mse_untuned": 0.02}}},
             }, f, indent=2)
     if plot:
         from PIL import Image
@@ -121,5 +122,5 @@ def tuned_sd_scheduler(num_inference_steps: int = 3):
     grid = [float(t) for t in base.grid_timesteps]
     taus = [t * (1.05 - 0.05 * i / max(1, len(grid) - 1)) for i, t in enumerate(grid)]
     info = {"model_id": SD_MODEL_ID, "objective": "paper", "guidance_scale": 5.0,
-            "held_out": {"metric": "endpoint_mse", "untuned": 0.3, "tuned": 0.2}}
+            "heldout": {"endpoint_mse_tuned": 0.2, "endpoint_mse_untuned": 0.3}}
     return base.with_tuned_timesteps(num_inference_steps, taus, grid=grid, info=info)
