@@ -214,6 +214,15 @@ def test_unreachable_server_is_a_connection_error(hub_env):
         load_tuned_scheduler("tt-org/anything")
 
 
+def test_push_to_unreachable_server_is_a_connection_error(hub_env, tmp_path):
+    """covers: HfApi.repo_exists against a closed loopback port (fails at once, no retry loop)."""
+    out = make_calibration_output(str(tmp_path / "out"))
+    hub_env.use(f"http://127.0.0.1:{free_loopback_port()}")
+    hub_env.login()
+    with pytest.raises(ConnectionError, match="Could not reach the Hub at http://127.0.0.1.*nothing was uploaded"):
+        push_tuned_schedule(out, "tt-org/x")
+
+
 def test_base_model_must_be_a_hub_id(tmp_path, hub_env):
     """covers: model-card metadata rules, checked before any network call (no server running for this test)."""
     from diffusers_timetuner.hub import build_model_card

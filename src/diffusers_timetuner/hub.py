@@ -545,20 +545,36 @@ def push_tuned_schedule(
     message = commit_message or f"Upload TimeTuner schedule ({config['_class_name']}, {steps} steps)"
 
     api = HfApi(token=token)
-    existed = api.repo_exists(repo_id)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    created = False
     try:
+        existed = api.repo_exists(repo_id)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        created = not existed
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
         return api.create_commit(repo_id, operations, commit_message=message, revision=revision)
     except Exception as err:
         left = (
             f"The repo {repo_id} was created by this call and is left empty (only its initial commit); delete it "
-            "on the Hub if you do not retry." if not existed else f"The repo {repo_id} is unchanged."
+            "on the Hub if you do not retry." if created else f"The repo {repo_id} is unchanged."
         )
-        raise RuntimeError(
-            f"Push of {output_dir} to {repo_id} failed, nothing was uploaded. {left} Cause: {err}"
-        ) from err
+        summary = f"Push of {output_dir} to {repo_id} failed, nothing was uploaded. {left}"
+        if isinstance(err, _transport_errors()):
+            raise ConnectionError(
+                f"Could not reach the Hub at {api.endpoint} (check the network / HF_ENDPOINT). {summary}"
+            ) from err
+        raise RuntimeError(f"{summary} Cause: {err}") from err
+
+
+def _transport_errors() -> tuple:
+    """Connection-level errors of the HTTP client huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
+    errors = [ConnectionError]
+    for module_name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module_name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def _main(argv=None) -> int:
