@@ -174,6 +174,19 @@ def test_failed_commit_uploads_nothing_and_says_what_is_left(hub_servers, hub_en
         hub_servers.upload.state.fail_commit_with = None
 
 
+def test_rejected_card_metadata_creates_nothing(hub_servers, hub_env, tmp_path):
+    """covers: ModelCard.validate (/api/validate-yaml answering 400) before create_repo -> upload double."""
+    out = make_calibration_output(str(tmp_path / "out"))
+    repo_id = _new_repo_id()
+    hub_servers.upload.state.yaml_error = '"base_model" is not a valid model id'
+    try:
+        with pytest.raises(RuntimeError, match="nothing was uploaded. The repo .* is unchanged.*not a valid model id"):
+            _push(hub_servers, hub_env, out, repo_id)
+    finally:
+        hub_servers.upload.state.yaml_error = None
+    assert not os.path.exists(_mirror(hub_servers, repo_id).path)
+
+
 def test_only_main_process_uploads(hub_servers, hub_env, tmp_path):
     """covers: the main-process gate (flag and accelerate-like state object); no request is sent."""
     out = make_calibration_output(str(tmp_path / "out"))

@@ -547,6 +547,7 @@ def push_tuned_schedule(
     api = HfApi(token=token)
     created = False
     try:
+        card.validate()  # the Hub's metadata check (/api/validate-yaml) before anything is created
         existed = api.repo_exists(repo_id)
         api.create_repo(repo_id, private=private, exist_ok=True)
         created = not existed

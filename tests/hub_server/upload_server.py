@@ -5,7 +5,7 @@ client (`HfApi.create_repo`, `create_branch`, `create_commit`, `repo_exists`) ag
 `http.server`. It implements exactly the endpoints that client uses for a regular (non-LFS, non-Xet) commit:
 
     POST /api/repos/create                         -> create the repo (git init + initial commit), 409 if it exists
-    POST /api/validate-yaml                        -> {"errors": [], "warnings": []}
+    POST /api/validate-yaml                        -> {"errors": [], "warnings": []} (or 400 when told to)
     POST /api/models/{org}/{name}/branch/{branch}  -> create a branch (409 if it exists)
     POST /api/models/{org}/{name}/preupload/{rev}  -> every file uploadMode "regular" (no LFS / Xet)
     POST /api/models/{org}/{name}/commit/{rev}     -> NDJSON header / file (base64) / deletedFile -> one git commit
@@ -14,7 +14,8 @@ client (`HfApi.create_repo`, `create_branch`, `create_commit`, `repo_exists`) ag
 Every pushed file lands as a commit in a plain git repository under `<mirrors>/models/<org>/<name>`: the layout that
 `olah` serves in offline mode, so a test can push here and pull through the real `olah` (tests/hub_server/olah.py).
 A commit is written with git plumbing on a temporary index and published by one compare-and-swap `update-ref`, so a
-failed request never moves the branch (nothing half-uploaded). Auth: every request must carry `Bearer <token>`.
+failed request never moves the branch (nothing half-uploaded). Auth: every request but validate-yaml must carry
+`Bearer <token>`.
 Loopback only; requests are handled one at a time; every body read is bounded by Content-Length.
 """
 from __future__ import annotations
@@ -102,6 +103,7 @@ class UploadServerState:
         self.private: dict[str, bool] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) log, for assertions on what the client sent
         self.fail_commit_with: int | None = None  # e.g. 500: the commit endpoint answers this instead of committing
+        self.yaml_error: str | None = None  # validate-yaml answers 400 with this text (as the Hub does)
         self.lock = threading.Lock()
 
     def repo(self, org: str, name: str) -> _GitRepo:
@@ -179,10 +181,12 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body()
         except ValueError as err:
             return self._error(413, str(err))
+        if path == "/api/validate-yaml":  # anonymous on the Hub too (ModelCard.validate sends no token)
+            if self.state.yaml_error:
+                return self._error(400, self.state.yaml_error)
+            return self._send(200, {"errors": [], "warnings": []})
         if not self._authorized():
             return
-        if path == "/api/validate-yaml":
-            return self._send(200, {"errors": [], "warnings": []})
         if path == "/api/repos/create":
             return self._create_repo(json.loads(body))
         m = re.fullmatch(rf"/api/models/{_REPO}/(?P<op>branch|preupload|commit)/(?P<rev>.+)", path)
