@@ -283,3 +283,24 @@ def test_pipeline_mismatch_is_refused(tmp_path):
         json.dump(cfg, f)
     with pytest.raises(ValueError, match="grid"):
         load_tuned_scheduler(out, pipeline=pipe)
+
+
+@pytest.mark.parametrize("class_name", [
+    "TimeTunerDDIMScheduler", "TimeTunerDDPMScheduler", "TimeTunerDPMSolverScheduler",
+    "TimeTunerDPMSolverSinglestepScheduler", "TimeTunerEulerDiscreteScheduler",
+])
+def test_load_resolves_every_timetuner_class_from_the_config(class_name, tmp_path):
+    """covers: `_class_name` -> class resolution of load_tuned_scheduler (local folder, no server)."""
+    import diffusers_timetuner.schedulers as schedulers
+
+    cls = getattr(schedulers, class_name)
+    base = cls(num_train_timesteps=1000)
+    base.set_timesteps(4)
+    grid = [float(t) for t in base.grid_timesteps]
+    taus = [min(999.0, t * 1.02) for t in grid]
+    cls_tuned = base.with_tuned_timesteps(4, taus, grid=grid, info={"model_id": MODEL_ID})
+    cls_tuned.save_pretrained(str(tmp_path))
+    loaded = load_tuned_scheduler(str(tmp_path))
+    assert type(loaded) is cls
+    loaded.set_timesteps(4)
+    assert torch.allclose(loaded.timesteps.double(), torch.tensor(taus, dtype=torch.float64), atol=1e-3)
