@@ -15,7 +15,7 @@ from hub_server.olah import free_loopback_port
 from hub_server.outputs import MODEL_ID, make_calibration_output, sample, tiny_pipeline, tuned_scheduler
 from hub_server.upload_server import _GitRepo
 
-from diffusers_timetuner.hub import load_tuned_scheduler, push_tuned_schedule
+from diffusers_timetuner.hub import check_can_push, load_tuned_scheduler, push_tuned_schedule
 from diffusers_timetuner.schedulers import TimeTunerDDIMScheduler
 
 pytestmark = [
@@ -149,6 +149,10 @@ def test_push_without_token_fails_before_any_request(hub_servers, hub_env, tmp_p
     before = len(hub_servers.upload.state.requests)
     with pytest.raises(ValueError, match=r"huggingface-cli login.*HF_TOKEN"):
         push_tuned_schedule(out, _new_repo_id())
+    with pytest.raises(ValueError, match=r"huggingface-cli login.*HF_TOKEN"):
+        check_can_push(_new_repo_id())  # what a calibration script calls before calibrating
+    with pytest.raises(ValueError, match="repo_id must look like 'ORG/NAME'"):
+        check_can_push("no-namespace", token="x")
     assert len(hub_servers.upload.state.requests) == before
 
 

@@ -481,6 +481,24 @@ def _is_main_process(state, is_main_process: bool | None) -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def check_can_push(repo_id: str, token: str | None = None) -> str:
+    """Check a push could start (repo id form, a token available) without any network call; returns the token.
+
+    A calibration script calls this before calibrating, so a missing login fails in seconds, not after the run.
+    """
+    if not isinstance(repo_id, str) or not _REPO_ID_RE.match(repo_id):
+        raise ValueError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}.")
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise ValueError(
+            "No Hugging Face token: pushing needs one. Run `huggingface-cli login` (or `hf auth login`), set the "
+            "HF_TOKEN environment variable, or pass token=."
+        )
+    return token
+
+
 def push_tuned_schedule(
     output_dir: str | os.PathLike,
     repo_id: str,
@@ -522,17 +540,10 @@ def push_tuned_schedule(
     if not _is_main_process(state, is_main_process):
         return None
     config = read_tuned_config(output_dir)  # local checks first: bad folders never reach the network
-    if not _REPO_ID_RE.match(repo_id):
-        raise ValueError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}.")
+    token = check_can_push(repo_id, token)
 
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    token = token or get_token()
-    if not token:
-        raise ValueError(
-            "No Hugging Face token: pushing needs one. Run `huggingface-cli login` (or `hf auth login`), set the "
-            "HF_TOKEN environment variable, or pass token=."
-        )
     card = build_model_card(output_dir, repo_id, base_model=base_model)
     operations = [
         CommitOperationAdd(f"{SCHEDULER_SUBFOLDER}/{SCHEDULER_CONFIG_NAME}", str(output_dir / SCHEDULER_CONFIG_NAME)),
