@@ -98,6 +98,7 @@ def test_entry_metric_reproduces(name, fixture_entry):
         evaluator = METRIC_EVALUATORS.get(metric)
         if evaluator is None:
             pytest.fail(f"{name}: no evaluator wired for metric {metric!r} (add it to METRIC_EVALUATORS)")
+        assert tuned < untuned, f"{name}, {n} steps: a shipped table must beat no table ({metric})"
         # the check can only tell a lost / altered table apart if tuned and untuned differ beyond the tolerance
         assert abs(tuned - untuned) > 10 * METRIC_RTOL * abs(tuned), f"{name}, {n} steps"
         assert evaluator(scheduler, int(n)) == pytest.approx(tuned, rel=METRIC_RTOL), f"{name}, {n} steps"

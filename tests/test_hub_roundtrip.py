@@ -240,6 +240,15 @@ def test_push_to_unreachable_server_is_a_connection_error(hub_env, tmp_path):
         push_tuned_schedule(out, "tt-org/x")
 
 
+def test_a_table_worse_than_untuned_is_not_pushed(hub_env, tmp_path):
+    """covers: the held-out guard, before any network call (no server running for this test)."""
+    worse = tuned_scheduler(held_out={"endpoint_mse_tuned": 0.03, "endpoint_mse_untuned": 0.02})
+    out = make_calibration_output(str(tmp_path / "out"), worse)
+    hub_env.login()
+    with pytest.raises(ValueError, match="worse tuned than untuned for \\[4\\] steps"):
+        push_tuned_schedule(out, "tt-org/x")
+
+
 def test_base_model_must_be_a_hub_id(tmp_path, hub_env):
     """covers: model-card metadata rules, checked before any network call (no server running for this test)."""
     from diffusers_timetuner.hub import build_model_card

@@ -135,6 +135,16 @@ def recorded_held_out(info: dict) -> Any:
     return info.get("heldout", info.get("held_out")) if isinstance(info, dict) else None
 
 
+def worse_than_untuned(config: dict) -> list[int]:
+    """Step counts whose recorded held-out error is higher with the table than without it."""
+    worse = []
+    for n in _step_counts(config):
+        pair = held_out_pair(recorded_held_out((config.get("tuning_info") or {}).get(str(n)) or {}))
+        if pair is not None and pair[2] > pair[1]:
+            worse.append(n)
+    return worse
+
+
 def _fmt_held_out(held: Any) -> str:
     pair = held_out_pair(held)
     if pair is None:
@@ -510,6 +520,7 @@ def push_tuned_schedule(
     base_model: str | None = None,
     state=None,
     is_main_process: bool | None = None,
+    allow_worse: bool = False,
 ):
     """Upload a calibration output folder to the Hub in ONE commit.
 
@@ -532,6 +543,8 @@ def push_tuned_schedule(
             "" to omit).
         state / is_main_process: an `accelerate.PartialState` (or Accelerator), or a flag; only the main process
             uploads, the others return None.
+        allow_worse: publish even if a recorded held-out error is worse tuned than untuned (refused by default:
+            a table worse than no table should not be shared).
 
     Returns:
         `huggingface_hub.CommitInfo` of the commit (None on non-main processes).
@@ -541,6 +554,13 @@ def push_tuned_schedule(
         return None
     config = read_tuned_config(output_dir)  # local checks first: bad folders never reach the network
     token = check_can_push(repo_id, token)
+    worse = worse_than_untuned(config)
+    if worse and not allow_worse:
+        raise ValueError(
+            f"{output_dir}: the recorded held-out error is worse tuned than untuned for {worse} steps; not pushing "
+            "a table that is worse than no table. Re-calibrate (more samples, another objective) or pass "
+            "allow_worse=True to publish it anyway."
+        )
 
     from huggingface_hub import CommitOperationAdd, HfApi
 
