@@ -88,17 +88,23 @@ def generate(pipe, scheduler, args, num_inference_steps: int, guidance_scale):
     return images
 
 
-def side_by_side(untuned, tuned, labels=("untuned", "TimeTuner")) -> Image.Image:
+def side_by_side(untuned, tuned, labels=("untuned", "TimeTuner"), columns: int = 4) -> Image.Image:
+    """Two image grids (up to `columns` per row), left untuned, right tuned; image k sits at the same place in both."""
     w, h = untuned[0].size
-    scale = max(1, 64 // max(w, h))  # small images (MNIST 16x16) are upscaled for viewing
+    scale = max(1, 64 // max(w, h))  # small images (MNIST 28x28) are upscaled for viewing
     w, h = w * scale, h * scale
-    header = 14
-    canvas = Image.new("RGB", (2 * w + 4, header + h * len(untuned)), "white")
+    cols = min(columns, len(untuned))
+    rows = -(-len(untuned) // cols)
+    header, gap = 14, 8
+    panel_w = cols * w
+    canvas = Image.new("RGB", (2 * panel_w + gap, header + rows * h), "white")
     draw = ImageDraw.Draw(canvas)
-    for col, (label, column) in enumerate(zip(labels, (untuned, tuned))):
-        draw.text((col * (w + 4) + 2, 1), label, fill="black")
-        for row, img in enumerate(column):
-            canvas.paste(img.convert("RGB").resize((w, h), Image.NEAREST), (col * (w + 4), header + row * h))
+    for side, (label, images) in enumerate(zip(labels, (untuned, tuned))):
+        x0 = side * (panel_w + gap)
+        draw.text((x0 + 2, 1), label, fill="black")
+        for k, img in enumerate(images):
+            canvas.paste(img.convert("RGB").resize((w, h), Image.NEAREST),
+                         (x0 + (k % cols) * w, header + (k // cols) * h))
     return canvas
 
 

@@ -31,9 +31,9 @@ def test_generate_writes_untuned_and_tuned_columns(tmp_path):
     gen.main(gen.parse_args(argv + ["--no_check_model_id"]))
 
     img = np.asarray(Image.open(out).convert("L"), dtype=np.float32)
-    # 8x8 images upscaled x8 -> 64 px; two columns with a 4 px gap, 14 px header, 3 rows (generate.side_by_side)
-    assert img.shape == (14 + 3 * 64, 2 * 64 + 4)
-    left, right = img[14:, :64], img[14:, 68:]
+    # 8x8 images upscaled x8 -> 64 px; 3 images -> one row of 3 per panel, 8 px gap, 14 px header (side_by_side)
+    assert img.shape == (14 + 64, 2 * 3 * 64 + 8)
+    left, right = img[14:, : 3 * 64], img[14:, 3 * 64 + 8:]
     assert np.abs(left - right).mean() > 0.5  # the table changes the samples (same seeds in both columns)
 
     again = tmp_path / "again.png"
