@@ -1,10 +1,12 @@
 """A small class-conditional image pipeline with classifier-free guidance, for the testbed models."""
-import inspect
 from typing import List, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+from ..denoiser import Denoiser
+from ..sampling import sample
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 
@@ -12,7 +14,8 @@ OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 class ClassConditionalImagePipeline(DiffusionPipeline):
     """Unconditional or class-conditional sampling for a `UNet2DModel`-like network and any Diffusers scheduler.
 
-    The network is called as ``unet(x, t, class_labels=...)`` where ``t`` is a float tensor of shape (B,) holding
+    Sampling runs the package's shared loop (`diffusers_timetuner.sampling.sample` with a `Denoiser`): the network
+    is called as ``unet(x, t, class_labels=...)`` where ``t`` is a float tensor of shape (B,) holding
     ``scheduler.timesteps[i]`` (what the network sees; a TimeTuner scheduler puts tau_i there), and the update goes
     through ``scheduler.step(model_output, t, x)``. The null class (for classifier-free guidance) is
     ``unet.config.num_class_embeds - 1``; guided prediction is eps_uncond + g * (eps_cond - eps_uncond).
@@ -94,39 +97,23 @@ class ClassConditionalImagePipeline(DiffusionPipeline):
         if do_cfg and labels is None:
             raise ValueError("guidance_scale != 1 needs a class-conditional model (config.num_class_embeds).")
 
-        # 1. Initial noise x_T.
+        # 1. Initial noise x_T (the shared loop scales it by scheduler.init_noise_sigma).
         shape = self._sample_shape(batch_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
-        x = latents.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
+        latents = latents.to(device=device, dtype=self.unet.dtype)
 
-        # 2. Grid; optional step kwargs as Diffusers pipelines pass them.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        step_params = set(inspect.signature(self.scheduler.step).parameters)
-        step_kwargs = {}
-        if "eta" in step_params:
-            step_kwargs["eta"] = eta
-        if "generator" in step_params:
-            step_kwargs["generator"] = generator
-        if do_cfg:
-            null = torch.full_like(labels, self.null_class_label)
-            cfg_labels = torch.cat([null, labels])
+        # 2. The package's one sampling loop: the network sees scheduler.timesteps[i] as a float (B,) tensor via
+        # Denoiser (tau_i for a TimeTuner scheduler); CFG = uncond + g * (cond - uncond) with the null class.
+        denoiser = Denoiser(self.unet, guidance_scale=guidance_scale, null_class_label=self.null_class_label)
+        cond = None if labels is None else {"class_labels": labels}
+        show = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        x = sample(denoiser, self.scheduler, latents, num_inference_steps, cond, eta=eta, generator=generator,
+                   progress=show)
 
-        # 3. Denoising loop: the network sees t (float, shape (B,)), the scheduler steps on its grid.
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = self.scheduler.scale_model_input(x, t)
-            if do_cfg:
-                model_in = torch.cat([model_in, model_in])
-            t_in = torch.as_tensor(t, device=device).float().reshape(-1).expand(model_in.shape[0])
-            out = self.unet(model_in, t_in, class_labels=cfg_labels if do_cfg else labels).sample
-            if do_cfg:
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)
-            x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
-
-        # 4. Output.
+        # 3. Output.
         if output_type == "latent":
             images = x
         else:
