@@ -9,7 +9,8 @@ Noise level of a (possibly fractional) timestep, the rule used everywhere in thi
     with N = len(alphas_cumprod) and the table alphas_cumprod[0..N-1] of a Diffusers beta schedule,
     - 0 <= t <= N-1: linear interpolation of alphas_cumprod between floor(t) and floor(t)+1;
     - -1 <= t < 0: linear interpolation between alpha_bar(-1) = 1 (clean data) and alphas_cumprod[0];
-    - t > N-1: the schedule continues with its last beta, alpha_bar(t) = alphas_cumprod[N-1] * (1 - beta_{N-1})^(t-N+1);
+    - t > N-1: the schedule continues with its last beta,
+      alpha_bar(t) = alphas_cumprod[N-1] * (1 - beta_{N-1})^(t-N+1);
     - t < -1 or non-finite: ValueError.
 It is continuous and piecewise differentiable in t (a tuned tau may exceed the last training step).
 """
@@ -232,7 +233,8 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         var = a2[:, None, None] * lam[None] + s2[:, None, None]  # (B, K, D) eigenvalues of a^2 S_k + s^2 I
         k, d, _ = u.shape
         u_flat = u.permute(1, 0, 2).reshape(d, k * d)  # columns: eigenvectors of all components (one matmul)
-        z = (x @ u_flat).view(-1, k, d) - a[:, None, None] * torch.einsum("kd,kde->ke", mu, u)[None]  # U_k^T (x - a mu_k)
+        # z_k = U_k^T (x - a mu_k), for all k at once
+        z = (x @ u_flat).view(-1, k, d) - a[:, None, None] * torch.einsum("kd,kde->ke", mu, u)[None]
         log_p = log_w[None] - 0.5 * (var.log().sum(-1) + (z * z / var).sum(-1))  # (B, K) up to a constant
         resp = torch.softmax(log_p, dim=1)  # posterior of component k given x_t
         weighted = (resp[:, :, None] * z / var).reshape(-1, k * d)
@@ -257,7 +259,9 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
             raise ValueError("GaussianMixtureDenoiser is unconditional: pass class_labels=None.")
         b = sample.shape[0]
         if sample[0].numel() != self.means.shape[1]:
-            raise ValueError(f"Expected samples with {self.means.shape[1]} values each, got shape {tuple(sample.shape)}.")
+            raise ValueError(
+                f"Expected samples with {self.means.shape[1]} values each, got shape {tuple(sample.shape)}."
+            )
         x = sample.reshape(b, -1).double()
         t = self._timesteps(timestep, b, sample.device)
         eps = -self.score(x, t) * (1.0 - alpha_bar_at(self.alphas_cumprod, t.double())).sqrt()[:, None]
@@ -279,7 +283,10 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def sample_data(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """n exact samples of the data distribution, float32 (n, C, H, W) (component, then mu_k + U_k sqrt(lambda_k) z)."""
+        """n exact samples of the data distribution, float32 (n, C, H, W).
+
+        A component k is drawn with probability w_k, then x = mu_k + U_k sqrt(lambda_k) z with z ~ N(0, I).
+        """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}.")
         log_w, mu, u, lam = self._decomposition()

@@ -42,14 +42,20 @@ class ClassConditionalImagePipeline(DiffusionPipeline):
         if class_labels is None:
             return None if null is None else torch.full((batch_size,), null, dtype=torch.long, device=device)
         if null is None:
-            raise ValueError("This model has no class embeddings (config.num_class_embeds is None): pass class_labels=None.")
+            raise ValueError(
+                "This model has no class embeddings (config.num_class_embeds is None): pass class_labels=None."
+            )
         labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
         if labels.numel() == 1:
             labels = labels.expand(batch_size)
         if labels.numel() != batch_size:
-            raise ValueError(f"Got {labels.numel()} class labels for batch_size={batch_size}: pass one label or one per sample.")
+            raise ValueError(
+                f"Got {labels.numel()} class labels for batch_size={batch_size}: pass one label or one per sample."
+            )
         if labels.min() < 0 or labels.max() > null:
-            raise ValueError(f"class_labels must lie in [0, {null}] ({null} is the null class), got {labels.tolist()}.")
+            raise ValueError(
+                f"class_labels must lie in [0, {null}] ({null} is the null class), got {labels.tolist()}."
+            )
         return labels
 
     def _sample_shape(self, batch_size: int):

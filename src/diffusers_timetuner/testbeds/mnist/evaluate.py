@@ -1,7 +1,8 @@
 """Quality figures of a class-conditional MNIST pipeline: classifier accuracy and FD-MNIST per (steps, guidance).
 
 Example (writes eval.json and appends a table to PROVENANCE.md in --model_dir):
-    PYTHONPATH=src python -m diffusers_timetuner.testbeds.mnist.evaluate --model_dir src/diffusers_timetuner/testbeds/mnist
+    PYTHONPATH=src python -m diffusers_timetuner.testbeds.mnist.evaluate \
+        --model_dir src/diffusers_timetuner/testbeds/mnist
 """
 import argparse
 import json
@@ -20,16 +21,22 @@ def sample_per_class(pipe, n_per_class: int, num_inference_steps: int, guidance_
                      batch_size: int = 500, progress: bool = False):
     """`n_per_class` samples of each class 0..9 (labels in order), raw model space ([-1, 1]); seeded, batched.
 
-    The noise of batch b comes from ``torch.Generator().manual_seed(seed + b)`` (CPU), so results do not depend on
-    the device and the same seed gives the same x_T for every (steps, guidance) setting.
+    All of x_T is drawn at once on the CPU from ``torch.Generator().manual_seed(seed)`` (shape (10 n, C, H, W)), so
+    the samples depend neither on the device nor on `batch_size`, and every (steps, guidance) setting starts from
+    the same x_T.
     """
     labels = torch.arange(10).repeat_interleave(n_per_class)
+    unet = pipe.unet
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    noise = torch.randn(len(labels), unet.config.in_channels, *size, generator=torch.Generator().manual_seed(seed))
     out = []
-    for b, start in enumerate(tqdm(range(0, len(labels), batch_size), desc=f"sample {num_inference_steps} steps",
-                                   disable=not progress)):
-        lab = labels[start : start + batch_size]
-        out.append(pipe(class_labels=lab, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                        generator=torch.Generator().manual_seed(seed + b), output_type="latent").images.float().cpu())
+    for start in tqdm(range(0, len(labels), batch_size), desc=f"sample {num_inference_steps} steps",
+                      disable=not progress):
+        sl = slice(start, start + batch_size)
+        out.append(pipe(class_labels=labels[sl], num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, latents=noise[sl].to(pipe.device, unet.dtype),
+                        output_type="latent").images.float().cpu())
     return torch.cat(out), labels
 
 

