@@ -45,6 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--no_check_model_id", action="store_true",
                         help="skip the recorded-model-id check (same weights loaded under another name).")
     parser.add_argument("--output", default="timetuner_compare.png")
+    parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error("--num_images must be >= 1")
@@ -109,7 +110,8 @@ def side_by_side(untuned, tuned, labels=("untuned", "TimeTuner"), columns: int =
 
 
 def main(args):
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     pipe = load_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     tuned = load_tuned_scheduler(args.schedule, subfolder=args.subfolder, revision=args.revision, pipeline=pipe,
