@@ -1,0 +1,1 @@
+"""Local Hub servers for the tests: a real olah (downloads) and an upload test double (pushes)."""
