@@ -19,6 +19,9 @@ from .pipeline import ClassConditionalImagePipeline
 _HERE = os.path.dirname(os.path.abspath(__file__))
 MNIST_MODEL_DIR = os.path.join(_HERE, "mnist")
 GMM_MODEL_DIR = os.path.join(_HERE, "gmm_digits")
+# Ids of the bundled models (the hub module skips them as base_model: they are not Hub repos).
+MNIST_MODEL_ID = "diffusers-timetuner/bundled-mnist"
+GMM_MODEL_ID = "diffusers-timetuner/bundled-gmm-digits"
 
 __all__ = [
     "ClassConditionalImagePipeline",
@@ -30,6 +33,8 @@ __all__ = [
     "load_mnist_unet",
     "MNIST_MODEL_DIR",
     "GMM_MODEL_DIR",
+    "MNIST_MODEL_ID",
+    "GMM_MODEL_ID",
 ]
 
 
@@ -49,6 +54,8 @@ def load_mnist_pipeline(device: Union[str, torch.device] = "cpu", scheduler=None
     if scheduler is None:
         scheduler = DDIMScheduler.from_pretrained(MNIST_MODEL_DIR, subfolder="scheduler")
     pipe = ClassConditionalImagePipeline(unet=load_mnist_unet(device), scheduler=scheduler)
+    # A stable model id (not a Hub repo): recorded in tuned tables and checked when a table is put into a pipeline.
+    pipe.register_to_config(_name_or_path=MNIST_MODEL_ID)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -79,5 +86,6 @@ def load_gmm_pipeline(prediction_type: Optional[str] = None, scheduler=None) -> 
             set_alpha_to_one=True,
         )
     pipe = ClassConditionalImagePipeline(unet=model, scheduler=scheduler)
+    pipe.register_to_config(_name_or_path=GMM_MODEL_ID)
     pipe.set_progress_bar_config(disable=True)
     return pipe
