@@ -1,0 +1,295 @@
+"""Calibration strategies: where the states x~_{t_i} that tau_i is fitted on come from.
+
+- ``sequential`` (Algorithm 1): x~_T = alpha_T x_0 + sigma_T eps from data, then the already tuned steps
+  tau_K .. tau_{i+1} are run to reach x~_{t_i}; i = K .. 1. States are cached, so fitting tau_i costs only
+  evaluations of step i (and, for ``endpoint``, the remaining roll-out).
+- ``data_free`` (beyond the paper): the same, with x_T ~ N(0, I) as at inference; no images needed.
+- ``parallel`` (eq. 11): x_{t_i} = alpha_{t_i} x_0 + sigma_{t_i} eps directly from data; every tau_i is independent.
+  Only for one-step solvers (a multistep solver's history is not defined there) and the per-step paper objectives.
+
+The sequential strategies checkpoint after every step and, with ``guard=True``, refuse a step's new tau when it makes
+the endpoint error on a separate validation set (fresh x_T, teacher's final samples) worse.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..denoiser import slice_conditioning
+from .distributed import Distributed
+from .objectives import Objective, Teacher, per_sample_sq
+from .report import StepRecord
+from .rollout import ChunkState, Rollout
+
+STRATEGIES = ("sequential", "data_free", "parallel")
+
+
+@dataclass
+class CalibrationSet:
+    """A global set of calibration (or validation) samples, identical on every process.
+
+    Args:
+        noise: eps (or x_T noise), shape (N, *sample_shape).
+        cond: batch-first network inputs for the N samples, or None.
+        x0: data samples (N, *sample_shape) for the data-based strategies, or None.
+    """
+
+    noise: torch.Tensor
+    cond: Optional[Dict[str, Any]] = None
+    x0: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+
+@dataclass
+class StepCountJob:
+    """Everything a strategy needs to calibrate one step count n."""
+
+    rollout: Rollout
+    objective: Objective
+    optimizer: Any
+    dist: Distributed
+    calib: CalibrationSet
+    batch_size: int
+    seed: int
+    bounds: tuple
+    teacher: Optional[Teacher] = None
+    validation: Optional[CalibrationSet] = None
+    guard: bool = True
+    checkpoint: Any = None
+    log: Callable[[str], None] = print
+    progress: bool = False
+    records: List[StepRecord] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return self.rollout.num_inference_steps
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _chunks(job: StepCountJob, cset: CalibrationSet, from_data: bool, seed: int, teacher: bool) -> Dict[int, ChunkState]:
+    """This process's share of ``cset`` as cached states at x_T, keyed by global mini-batch index."""
+    r = job.rollout
+    chunks = {}
+    for c, idx in enumerate(job.dist.shard(len(cset), job.batch_size)):
+        noise = cset.noise[idx]
+        x_T = r.data_to_state(cset.x0[idx], noise, 0) if from_data else r.noise_to_state(noise)
+        cond = slice_conditioning(cset.cond, idx)
+        extras = {"x0": cset.x0[idx].to(r.device)} if cset.x0 is not None else {}
+        state = r.initial_state(x_T, cond, seed=seed * 1_000_003 + int(idx[0]), **extras)
+        if teacher:
+            state.extras["teacher_states"] = job.teacher.targets(
+                x_T, float(r.scheduler.init_noise_sigma), cond, r.grid_list
+            )
+        chunks[c] = state
+    return chunks
+
+
+def _spacing(grid: Sequence[float], j: int) -> float:
+    """Grid spacing around t_i = grid[j] (the trust region's unit)."""
+    gaps = [abs(grid[j] - grid[k]) for k in (j - 1, j + 1) if 0 <= k < len(grid)]
+    return max(min(gaps) if gaps else 1.0, 1.0)
+
+
+def _mean_loss(job: StepCountJob, chunks, tau, taus, num_samples: int) -> float:
+    with torch.no_grad():
+        local = sum((job.objective.losses(job.rollout, s, tau, taus).sum() for s in chunks.values()), torch.zeros(()))
+    return float(job.dist.sum(local)) / num_samples
+
+
+def _endpoint_error(job: StepCountJob, chunks, taus, num_samples: int) -> float:
+    """Mean squared distance of the final samples to the teacher's, from the cached states with ``taus``."""
+    with torch.no_grad():
+        local = torch.zeros(())
+        for s in chunks.values():
+            final = job.rollout.run(s, taus)
+            local = local + per_sample_sq(final.x, s.extras["teacher_states"][-1]).sum()
+    return float(job.dist.sum(local)) / num_samples
+
+
+def _forward_backward(job: StepCountJob) -> tuple:
+    d = job.rollout.denoiser
+    return int(job.dist.sum(torch.tensor(float(d.num_forward_samples)))), int(getattr(d, "_backward_samples", 0))
+
+
+# ---------------------------------------------------------------------------------------------------- strategies
+class SequentialStrategy:
+    """Algorithm 1 (``from_data=True``) or its data-free variant: tau_K, ..., tau_1 one after another."""
+
+    def __init__(self, from_data: bool = True):
+        self.from_data = from_data
+        self.name = "sequential" if from_data else "data_free"
+
+    def run(self, job: StepCountJob) -> List[float]:
+        r, n, obj = job.rollout, job.n, job.objective
+        grid = r.grid_list
+        taus = list(grid)  # untuned: tau_i = t_i
+        chunks = _chunks(job, job.calib, self.from_data, job.seed, obj.needs_teacher)
+        val = None
+        if job.guard and job.validation is not None:
+            val = _chunks(job, job.validation, False, job.seed + 1, True)
+        last = n if obj.tunes_last_step else n - 1  # the paper never tunes the last step (t_1 -> t_0)
+
+        start = 0
+        saved = job.checkpoint.load(n) if job.checkpoint is not None else None
+        if saved is not None:
+            start = int(saved["next_step"])
+            taus[:start] = [float(t) for t in saved["taus"][:start]]
+            job.records[:] = [StepRecord(**rec) for rec in saved["records"]]
+            for j in range(start):  # recompute the cached states: same seeds, same ops, same numbers
+                for s in list(chunks.values()) + (list(val.values()) if val else []):
+                    r.step(s, taus[j], keep=True)
+            job.log(f"n={n}: resumed after {start} tuned steps from {job.checkpoint.path(n)}")
+
+        val_prev = _endpoint_error(job, val, taus, len(job.validation)) if val else None
+        bar = _bar(job, last, start)
+        for j in range(start, last):
+            t0 = grid[j]
+            fwd0, _ = _forward_backward(job)
+            tick = time.perf_counter()
+            for s in chunks.values():
+                obj.prepare_step(r, s)
+            fit_tau, loss_before, loss_after, evals, bwd = _fit_step(job, chunks, j, t0, taus, grid)
+            fit_tau = job.dist.broadcast_float(fit_tau)  # identical decision on every process
+
+            proposed, kept, val_after = fit_tau, True, None
+            if val is not None and fit_tau != t0:
+                trial = list(taus)
+                trial[j] = fit_tau
+                val_after = _endpoint_error(job, val, trial, len(job.validation))
+                if val_after > val_prev:  # never keep a change that worsens the held-out (validation) error
+                    kept, fit_tau = False, t0
+                    job.log(f"n={n} step {j} (t={t0:g}): tau={proposed:.2f} worsens the validation endpoint error "
+                            f"({val_prev:.4g} -> {val_after:.4g}); keeping tau = t.")
+            taus[j] = fit_tau
+            if val is not None and kept and val_after is not None:
+                val_before, val_prev = val_prev, val_after
+            else:
+                val_before = val_prev
+            for s in list(chunks.values()) + (list(val.values()) if val else []):
+                r.step(s, taus[j], keep=True)
+            fwd1, _ = _forward_backward(job)
+            job.records.append(StepRecord(
+                step=j, t=t0, tau=taus[j], proposed_tau=proposed, kept=kept,
+                loss_before=loss_before, loss_after=loss_after if kept else loss_before,
+                objective_evaluations=evals, forward_samples=fwd1 - fwd0, backward_samples=bwd,
+                seconds=time.perf_counter() - tick, validation_before=val_before,
+                validation_after=val_after if kept else val_before,
+            ))
+            if job.checkpoint is not None:
+                job.checkpoint.save(n, {"next_step": j + 1, "taus": taus[: j + 1],
+                                        "records": [rec.to_dict() for rec in job.records]})
+            bar.update(1)
+            bar.set_postfix(t=f"{t0:g}", tau=f"{taus[j]:.2f}")
+        bar.close()
+        return taus
+
+
+def _fit_step(job, chunks, j, t0, taus, grid):
+    """Fit tau_j on the cached states; returns (tau, loss_before, loss_after, evaluations, backward_samples)."""
+    opt, num = job.optimizer, len(job.calib)
+
+    def f(tau: float) -> float:
+        trial = list(taus)
+        trial[j] = tau
+        return _mean_loss(job, chunks, tau, trial, num)
+
+    if not getattr(opt, "uses_gradient", False):
+        fit = opt.minimize(f, t0, _spacing(grid, j), job.bounds)
+        return fit.tau, fit.loss_before, fit.loss_after, fit.evaluations, 0
+    return _fit_adam(job, chunks, j, t0, taus, f)
+
+
+def _fit_adam(job, chunks, j, t0, taus, f):
+    """The reference optimiser: Adam on r_j over mini-batches of the cached calibration states."""
+    num_global_chunks = -(-len(job.calib) // job.batch_size)
+    counter = {"backward": 0}
+    d = job.rollout.denoiser
+
+    def minibatch_loss(tau: torch.Tensor, k: int) -> torch.Tensor:
+        c = k % num_global_chunks
+        size = min(job.batch_size, len(job.calib) - c * job.batch_size)
+        state = chunks.get(c)
+        if state is None:  # this process holds no row of mini-batch c
+            return tau * 0.0
+        before = d.num_forward_samples
+        trial = list(taus)
+        with torch.enable_grad():
+            loss = job.objective.losses(job.rollout, state, tau, trial).sum() / size
+        counter["backward"] += d.num_forward_samples - before
+        return loss
+
+    def reduce_grad(g: torch.Tensor) -> torch.Tensor:
+        return job.dist.sum(g).to(torch.float32)
+
+    loss_before = f(t0)
+    tau, _history = job.optimizer.minimize(minibatch_loss, reduce_grad, t0, job.bounds)
+    loss_after = f(tau)
+    return tau, loss_before, loss_after, job.optimizer.num_steps, int(job.dist.sum(torch.tensor(float(counter["backward"]))))
+
+
+class ParallelStrategy:
+    """Eq. 11: every tau_i fitted on x_{t_i} = alpha_{t_i} x_0 + sigma_{t_i} eps, independently of the others."""
+
+    name = "parallel"
+
+    def run(self, job: StepCountJob) -> List[float]:
+        r, n, obj = job.rollout, job.n, job.objective
+        order = int(getattr(r.scheduler.config, "solver_order", 1) or 1)
+        if order > 1:
+            raise ValueError(
+                f"The parallel strategy needs a one-step solver, but {type(r.scheduler).__name__} has solver_order="
+                f"{order} (its history before step i is not defined by eq. 11). Use strategy='sequential' or "
+                "solver_order=1."
+            )
+        grid = r.grid_list
+        taus = list(grid)
+        bar = _bar(job, n - 1, 0)
+        for j in range(n - 1):
+            t0 = grid[j]
+            fwd0, _ = _forward_backward(job)
+            tick = time.perf_counter()
+            # fresh (x_0, eps) pairs per step, identical on every process (seeded by step)
+            g = torch.Generator().manual_seed(job.seed * 7919 + j)
+            noise = torch.randn(job.calib.x0.shape, generator=g)
+            chunks = {}
+            for c, idx in enumerate(job.dist.shard(len(job.calib), job.batch_size)):
+                x_t = r.data_to_state(job.calib.x0[idx], noise[idx], j)
+                cond = slice_conditioning(job.calib.cond, idx)
+                state = ChunkState(x_t, r.grid_state_scheduler(j), j, cond, job.seed * 1_000_003 + int(idx[0]),
+                                   {"x0": job.calib.x0[idx].to(r.device)})
+                obj.prepare_step(r, state)
+                chunks[c] = state
+            fit_tau, loss_before, loss_after, evals, bwd = _fit_step(job, chunks, j, t0, taus, grid)
+            taus[j] = job.dist.broadcast_float(fit_tau)
+            fwd1, _ = _forward_backward(job)
+            job.records.append(StepRecord(
+                step=j, t=t0, tau=taus[j], proposed_tau=taus[j], kept=True, loss_before=loss_before,
+                loss_after=loss_after, objective_evaluations=evals, forward_samples=fwd1 - fwd0,
+                backward_samples=bwd, seconds=time.perf_counter() - tick,
+            ))
+            bar.update(1)
+        bar.close()
+        return taus
+
+
+def _bar(job: StepCountJob, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"calibrating n={job.n}", leave=False,
+                disable=not (job.progress and job.dist.is_main_process))
+
+
+def get_strategy(name: str):
+    if name == "sequential":
+        return SequentialStrategy(from_data=True)
+    if name == "data_free":
+        return SequentialStrategy(from_data=False)
+    if name == "parallel":
+        return ParallelStrategy()
+    raise ValueError(f"Unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}.")
