@@ -149,7 +149,7 @@ class ReferenceAdam:
             opt.step()
             with torch.no_grad():  # keep tau inside the model's time range
                 r.clamp_(min=(bounds[0] + 1.0) / (t0 + 1.0), max=(bounds[1] + 1.0) / (t0 + 1.0))
-            history.append((float(self.tau_of(r, t0)), float(loss.detach())))
+            history.append((float(self.tau_of(r.detach(), t0)), float(loss.detach())))
         return float(self.tau_of(r.detach(), t0)), history
 
 
