@@ -31,7 +31,7 @@ OBJECTIVES = ("paper", "paper_x0", "teacher_local", "endpoint")
 
 def per_sample_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Sum of squares over all non-batch dimensions: shape (B,)."""
-    return (a - b).float().pow(2).flatten(1).sum(dim=1)
+    return (a.double() - b.double()).pow(2).flatten(1).sum(dim=1)  # float64: sums independent of batch split
 
 
 class Objective:

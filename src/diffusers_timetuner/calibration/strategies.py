@@ -98,14 +98,15 @@ def _spacing(grid: Sequence[float], j: int) -> float:
 
 def _mean_loss(job: StepCountJob, chunks, tau, taus, num_samples: int) -> float:
     with torch.no_grad():
-        local = sum((job.objective.losses(job.rollout, s, tau, taus).sum() for s in chunks.values()), torch.zeros(()))
+        local = sum((job.objective.losses(job.rollout, s, tau, taus).sum() for s in chunks.values()),
+                    torch.zeros((), dtype=torch.float64))
     return float(job.dist.sum(local)) / num_samples
 
 
 def _endpoint_error(job: StepCountJob, chunks, taus, num_samples: int) -> float:
     """Mean squared distance of the final samples to the teacher's, from the cached states with ``taus``."""
     with torch.no_grad():
-        local = torch.zeros(())
+        local = torch.zeros((), dtype=torch.float64)
         for s in chunks.values():
             final = job.rollout.run(s, taus)
             local = local + per_sample_sq(final.x, s.extras["teacher_states"][-1]).sum()
