@@ -175,6 +175,9 @@ def calibrate(
             "needs one. Use objective='paper' or 'paper_x0' with it, or strategy='sequential' / 'data_free'."
         )
     optimizer_obj = get_optimizer(optimizer, **(optimizer_kwargs or {}))
+    if getattr(optimizer_obj, "joint", False) and (objective_obj.name != "endpoint" or strategy == "parallel"):
+        raise ValueError("optimizer='adam_joint' tunes all steps through the whole sampler: it needs "
+                         "objective='endpoint' and strategy='data_free' or 'sequential'.")
 
     model = model.to(device)
     model.eval()

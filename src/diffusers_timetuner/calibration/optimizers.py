@@ -6,6 +6,7 @@
   (``scipy.optimize.minimize_scalar``) to ``xtol`` timestep units. It returns the best point it evaluated, so the
   calibration loss never ends above its value at t_i. Local on purpose: REFERENCE.md section 1 measured that a wide
   (global) search lands in other, worse minima on trained networks, whose loss in tau is not unimodal.
+- :class:`JointAdam` (beyond the paper): every tau_i at once, by gradient of the endpoint error through the sampler.
 - :class:`ReferenceAdam` (the authors' procedure): tau_i = r_i * t_i in continuous time t = (t_disc + 1) / N, i.e.
   ``tau_disc = r (t_disc + 1) - 1``; r_i = 1 initially, Adam(lr 2e-3, betas (0.9, 0.999)) for ``num_steps``
   mini-batches, the gradient flowing through the network w.r.t. its timestep input.
@@ -19,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-OPTIMIZERS = ("local_search", "adam")
+OPTIMIZERS = ("local_search", "adam", "adam_joint")
 
 
 @dataclass
@@ -153,6 +154,34 @@ class ReferenceAdam:
         return float(self.tau_of(r.detach(), t0)), history
 
 
+class JointAdam:
+    """All tau_i at once by gradient through the whole sampler (beyond the paper; ``objective="endpoint"`` only).
+
+    Same parameterisation as :class:`ReferenceAdam` (one r_i per tuned step, r = 1 initially); each iteration rolls
+    one mini-batch of calibration x_T through every step with the network fed tau_i(r_i), compares the final sample
+    with the teacher's and back-propagates through all network calls and ``scheduler.step`` updates.
+
+    Args:
+        num_steps: Adam iterations (mini-batches).
+        lr, betas: Adam's settings.
+    """
+
+    name = "adam_joint"
+    uses_gradient = True
+    joint = True
+
+    def __init__(self, num_steps: int = 200, lr: float = 5e-3, betas=(0.9, 0.999)):
+        if num_steps < 1 or lr <= 0:
+            raise ValueError("JointAdam needs num_steps >= 1 and lr > 0.")
+        self.num_steps = int(num_steps)
+        self.lr = float(lr)
+        self.betas = tuple(float(b) for b in betas)
+
+    def settings(self) -> Dict[str, float]:
+        return {"num_steps": self.num_steps, "lr": self.lr, "betas": list(self.betas),
+                "parameterisation": "tau_disc = r * (t_disc + 1) - 1 per step, r init 1, all steps jointly"}
+
+
 def get_optimizer(name_or_obj, **kwargs):
     if not isinstance(name_or_obj, str):
         return name_or_obj
@@ -160,4 +189,6 @@ def get_optimizer(name_or_obj, **kwargs):
         return LocalSearch(**kwargs)
     if name_or_obj == "adam":
         return ReferenceAdam(**kwargs)
+    if name_or_obj == "adam_joint":
+        return JointAdam(**kwargs)
     raise ValueError(f"Unknown optimizer {name_or_obj!r}: choose one of {', '.join(OPTIMIZERS)}.")

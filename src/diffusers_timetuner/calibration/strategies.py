@@ -135,6 +135,8 @@ class SequentialStrategy:
         if job.guard and job.validation is not None:
             val = _chunks(job, job.validation, False, job.seed + 1, True)
         last = n if obj.tunes_last_step else n - 1  # the paper never tunes the last step (t_1 -> t_0)
+        if getattr(job.optimizer, "joint", False):
+            return _run_joint(job, chunks, val, taus, last)
 
         start = 0
         saved = job.checkpoint.load(n) if job.checkpoint is not None else None
@@ -232,6 +234,65 @@ def _fit_adam(job, chunks, j, t0, taus, f):
     tau, _history = job.optimizer.minimize(minibatch_loss, reduce_grad, t0, job.bounds)
     loss_after = f(tau)
     return tau, loss_before, loss_after, job.optimizer.num_steps, int(job.dist.sum(torch.tensor(float(counter["backward"]))))
+
+
+def _run_joint(job: StepCountJob, chunks, val, taus, last) -> List[float]:
+    """All taus jointly by Adam on r through the whole sampler (endpoint objective); guarded as a whole."""
+    r_mod, opt_cfg, d = job.rollout, job.optimizer, job.rollout.denoiser
+    grid = r_mod.grid_list
+    t0 = torch.tensor(grid[:last], dtype=torch.float32)
+    r = torch.ones(last, dtype=torch.float32, requires_grad=True)
+    adam = torch.optim.Adam([r], lr=opt_cfg.lr, betas=opt_cfg.betas)
+    lo = (job.bounds[0] + 1.0) / (t0 + 1.0)
+    hi = (job.bounds[1] + 1.0) / (t0 + 1.0)
+    num_global_chunks = -(-len(job.calib) // job.batch_size)
+    tick, fwd0 = time.perf_counter(), _forward_backward(job)[0]
+    loss_before = _endpoint_error(job, chunks, taus, len(job.calib))
+    backward = 0
+    bar = _bar(job, opt_cfg.num_steps, 0)
+    for k in range(opt_cfg.num_steps):
+        c = k % num_global_chunks
+        size = min(job.batch_size, len(job.calib) - c * job.batch_size)
+        adam.zero_grad(set_to_none=True)
+        tau = r * (t0 + 1.0) - 1.0  # tau_disc = r (t_disc + 1) - 1, as ReferenceAdam
+        state = chunks.get(c)
+        if state is None:
+            loss = (r * 0.0).sum()
+        else:
+            before = d.num_forward_samples
+            with torch.enable_grad():
+                trial = list(tau) + [torch.tensor(t) for t in grid[last:]]
+                final = r_mod.run(state, trial)
+                loss = per_sample_sq(final.x, state.extras["teacher_states"][-1]).sum() / size
+            backward += d.num_forward_samples - before
+        loss.backward()
+        r.grad = job.dist.sum(r.grad.detach().clone()).to(torch.float32)
+        adam.step()
+        with torch.no_grad():
+            r.copy_(torch.maximum(torch.minimum(r, hi), lo))
+        bar.update(1)
+    bar.close()
+    tuned = [job.dist.broadcast_float(float(v)) for v in (r.detach() * (t0 + 1.0) - 1.0)] + grid[last:]
+    loss_after = _endpoint_error(job, chunks, tuned, len(job.calib))
+    kept = True
+    if val is not None:
+        before_val = _endpoint_error(job, val, taus, len(job.validation))
+        after_val = _endpoint_error(job, val, tuned, len(job.validation))
+        kept = after_val <= before_val
+        if not kept:
+            job.log(f"n={job.n}: the jointly tuned table worsens the validation endpoint error "
+                    f"({before_val:.4g} -> {after_val:.4g}); keeping tau = t.")
+    final_taus = tuned if kept else list(taus)
+    fwd = _forward_backward(job)[0] - fwd0
+    backward = int(job.dist.sum(torch.tensor(float(backward))))
+    for j in range(last):  # one record per step; the run's totals are attributed to step 0
+        job.records.append(StepRecord(
+            step=j, t=grid[j], tau=final_taus[j], proposed_tau=tuned[j], kept=kept, loss_before=loss_before,
+            loss_after=loss_after if kept else loss_before, objective_evaluations=opt_cfg.num_steps if j == 0 else 0,
+            forward_samples=fwd if j == 0 else 0, backward_samples=backward if j == 0 else 0,
+            seconds=time.perf_counter() - tick if j == 0 else 0.0,
+        ))
+    return final_taus
 
 
 class ParallelStrategy:
