@@ -241,3 +241,41 @@ def test_joint_adam_through_the_sampler_beats_untuned_on_the_exact_model():
     with pytest.raises(ValueError, match="adam_joint"):
         calibrate(model, sched, 5, objective="paper", optimizer="adam_joint", strategy="sequential",
                   data=gaussian_data(16), **_small())
+
+
+class _CountingPipeline:
+    """Forwards to a StableDiffusionPipeline and counts encode_prompt calls (prompts must be encoded once)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.unet, self.scheduler, self.encode_calls = pipe, pipe.unet, pipe.scheduler, 0
+
+    def encode_prompt(self, *args, **kwargs):
+        self.encode_calls += 1
+        return self.pipe.encode_prompt(*args, **kwargs)
+
+
+def test_text_conditional_pipeline_with_guidance_encodes_prompts_once():
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, vocab_size=1000, max_position_embeddings=16))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3, "dog</w>": 4}
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok,
+                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    counting = _CountingPipeline(pipe)
+    res = calibrate(counting, None, 2, conditions=["a cat", "a dog"], guidance_scale=3.0, num_samples=4,
+                    batch_size=4, num_validation_samples=2, num_heldout_samples=2, teacher_steps=4, progress=False)
+    assert counting.encode_calls == 1
+    info = res.scheduler.config.tuning_info["2"]
+    assert info["guidance_scale"] == 3.0 and info["conditioning"]["prompts"] == ["a cat", "a dog"]
+    assert type(res.scheduler).__name__ == "TimeTunerDDIMScheduler"

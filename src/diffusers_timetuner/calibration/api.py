@@ -190,7 +190,7 @@ def calibrate(
     if data is not None:
         if tuple(data.shape[1:]) != shape:
             raise ValueError(f"data has samples of shape {tuple(data.shape[1:])}, the model expects {shape}.")
-    check_float_timesteps(denoiser, shape, cond_set.take(range(1)), device, train_steps)
+    probe = check_float_timesteps(denoiser, shape, cond_set.take(range(1)), device, train_steps)
 
     # Disjoint seeded draws: calibration (seed), validation (seed + 1), held-out (seed + 2); identical everywhere.
     calib = _calibration_set(num_samples, shape, cond_set, data, seed, data_labels)
@@ -210,7 +210,8 @@ def calibrate(
         "data_free": data is None, "num_processes": dist.world_size,
         "conditioning": cond_set.description,
     }
-    fingerprint = dict(settings, num_processes=None, teacher_steps=teacher_steps)
+    # What a resumed run must share with the interrupted one (the probe tells another model apart).
+    fingerprint = dict(settings, num_processes=None, teacher_steps=teacher_steps, model_probe=probe)
     store = CheckpointStore(checkpoint_dir, fingerprint, enabled=dist.is_main_process) if checkpoint_dir else None
     log = (lambda msg: logger.info(msg)) if dist.is_main_process else (lambda msg: None)
 
@@ -256,8 +257,11 @@ def calibrate(
     return CalibrationResult(result_sched, reports, settings)
 
 
-def check_float_timesteps(denoiser, shape, cond, device, train_steps: int) -> None:
-    """Refuse a network whose timestep input ignores fractions (outputs at t and t + 0.5 identical)."""
+def check_float_timesteps(denoiser, shape, cond, device, train_steps: int) -> float:
+    """Refuse a network whose timestep input ignores fractions (outputs at t and t + 0.5 identical).
+
+    Returns a probe of the model (mean |output| on a fixed input, 6 significant digits) for checkpoint fingerprints.
+    """
     g = torch.Generator().manual_seed(12345)
     x = torch.randn((1, *shape), generator=g).to(device)
     t = float(train_steps // 2)
@@ -271,6 +275,7 @@ def check_float_timesteps(denoiser, shape, cond, device, train_steps: int) -> No
             "input does not take fractional values (e.g. it casts to an integer or looks up an embedding table), so "
             "TimeTuner cannot tune it. Use a model with a continuous (e.g. sinusoidal) timestep embedding."
         )
+    return float(f"{float(a.double().abs().mean()):.6g}")
 
 
 def _sample_shape(model, data, sample_shape):
