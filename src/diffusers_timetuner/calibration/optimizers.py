@@ -42,22 +42,25 @@ class LocalSearch:
         initial_step: first trial offset, as a fraction of the grid spacing around t_i.
         max_shift: trust region: |tau - t_i| <= max_shift * spacing.
         max_evaluations: hard cap of objective evaluations per step.
+        min_improvement: keep tau = t_i unless the loss drops by more than this fraction of its value at t_i.
     """
 
     name = "local_search"
     uses_gradient = False
 
-    def __init__(self, xtol: float = 0.5, initial_step: float = 0.05, max_shift: float = 1.0, max_evaluations: int = 30):
+    def __init__(self, xtol: float = 0.5, initial_step: float = 0.05, max_shift: float = 1.0, max_evaluations: int = 30,
+                 min_improvement: float = 1e-4):
         if xtol <= 0 or initial_step <= 0 or max_shift <= 0 or max_evaluations < 3:
             raise ValueError("LocalSearch needs xtol > 0, initial_step > 0, max_shift > 0 and max_evaluations >= 3.")
         self.xtol = float(xtol)
         self.initial_step = float(initial_step)
         self.max_shift = float(max_shift)
         self.max_evaluations = int(max_evaluations)
+        self.min_improvement = float(min_improvement)
 
     def settings(self) -> Dict[str, float]:
         return {"xtol": self.xtol, "initial_step": self.initial_step, "max_shift": self.max_shift,
-                "max_evaluations": self.max_evaluations}
+                "max_evaluations": self.max_evaluations, "min_improvement": self.min_improvement}
 
     def minimize(self, f: Callable[[float], float], t0: float, spacing: float, bounds: Tuple[float, float]) -> StepFit:
         """Minimise ``f(tau)`` near ``t0``. ``spacing``: the grid spacing at t_i; ``bounds``: the model's time range."""
@@ -83,6 +86,8 @@ class LocalSearch:
             minimize_scalar(g, bounds=(a, b), method="bounded",
                             options={"xatol": self.xtol, "maxiter": self.max_evaluations})
         best = min(cache.items(), key=lambda kv: (kv[1], abs(kv[0] - t0)))
+        if best[1] >= f0 - self.min_improvement * abs(f0):  # a flat objective: round-off must not move tau
+            best = (t0, f0)
         return StepFit(best[0], f0, best[1], len(cache), sorted(cache.items()))
 
     @staticmethod

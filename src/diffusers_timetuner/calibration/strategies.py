@@ -184,6 +184,10 @@ class SequentialStrategy:
                 seconds=time.perf_counter() - tick, validation_before=val_before,
                 validation_after=val_after if kept else val_before,
             ))
+            rec = job.records[-1]
+            job.log(f"n={n} step {j}: t={t0:g} tau={taus[j]:.2f} loss {rec.loss_before:.5g} -> {rec.loss_after:.5g} "
+                    f"({rec.objective_evaluations} evaluations, {rec.forward_samples} forward samples, "
+                    f"{rec.seconds:.1f} s)")
             if job.checkpoint is not None:
                 job.checkpoint.save(n, {"next_step": j + 1, "taus": taus[: j + 1],
                                         "records": [rec.to_dict() for rec in job.records]})
