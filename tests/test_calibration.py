@@ -199,7 +199,7 @@ def test_class_conditional_unet_with_guidance_records_the_scale():
     unet = tiny_unet(num_class_embeds=3)  # labels 0, 1 + null class 2
     sched = ddim()
     res = calibrate(unet, sched, 3, guidance_scale=2.0, conditions=[0, 1], num_samples=4, batch_size=4,
-                    num_validation_samples=2, num_heldout_samples=2, teacher_steps=6, progress=False)
+                    num_validation_samples=2, num_heldout_samples=2, teacher_steps=9, progress=False)
     info = res.scheduler.config.tuning_info["3"]
     assert info["guidance_scale"] == 2.0
     assert info["conditioning"]["null_class_label"] == 2
@@ -274,7 +274,7 @@ def test_text_conditional_pipeline_with_guidance_encodes_prompts_once():
                                    feature_extractor=None, requires_safety_checker=False)
     counting = _CountingPipeline(pipe)
     res = calibrate(counting, None, 2, conditions=["a cat", "a dog"], guidance_scale=3.0, num_samples=4,
-                    batch_size=4, num_validation_samples=2, num_heldout_samples=2, teacher_steps=4, progress=False)
+                    batch_size=4, num_validation_samples=2, num_heldout_samples=2, progress=False)
     assert counting.encode_calls == 1
     info = res.scheduler.config.tuning_info["2"]
     assert info["guidance_scale"] == 3.0 and info["conditioning"]["prompts"] == ["a cat", "a dog"]

@@ -39,7 +39,7 @@ def tiny_pipeline_dir(tmp_path_factory):
 def _cli_args(model_dir, out_dir, *extra):
     return ["--pretrained_model_name_or_path", model_dir, "--output_dir", str(out_dir), "--num_inference_steps", "3",
             "--num_samples", "8", "--batch_size", "4", "--num_validation_samples", "4", "--num_heldout_samples", "4",
-            "--teacher_steps", "6", "--no_progress", *extra]
+            "--no_progress", *extra]
 
 
 # ------------------------------------------------------------------------------------------------ CLI
