@@ -133,7 +133,7 @@ def calibrate(
         batch_size: samples per network call (per process).
         num_validation_samples: samples of the validation set the guard uses (``guard=True``).
         num_heldout_samples: samples of the held-out set every run reports on (fresh x_T).
-        teacher_steps: the teacher's step count (default 10 n, capped at the training steps).
+        teacher_steps: the teacher's step count (default about 5 n, see ``objectives.default_teacher_steps``).
         guard: refuse a step's new tau when it worsens the validation endpoint error (never ship a table that is
             worse than no table on it).
         eta: DDIM's eta for the coarse sampler.
