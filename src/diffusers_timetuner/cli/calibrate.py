@@ -83,8 +83,10 @@ def main(args: argparse.Namespace):
     from ..calibration import calibrate
 
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
+    level = logging.INFO if accelerator.is_main_process else logging.ERROR
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if accelerator.is_main_process else logging.ERROR)
+                        level=level, force=True)
+    logging.getLogger("diffusers_timetuner").setLevel(level)  # the library's per-step lines and warnings
     logger = get_logger(__name__)
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/mnist-ddim-timetuner).")
