@@ -131,11 +131,12 @@ def calibrate(
         data: x_0 samples in the model's input space, shape (N, *sample_shape), for ``sequential`` / ``parallel``.
         num_samples: calibration samples (fixed batch, common random numbers across candidates).
         batch_size: samples per network call (per process).
-        num_validation_samples: samples of the validation set the guard uses (``guard=True``).
+        num_validation_samples: samples of the validation set the guard uses (``guard=True``); fresh x_T, disjoint
+            from the calibration and held-out sets.
         num_heldout_samples: samples of the held-out set every run reports on (fresh x_T).
         teacher_steps: the teacher's step count (default about 5 n, see ``objectives.default_teacher_steps``).
-        guard: refuse a step's new tau when it worsens the validation endpoint error (never ship a table that is
-            worse than no table on it).
+        guard: keep only the prefix of the tuned table (first k steps tuned, the rest untuned) with the lowest
+            endpoint error on a separate validation set: a table is never worse than no table there.
         eta: DDIM's eta for the coarse sampler.
         sample_shape: per-sample shape (C, H, W); default from ``data`` or the model's config.
         seed: seeds every random draw (calibration, validation and held-out sets are disjoint draws).

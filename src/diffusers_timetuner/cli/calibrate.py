@@ -58,7 +58,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=32, help="Samples per network call and process.")
     p.add_argument("--num_heldout_samples", type=int, default=32, help="Held-out x_T the report is computed on.")
     p.add_argument("--num_validation_samples", type=int, default=16, help="Samples of the step guard.")
-    p.add_argument("--no_guard", action="store_true", help="Keep every step's tau even if validation gets worse.")
+    p.add_argument("--no_guard", action="store_true", help="Ship the full tuned table even if a shorter prefix (or none) is better on validation.")
     p.add_argument("--teacher_steps", type=int, default=None, help="Teacher step count (default about 5 n; more is a more accurate reference).")
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
