@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from test_calibration_helpers import GaussianEps, ddim, tiny_unet
 
@@ -75,7 +74,8 @@ def test_cli_errors(tiny_pipeline_dir, tmp_path):
     with pytest.raises(ValueError, match="unconditional"):
         main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "b", "--guidance_scale", "2")))
     with pytest.raises(ValueError, match="no `data` was given"):
-        main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "c", "--strategy", "parallel", "--objective", "paper")))
+        main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "c", "--strategy", "parallel",
+                                  "--objective", "paper")))
     with pytest.raises(ValueError, match="--hub_model_id"):
         main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "d", "--push_to_hub")))
 

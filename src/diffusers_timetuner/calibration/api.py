@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,12 +13,12 @@ from ..denoiser import Denoiser
 from .checkpoint import CheckpointStore
 from .conditions import build_conditions, resolve_model
 from .distributed import Distributed
-from .objectives import OBJECTIVES, Teacher, default_teacher_steps, get_objective
+from .objectives import Teacher, default_teacher_steps, get_objective
 from .optimizers import get_optimizer
 from .report import StepCountReport, evaluate_heldout, plot_report, write_report
 from .rollout import Rollout
 from .schedulers import resolve_scheduler, untuned_copy
-from .strategies import STRATEGIES, CalibrationSet, StepCountJob, get_strategy
+from .strategies import CalibrationSet, StepCountJob, get_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +148,9 @@ def calibrate(
     started = time.perf_counter()
     dist = Distributed(accelerator)
     device = dist.device
-    steps = [int(num_inference_steps)] if isinstance(num_inference_steps, int) else [int(n) for n in num_inference_steps]
+    if isinstance(num_inference_steps, int):
+        num_inference_steps = [num_inference_steps]
+    steps = [int(n) for n in num_inference_steps]
     if not steps:
         raise ValueError("num_inference_steps is empty: give at least one step count.")
     if num_samples < 1 or batch_size < 1:

@@ -43,7 +43,8 @@ class ConditionSet:
             return None
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         if isinstance(self.values, dict):
-            return {k: (v[idx % v.shape[0]] if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in self.values.items()}
+            return {k: (v[idx % v.shape[0]] if torch.is_tensor(v) and v.ndim > 0 else v)
+                    for k, v in self.values.items()}
         return {self.key: self.values[idx % self.values.shape[0]]}
 
 
@@ -98,7 +99,8 @@ def build_conditions(model, pipeline, conditions, negative_conditions, guidance_
         uncond = None
         if cfg:
             if null_class_label is None:
-                raise ValueError(f"guidance_scale={guidance_scale} needs the null class label: pass null_class_label=.")
+                raise ValueError(f"guidance_scale={guidance_scale} needs the null class label: "
+                                 "pass null_class_label=.")
             uncond = {"class_labels": torch.tensor([int(null_class_label)])}
         return ConditionSet("class_labels", values, uncond,
                             {"kind": "class_labels", "labels": values.tolist(), "null_class_label": null_class_label})

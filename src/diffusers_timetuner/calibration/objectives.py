@@ -8,8 +8,8 @@ j = K - i, so step j integrates t_i -> t_{i-1} with grid[j] = t_i, grid[j + 1] =
   *untuned* grid times; the last step (t_1 -> t_0) is never tuned.
 - ``paper_x0`` (eq. 10, Theorem 2): same first term, target ``(x~_{t_i} - alpha_{t_i} x_0) / sigma_{t_i}`` (needs the
   data x_0 each trajectory started from).
-- ``teacher_local``: ``|| f_tau(x~_{t_i}, tau_i) - x^teacher_{t_{i-1}} ||^2``, the state after the step vs the state of a
-  many-step teacher from the same x_T at the same grid time (the last step included: its target is the teacher's
+- ``teacher_local``: ``|| f_tau(x~_{t_i}, tau_i) - x^teacher_{t_{i-1}} ||^2``, the state after the step vs the state
+  of a many-step teacher from the same x_T at the same grid time (the last step included: its target is the teacher's
   final sample).
 - ``endpoint``: ``|| x~_0(tau) - x^teacher_0 ||^2``: the final sample of the whole coarse sampler (later steps at their
   current tau) vs the teacher's final sample from the same x_T. Costs a roll-out per candidate; the best objective
@@ -19,12 +19,12 @@ j = K - i, so step j integrates t_i -> t_{i-1} with grid[j] = t_i, grid[j + 1] =
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from ..sampling import grid_timesteps, sample_trajectory
-from .rollout import ChunkState, Rollout, alpha_sigma_at, to_epsilon
+from .rollout import ChunkState, Rollout, alpha_sigma_at
 
 OBJECTIVES = ("paper", "paper_x0", "teacher_local", "endpoint")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -48,8 +48,8 @@ class LocalSearch:
     name = "local_search"
     uses_gradient = False
 
-    def __init__(self, xtol: float = 0.5, initial_step: float = 0.05, max_shift: float = 1.0, max_evaluations: int = 30,
-                 min_improvement: float = 1e-4):
+    def __init__(self, xtol: float = 0.5, initial_step: float = 0.05, max_shift: float = 1.0,
+                 max_evaluations: int = 30, min_improvement: float = 1e-4):
         if xtol <= 0 or initial_step <= 0 or max_shift <= 0 or max_evaluations < 3:
             raise ValueError("LocalSearch needs xtol > 0, initial_step > 0, max_shift > 0 and max_evaluations >= 3.")
         self.xtol = float(xtol)
@@ -63,7 +63,7 @@ class LocalSearch:
                 "max_evaluations": self.max_evaluations, "min_improvement": self.min_improvement}
 
     def minimize(self, f: Callable[[float], float], t0: float, spacing: float, bounds: Tuple[float, float]) -> StepFit:
-        """Minimise ``f(tau)`` near ``t0``. ``spacing``: the grid spacing at t_i; ``bounds``: the model's time range."""
+        """Minimise ``f(tau)`` near ``t0``; ``spacing``: the grid spacing at t_i; ``bounds``: the model's range."""
         lo = max(bounds[0], t0 - self.max_shift * spacing)
         hi = min(bounds[1], t0 + self.max_shift * spacing)
         cache: Dict[float, float] = {}

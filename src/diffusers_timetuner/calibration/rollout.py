@@ -106,7 +106,8 @@ class Rollout:
         # steps off the grid, a tuned table always lands on it).
         self.stepper = self.scheduler
         if hasattr(scheduler, "with_tuned_timesteps"):
-            self.stepper = scheduler.with_tuned_timesteps(num_inference_steps, self.grid.tolist(), grid=self.grid.tolist())
+            grid = self.grid.tolist()
+            self.stepper = scheduler.with_tuned_timesteps(num_inference_steps, grid, grid=grid)
             self.stepper.set_timesteps(num_inference_steps, device=self.device)
         # Step-index keys: what `step` is told (tau_i = t_i in float32 for the identity table).
         self.keys = self.stepper.timesteps

@@ -74,7 +74,8 @@ class StepCountJob:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _chunks(job: StepCountJob, cset: CalibrationSet, from_data: bool, seed: int, teacher: bool) -> Dict[int, ChunkState]:
+def _chunks(job: StepCountJob, cset: CalibrationSet, from_data: bool, seed: int,
+            teacher: bool) -> Dict[int, ChunkState]:
     """This process's share of ``cset`` as cached states at x_T, keyed by global mini-batch index."""
     r = job.rollout
     chunks = {}
@@ -262,7 +263,8 @@ def _fit_adam(job, chunks, j, t0, taus, f):
     loss_before = f(t0)
     tau, _history = job.optimizer.minimize(minibatch_loss, reduce_grad, t0, job.bounds)
     loss_after = f(tau)
-    return tau, loss_before, loss_after, job.optimizer.num_steps, int(job.dist.sum(torch.tensor(float(counter["backward"]))))
+    backward = int(job.dist.sum(torch.tensor(float(counter["backward"]))))
+    return tau, loss_before, loss_after, job.optimizer.num_steps, backward
 
 
 def _run_joint(job: StepCountJob, chunks, val, taus, last) -> List[float]:

@@ -58,8 +58,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=32, help="Samples per network call and process.")
     p.add_argument("--num_heldout_samples", type=int, default=32, help="Held-out x_T the report is computed on.")
     p.add_argument("--num_validation_samples", type=int, default=16, help="Samples of the step guard.")
-    p.add_argument("--no_guard", action="store_true", help="Ship the full tuned table even if a shorter prefix (or none) is better on validation.")
-    p.add_argument("--teacher_steps", type=int, default=None, help="Teacher step count (default about 5 n; more is a more accurate reference).")
+    p.add_argument("--no_guard", action="store_true",
+                   help="Ship the full tuned table even if a shorter prefix (or none) is better on validation.")
+    p.add_argument("--teacher_steps", type=int, default=None,
+                   help="Teacher step count (default about 5 n; more is a more accurate reference).")
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="timetuner-calibration")
@@ -141,7 +143,8 @@ def _prepare_output_dir(args, accelerator) -> str:
         checkpoint_dir = args.resume_from_checkpoint
         if not os.path.isdir(checkpoint_dir):
             raise ValueError(f"--resume_from_checkpoint {checkpoint_dir} is not a folder.")
-    occupied = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in OUTPUT_FILES + (CHECKPOINT_SUBDIR,))
+    ours = OUTPUT_FILES + (CHECKPOINT_SUBDIR,)
+    occupied = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in ours)
     if occupied and args.resume_from_checkpoint is None:
         if not args.overwrite_output_dir:
             raise ValueError(
