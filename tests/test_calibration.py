@@ -317,3 +317,14 @@ def test_prediction_types_are_converted_to_eps_for_eq9(prediction_type):
         assert b.loss_before == pytest.approx(a.loss_before, rel=1e-3, abs=1e-8)
         if ref.tables[4][k] != other.tables[4][k]:  # ... the trajectories part once a tau differs
             break
+
+
+def test_repeated_taus_are_made_distinct():
+    """A search can end on a neighbouring grid time that another step kept (seen on the GMM with endpoint + guard:
+    tau[4] = tau[5] = 400); the table must stay valid (distinct taus) and almost unchanged."""
+    from diffusers_timetuner.calibration.api import distinct_taus
+
+    out = distinct_taus([900.0, 500.0, 400.0, 400.0, 0.0], (0.0, 999.0))
+    assert out[:3] == [900.0, 500.0, 400.0] and out[4] == 0.0
+    assert abs(out[3] - 400.0) <= 0.02 and abs(out[3] - 400.0) > 1e-3
+    ddim().with_tuned_timesteps(5, out)  # a valid table

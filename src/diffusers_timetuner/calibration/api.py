@@ -243,7 +243,7 @@ def calibrate(
         job = StepCountJob(rollout=rollout, objective=objective_obj, optimizer=optimizer_obj, dist=dist, calib=calib,
                            batch_size=batch_size, seed=seed, bounds=bounds, teacher=teacher, validation=validation,
                            guard=guard and validation is not None, checkpoint=store, log=log, progress=progress)
-        taus = strategy_obj.run(job)
+        taus = distinct_taus(strategy_obj.run(job), bounds, log)
         info = dict(settings, teacher_steps=m, package="diffusers-timetuner", package_version=_version())
         candidate = result_sched.with_tuned_timesteps(n, taus, grid=rollout.grid_list, info=info)
         held = evaluate_heldout(rollout, candidate, teacher, heldout.noise, heldout.cond, dist, batch_size)
@@ -266,6 +266,22 @@ def calibrate(
         reports[n] = rep
     settings["seconds"] = time.perf_counter() - started
     return CalibrationResult(result_sched, reports, settings)
+
+
+def distinct_taus(taus: Sequence[float], bounds, log=None) -> List[float]:
+    """Make every tau distinct (the scheduler finds the step from the tau it gets back, so a table must not repeat a
+    value): a tau equal to an earlier one (within 1e-3) moves by 0.01 timestep, far below any measurable effect.
+    Happens when a search ends on a neighbouring grid time that another step kept (its trust region's edge)."""
+    out: List[float] = []
+    for j, tau in enumerate(float(t) for t in taus):
+        moved = tau
+        step = 0.01 if tau + 0.01 <= bounds[1] else -0.01
+        while any(abs(moved - prev) <= 1e-3 for prev in out):
+            moved += step
+        if moved != tau and log is not None:
+            log(f"step {j}: tau {tau:g} repeats another step's tau; using {moved:g}")
+        out.append(moved)
+    return out
 
 
 def check_float_timesteps(denoiser, shape, cond, device, train_steps: int) -> float:
