@@ -1,0 +1,13 @@
+"""Calibration: learn TimeTuner's tau tables for a Diffusers model (the learning half of the package).
+
+Entry point: :func:`calibrate`. Layout: ``api`` (entry point), ``objectives`` (eq. 9, eq. 10, teacher objectives),
+``optimizers`` (local search, reference Adam), ``strategies`` (sequential / data-free / parallel), ``rollout``
+(cached step-by-step sampling), ``distributed`` (Accelerate), ``checkpoint``, ``report``.
+"""
+
+from .api import CalibrationResult, calibrate
+from .objectives import OBJECTIVES
+from .optimizers import OPTIMIZERS, LocalSearch, ReferenceAdam
+from .strategies import STRATEGIES
+
+__all__ = ["CalibrationResult", "calibrate", "LocalSearch", "ReferenceAdam", "OBJECTIVES", "OPTIMIZERS", "STRATEGIES"]

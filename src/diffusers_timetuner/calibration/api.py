@@ -1,0 +1,354 @@
+"""The one entry point: :func:`calibrate` learns tau tables for a Diffusers model and returns a tuned scheduler."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from ..denoiser import Denoiser
+from .checkpoint import CheckpointStore
+from .conditions import build_conditions, resolve_model
+from .distributed import Distributed
+from .objectives import Teacher, default_teacher_steps, get_objective
+from .optimizers import get_optimizer
+from .report import StepCountReport, evaluate_heldout, plot_report, write_report
+from .rollout import Rollout
+from .schedulers import resolve_scheduler, untuned_copy
+from .strategies import CalibrationSet, StepCountJob, get_strategy
+
+logger = logging.getLogger(__name__)
+
+# Defaults chosen by measurement (DDIM, 10 steps, held-out MSE to a many-step teacher's final sample from the same
+# x_T; numbers in the calibration issue's report):
+#   exact GMM (sklearn digits, 64-D, 256 calibration samples, 512 held-out): paper eq. 9 +3.8 % (guarded -8.2 %),
+#       teacher_local -10.9 % (guarded -12.9 %), endpoint -34.7 % at 2.7x teacher_local's model evaluations;
+#   bundled MNIST UNet, 32 calibration samples: paper eq. 9 diverges at the step into t = 0 (+70 % held-out); no
+#       objective beat the untuned sampler beyond noise on 96 fresh x_T (the metric is heavy-tailed: a few samples
+#       that end in another mode dominate it), and the validation guard correctly kept tau = t.
+# endpoint is the most accurate objective where the evidence is clear (the exact model; REFERENCE.md section 1 on a
+# trained UNet), but costs ~3-4x; teacher_local is the default because the no-argument CLI run must finish in a few
+# CPU minutes. Use objective="endpoint" with more samples where compute allows.
+DEFAULT_OBJECTIVE = "teacher_local"
+DEFAULT_OPTIMIZER = "local_search"
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` returns.
+
+    Attributes:
+        scheduler: a TimeTuner scheduler of the input's class and config with one tau table per step count.
+        reports: per step count n, the :class:`~diffusers_timetuner.calibration.report.StepCountReport`.
+        settings: the JSON-able settings of the run (objective, strategy, optimiser, guidance scale, ...).
+    """
+
+    scheduler: Any
+    reports: Dict[int, StepCountReport]
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tables(self) -> Dict[int, List[float]]:
+        return {n: list(r.taus) for n, r in self.reports.items()}
+
+    @property
+    def worse_than_untuned(self) -> bool:
+        return any(r.worse_than_untuned for r in self.reports.values())
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "scheduler_class": type(self.scheduler).__name__,
+            "step_counts": {str(n): r.to_dict() for n, r in sorted(self.reports.items())},
+            "worse_than_untuned": self.worse_than_untuned,
+        }
+
+    def save(self, output_dir: str, extra: Optional[Dict[str, Any]] = None) -> None:
+        """Write ``scheduler_config.json``, ``report.json`` and ``calibration.png`` to ``output_dir``."""
+        self.scheduler.save_pretrained(output_dir)
+        payload = self.to_dict()
+        payload.update(extra or {})
+        import os
+
+        write_report(os.path.join(output_dir, "report.json"), payload)
+        plot_report(os.path.join(output_dir, "calibration.png"), [self.reports[n] for n in sorted(self.reports)])
+
+
+def calibrate(
+    model_or_pipeline,
+    scheduler=None,
+    num_inference_steps: Union[int, Sequence[int]] = 10,
+    *,
+    objective: str = DEFAULT_OBJECTIVE,
+    strategy: Optional[str] = None,
+    optimizer: Union[str, Any] = DEFAULT_OPTIMIZER,
+    guidance_scale: float = 1.0,
+    conditions=None,
+    negative_conditions=None,
+    null_class_label: Optional[int] = None,
+    data: Optional[torch.Tensor] = None,
+    num_samples: int = 64,
+    batch_size: int = 64,
+    num_validation_samples: Optional[int] = 32,
+    num_heldout_samples: int = 64,
+    teacher_steps: Optional[int] = None,
+    guard: bool = True,
+    eta: Optional[float] = None,
+    sample_shape: Optional[Sequence[int]] = None,
+    optimizer_kwargs: Optional[Dict[str, Any]] = None,
+    seed: int = 0,
+    accelerator=None,
+    checkpoint_dir: Optional[str] = None,
+    progress: bool = True,
+    model_id: Optional[str] = None,
+) -> CalibrationResult:
+    """Learn a tau table per step count (TimeTuner, Xia et al., CVPR 2024) and return the tuned scheduler.
+
+    Args:
+        model_or_pipeline: a Diffusers network (``UNet2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``,
+            any module called as ``model(x, t, **cond)``) or a pipeline with ``.unet`` / ``.transformer`` (and, for
+            text conditioning, ``encode_prompt``).
+        scheduler: a TimeTuner scheduler, a plain Diffusers scheduler of a supported class (converted to its
+            TimeTuner class), or a name (``"ddim"``, ``"ddpm"``, ``"dpmsolver"``, ``"dpmsolver_singlestep"``,
+            ``"euler"`` or a class name). ``None``: the pipeline's scheduler.
+        num_inference_steps: one step count n or several; one table per n.
+        objective: ``"teacher_local"`` (default: match a many-step teacher's state after every step, from the same
+            x_T; cheap, see ``DEFAULT_OBJECTIVE`` for the measurements), ``"endpoint"`` (match the teacher's final
+            sample; the most accurate on the exact GMM, ~3-4x the cost),
+            ``"paper"`` (eq. 9) or ``"paper_x0"`` (eq. 10).
+        strategy: ``"sequential"`` (Alg. 1, needs ``data``), ``"parallel"`` (eq. 11, needs ``data``) or
+            ``"data_free"`` (x_T ~ N(0, I)). ``None``: ``"sequential"`` with data, else ``"data_free"``.
+        optimizer: ``"local_search"`` (default, derivative-free, common random numbers) or ``"adam"`` (the reference
+            code's Adam on r = tau / t; ``optimizer_kwargs={"num_steps": 500}`` as in the paper), or an instance.
+        guidance_scale: classifier-free guidance scale (recorded in the table's info; one table per scale).
+        conditions: class labels (ints), prompts (strings, for a pipeline with ``encode_prompt``), prompt embeddings
+            (a float tensor), or a dict of batch-first network inputs; cycled over the calibration samples.
+            ``None``: unconditional, or every class in turn for a class-conditional model.
+        negative_conditions: the unconditional branch for guidance (negative prompt(s) / embeddings / dict);
+            class-conditional models use ``null_class_label`` (default: the pipeline's or ``num_class_embeds - 1``).
+        data: x_0 samples in the model's input space, shape (N, *sample_shape), for ``sequential`` / ``parallel``.
+        num_samples: calibration samples (fixed batch, common random numbers across candidates).
+        batch_size: samples per network call (per process).
+        num_validation_samples: samples of the validation set the guard uses (``guard=True``); fresh x_T, disjoint
+            from the calibration and held-out sets.
+        num_heldout_samples: samples of the held-out set every run reports on (fresh x_T).
+        teacher_steps: the teacher's step count (default about 5 n, see ``objectives.default_teacher_steps``).
+        guard: keep only the prefix of the tuned table (first k steps tuned, the rest untuned) with the lowest
+            endpoint error on a separate validation set: a table is never worse than no table there.
+        eta: DDIM's eta for the coarse sampler.
+        sample_shape: per-sample shape (C, H, W); default from ``data`` or the model's config.
+        seed: seeds every random draw (calibration, validation and held-out sets are disjoint draws).
+        accelerator: an ``accelerate.Accelerator``: samples are split across its processes and losses / gradients
+            reduced, so every process returns the same table.
+        checkpoint_dir: write a checkpoint after every step there and resume from it when present.
+        progress: tqdm bars (main process only).
+        model_id: recorded in the table's info.
+    """
+    started = time.perf_counter()
+    dist = Distributed(accelerator)
+    device = dist.device
+    if isinstance(num_inference_steps, int):
+        num_inference_steps = [num_inference_steps]
+    steps = [int(n) for n in num_inference_steps]
+    if not steps:
+        raise ValueError("num_inference_steps is empty: give at least one step count.")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}.")
+
+    model, pipeline = resolve_model(model_or_pipeline)
+    base = resolve_scheduler(scheduler, pipeline)
+    untuned = untuned_copy(base)
+    train_steps = int(untuned.config.num_train_timesteps)
+    for n in steps:
+        if n < 1 or n > train_steps:
+            raise ValueError(
+                f"num_inference_steps={n} is not in [1, {train_steps}]: the model was trained with "
+                f"{train_steps} timesteps ({type(untuned).__name__}.config.num_train_timesteps)."
+            )
+
+    objective_obj = get_objective(objective)
+    strategy = strategy or ("sequential" if data is not None else "data_free")
+    strategy_obj = get_strategy(strategy)
+    if strategy in ("sequential", "parallel") and data is None:
+        raise ValueError(
+            f"strategy={strategy!r} draws x_T (or x_t) from data (Alg. 1 / eq. 11 of the paper) but no `data` was "
+            "given: pass data (images in the model's input space, or --data_dir), or use strategy='data_free'."
+        )
+    if objective_obj.needs_data and strategy == "data_free":
+        raise ValueError(f"objective={objective!r} needs the data x_0 of each trajectory: use strategy='sequential'.")
+    if strategy == "parallel" and not (objective_obj.local and not objective_obj.needs_teacher):
+        raise ValueError(
+            f"strategy='parallel' fits each tau_i on x_t drawn from data, with no trajectory; objective={objective!r} "
+            "needs one. Use objective='paper' or 'paper_x0' with it, or strategy='sequential' / 'data_free'."
+        )
+    optimizer_obj = get_optimizer(optimizer, **(optimizer_kwargs or {}))
+    if getattr(optimizer_obj, "joint", False) and (objective_obj.name != "endpoint" or strategy == "parallel"):
+        raise ValueError("optimizer='adam_joint' tunes all steps through the whole sampler: it needs "
+                         "objective='endpoint' and strategy='data_free' or 'sequential'.")
+
+    model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    cond_set = build_conditions(model, pipeline, conditions, negative_conditions, guidance_scale, null_class_label,
+                                device)
+    denoiser = Denoiser(model, guidance_scale=guidance_scale, uncond=cond_set.uncond)
+    data, data_labels = _split_data(data)
+    shape = _sample_shape(model, data, sample_shape)
+    if data is not None:
+        if tuple(data.shape[1:]) != shape:
+            raise ValueError(f"data has samples of shape {tuple(data.shape[1:])}, the model expects {shape}.")
+    probe = check_float_timesteps(denoiser, shape, cond_set.take(range(1)), device, train_steps)
+
+    # Disjoint seeded draws: calibration (seed), validation (seed + 1), held-out (seed + 2); identical everywhere.
+    calib = _calibration_set(num_samples, shape, cond_set, data, seed, data_labels)
+    validation = _calibration_set(num_validation_samples, shape, cond_set, None, seed + 1) \
+        if guard and num_validation_samples else None
+    heldout = _calibration_set(num_heldout_samples, shape, cond_set, None, seed + 2)
+
+    settings = {
+        "objective": objective_obj.name, "strategy": strategy_obj.name,
+        "optimizer": getattr(optimizer_obj, "name", type(optimizer_obj).__name__),
+        "optimizer_settings": optimizer_obj.settings() if hasattr(optimizer_obj, "settings") else {},
+        "guidance_scale": float(guidance_scale), "num_samples": int(num_samples), "batch_size": int(batch_size),
+        "num_validation_samples": int(num_validation_samples or 0) if guard else 0,
+        "num_heldout_samples": int(num_heldout_samples), "guard": bool(guard), "seed": int(seed),
+        "eta": eta, "scheduler_class": type(base).__name__, "model_id": model_id,
+        "prediction_type": getattr(untuned.config, "prediction_type", None),
+        "data_free": data is None, "num_processes": dist.world_size,
+        "conditioning": cond_set.description,
+    }
+    # What a resumed run must share with the interrupted one (the probe tells another model apart).
+    fingerprint = dict(settings, num_processes=None, teacher_steps=teacher_steps, model_probe=probe)
+    store = CheckpointStore(checkpoint_dir, fingerprint, enabled=dist.is_main_process) if checkpoint_dir else None
+    log = (lambda msg: logger.info(msg)) if dist.is_main_process else (lambda msg: None)
+
+    result_sched, reports = base, {}
+    bounds = (0.0, float(train_steps - 1))
+    for n in steps:
+        tick = time.perf_counter()
+        fwd0 = denoiser.num_forward_samples
+        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device)
+        m = int(teacher_steps or default_teacher_steps(untuned, n, rollout.grid_list))
+        teacher = Teacher(denoiser, untuned, m, device=device, coarse_grid=rollout.grid_list)
+        m = teacher.num_inference_steps
+        if objective_obj.name == "teacher_local" and teacher.grid_indices(rollout.grid_list[1:]) is None:
+            raise ValueError(
+                f"objective='teacher_local' needs the teacher's grid ({m} steps) to contain the coarse grid "
+                f"{rollout.grid_list}; choose teacher_steps so that it does (e.g. a multiple of {n} dividing "
+                f"{train_steps} with leading spacing), or use objective='endpoint'."
+            )
+        job = StepCountJob(rollout=rollout, objective=objective_obj, optimizer=optimizer_obj, dist=dist, calib=calib,
+                           batch_size=batch_size, seed=seed, bounds=bounds, teacher=teacher, validation=validation,
+                           guard=guard and validation is not None, checkpoint=store, log=log, progress=progress)
+        taus = distinct_taus(strategy_obj.run(job), bounds, log)
+        info = dict(settings, teacher_steps=m, package="diffusers-timetuner", package_version=_version())
+        candidate = result_sched.with_tuned_timesteps(n, taus, grid=rollout.grid_list, info=info)
+        held = evaluate_heldout(rollout, candidate, teacher, heldout.noise, heldout.cond, dist, batch_size)
+        info["heldout"] = {k: held[k] for k in ("endpoint_mse_tuned", "endpoint_mse_untuned", "relative_change")}
+        result_sched = result_sched.with_tuned_timesteps(n, taus, grid=rollout.grid_list, info=info)
+        rep = StepCountReport(num_inference_steps=n, grid=rollout.grid_list, taus=[float(t) for t in taus],
+                              steps=list(job.records), heldout=held, seconds=time.perf_counter() - tick,
+                              forward_samples=int(dist.sum(torch.tensor(float(denoiser.num_forward_samples - fwd0)))),
+                              backward_samples=sum(r.backward_samples for r in job.records))
+        if held["worse_than_untuned"]:
+            msg = (f"TUNING MADE IT WORSE for n={n}: held-out endpoint MSE to the {m}-step teacher "
+                   f"{held['endpoint_mse_untuned']:.5g} (untuned) -> {held['endpoint_mse_tuned']:.5g} (tuned). "
+                   "Do not ship this table; try more samples, objective='endpoint' or guard=True.")
+            rep.warnings.append(msg)
+            if dist.is_main_process:
+                logger.warning(msg)
+        else:
+            log(f"n={n}: held-out endpoint MSE {held['endpoint_mse_untuned']:.5g} -> {held['endpoint_mse_tuned']:.5g} "
+                f"({100 * held['relative_change']:+.1f}%)")
+        reports[n] = rep
+    settings["seconds"] = time.perf_counter() - started
+    return CalibrationResult(result_sched, reports, settings)
+
+
+def distinct_taus(taus: Sequence[float], bounds, log=None) -> List[float]:
+    """Make every tau distinct (the scheduler finds the step from the tau it gets back, so a table must not repeat a
+    value): a tau equal to an earlier one (within 1e-3) moves by 0.01 timestep, far below any measurable effect.
+    Happens when a search ends on a neighbouring grid time that another step kept (its trust region's edge)."""
+    out: List[float] = []
+    for j, tau in enumerate(float(t) for t in taus):
+        moved = tau
+        step = 0.01 if tau + 0.01 <= bounds[1] else -0.01
+        while any(abs(moved - prev) <= 1e-3 for prev in out):
+            moved += step
+        if moved != tau and log is not None:
+            log(f"step {j}: tau {tau:g} repeats another step's tau; using {moved:g}")
+        out.append(moved)
+    return out
+
+
+def check_float_timesteps(denoiser, shape, cond, device, train_steps: int) -> float:
+    """Refuse a network whose timestep input ignores fractions (outputs at t and t + 0.5 identical).
+
+    Returns a probe of the model (mean |output| on a fixed input, 6 significant digits) for checkpoint fingerprints.
+    """
+    g = torch.Generator().manual_seed(12345)
+    x = torch.randn((1, *shape), generator=g).to(device)
+    t = float(train_steps // 2)
+    with torch.no_grad():
+        a = denoiser(x, torch.tensor(t), cond)
+        b = denoiser(x, torch.tensor(t + 0.5), cond)
+    denoiser.num_forward_samples = 0
+    if torch.equal(a, b):
+        raise ValueError(
+            f"{type(denoiser.model).__name__} gives identical outputs at timesteps {t} and {t + 0.5}: its timestep "
+            "input does not take fractional values (e.g. it casts to an integer or looks up an embedding table), so "
+            "TimeTuner cannot tune it. Use a model with a continuous (e.g. sinusoidal) timestep embedding."
+        )
+    return float(f"{float(a.double().abs().mean()):.6g}")
+
+
+def _sample_shape(model, data, sample_shape):
+    if sample_shape is not None:
+        return tuple(int(s) for s in sample_shape)
+    if data is not None:
+        return tuple(data.shape[1:])
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "sample_size", None)
+    channels = getattr(cfg, "in_channels", None)
+    if size is None or channels is None:
+        raise ValueError("Cannot infer the sample shape from the model's config: pass sample_shape=(C, H, W).")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(channels), *size)
+
+
+def _split_data(data):
+    """``data`` may be images or (images, class labels); labels then condition the data-based trajectories."""
+    if data is None:
+        return None, None
+    labels = None
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        data, labels = data
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    data = torch.as_tensor(data, dtype=torch.float32)
+    if labels is not None and labels.shape[0] != data.shape[0]:
+        raise ValueError(f"data has {data.shape[0]} images but {labels.shape[0]} labels.")
+    return data, labels
+
+
+def _calibration_set(num, shape, cond_set, data, seed, data_labels=None) -> CalibrationSet:
+    g = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn((int(num), *shape), generator=g)
+    cond, x0 = cond_set.take(range(int(num))), None
+    if data is not None:
+        if data.shape[0] < num:
+            idx = torch.randint(0, data.shape[0], (int(num),), generator=g)
+        else:
+            idx = torch.randperm(data.shape[0], generator=g)[: int(num)]
+        x0 = data[idx]
+        if data_labels is not None:  # the data's own labels condition its trajectories
+            cond = {"class_labels": data_labels[idx]}
+    return CalibrationSet(noise, cond, x0)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

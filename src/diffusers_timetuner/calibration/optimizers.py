@@ -1,0 +1,199 @@
+"""Optimisers for one tau_i (a scalar) at a time.
+
+- :class:`LocalSearch` (default, derivative-free): on a FIXED calibration batch (common random numbers: the same
+  states, conditions and step noise for every candidate) start at tau = t_i (r = 1), open a bracket by an expanding
+  search (a trust region: at most ``max_shift`` grid spacings away), then refine it with Brent's bounded method
+  (``scipy.optimize.minimize_scalar``) to ``xtol`` timestep units. It returns the best point it evaluated, so the
+  calibration loss never ends above its value at t_i. Local on purpose: REFERENCE.md section 1 measured that a wide
+  (global) search lands in other, worse minima on trained networks, whose loss in tau is not unimodal.
+- :class:`JointAdam` (beyond the paper): every tau_i at once, by gradient of the endpoint error through the sampler.
+- :class:`ReferenceAdam` (the authors' procedure): tau_i = r_i * t_i in continuous time t = (t_disc + 1) / N, i.e.
+  ``tau_disc = r (t_disc + 1) - 1``; r_i = 1 initially, Adam(lr 2e-3, betas (0.9, 0.999)) for ``num_steps``
+  mini-batches, the gradient flowing through the network w.r.t. its timestep input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+OPTIMIZERS = ("local_search", "adam", "adam_joint")
+
+
+@dataclass
+class StepFit:
+    """Outcome of fitting one tau_i."""
+
+    tau: float
+    loss_before: float  # calibration loss at tau = t_i
+    loss_after: float
+    evaluations: int  # objective evaluations (each one pass over the calibration set) or Adam iterations
+    history: List[Tuple[float, float]] = field(default_factory=list)
+
+
+class LocalSearch:
+    """Bounded local 1-D search around t_i (see module docstring).
+
+    Args:
+        xtol: final bracket width in timestep units.
+        initial_step: first trial offset, as a fraction of the grid spacing around t_i.
+        max_shift: trust region: |tau - t_i| <= max_shift * spacing.
+        max_evaluations: hard cap of objective evaluations per step.
+        min_improvement: keep tau = t_i unless the loss drops by more than this fraction of its value at t_i.
+    """
+
+    name = "local_search"
+    uses_gradient = False
+
+    def __init__(self, xtol: float = 0.5, initial_step: float = 0.05, max_shift: float = 1.0,
+                 max_evaluations: int = 30, min_improvement: float = 1e-4):
+        if xtol <= 0 or initial_step <= 0 or max_shift <= 0 or max_evaluations < 3:
+            raise ValueError("LocalSearch needs xtol > 0, initial_step > 0, max_shift > 0 and max_evaluations >= 3.")
+        self.xtol = float(xtol)
+        self.initial_step = float(initial_step)
+        self.max_shift = float(max_shift)
+        self.max_evaluations = int(max_evaluations)
+        self.min_improvement = float(min_improvement)
+
+    def settings(self) -> Dict[str, float]:
+        return {"xtol": self.xtol, "initial_step": self.initial_step, "max_shift": self.max_shift,
+                "max_evaluations": self.max_evaluations, "min_improvement": self.min_improvement}
+
+    def minimize(self, f: Callable[[float], float], t0: float, spacing: float, bounds: Tuple[float, float]) -> StepFit:
+        """Minimise ``f(tau)`` near ``t0``; ``spacing``: the grid spacing at t_i; ``bounds``: the model's range."""
+        lo = max(bounds[0], t0 - self.max_shift * spacing)
+        hi = min(bounds[1], t0 + self.max_shift * spacing)
+        cache: Dict[float, float] = {}
+
+        def g(tau: float) -> float:
+            tau = float(min(max(tau, lo), hi))
+            key = round(tau, 6)
+            if key not in cache:
+                if len(cache) >= self.max_evaluations:
+                    return math.inf  # budget spent: never chosen, stops the search
+                cache[key] = float(f(tau))
+            return cache[key]
+
+        f0 = g(t0)
+        h = max(self.initial_step * spacing, self.xtol)
+        a, b = self._bracket(g, t0, f0, h, lo, hi)
+        if b - a > self.xtol and len(cache) < self.max_evaluations:
+            from scipy.optimize import minimize_scalar
+
+            minimize_scalar(g, bounds=(a, b), method="bounded",
+                            options={"xatol": self.xtol, "maxiter": self.max_evaluations})
+        best = min(cache.items(), key=lambda kv: (kv[1], abs(kv[0] - t0)))
+        if best[1] >= f0 - self.min_improvement * abs(f0):  # a flat objective: round-off must not move tau
+            best = (t0, f0)
+        return StepFit(best[0], f0, best[1], len(cache), sorted(cache.items()))
+
+    @staticmethod
+    def _bracket(g, t0, f0, h, lo, hi) -> Tuple[float, float]:
+        """Expanding search from t0: returns [a, b] holding a local minimum (or reaching the trust region's edge)."""
+        fp, fm = g(t0 + h), g(t0 - h)
+        if f0 <= fp and f0 <= fm:
+            return max(lo, t0 - h), min(hi, t0 + h)
+        d = 1.0 if fp < fm else -1.0
+        prev, cur, fcur = t0, t0 + d * h, min(fp, fm)
+        while True:
+            h *= 2.0
+            nxt = min(max(t0 + d * h, lo), hi)
+            if nxt == cur:  # at the trust region's edge
+                return (min(prev, cur), max(prev, cur)) if d > 0 else (min(cur, prev), max(cur, prev))
+            fn = g(nxt)
+            if fn >= fcur or math.isinf(fn):
+                return min(prev, nxt), max(prev, nxt)
+            prev, cur, fcur = cur, nxt, fn
+
+
+class ReferenceAdam:
+    """The reference code's optimiser for one r_i (see module docstring).
+
+    Args:
+        num_steps: Adam iterations (mini-batches) per tuned step; the reference uses 500.
+        lr, betas: Adam's settings (reference: 2e-3, (0.9, 0.999)).
+        num_train_timesteps: N of the continuous-time parameterisation t = (t_disc + 1) / N.
+    """
+
+    name = "adam"
+    uses_gradient = True
+
+    def __init__(self, num_steps: int = 500, lr: float = 2e-3, betas=(0.9, 0.999)):
+        if num_steps < 1 or lr <= 0:
+            raise ValueError("ReferenceAdam needs num_steps >= 1 and lr > 0.")
+        self.num_steps = int(num_steps)
+        self.lr = float(lr)
+        self.betas = tuple(float(b) for b in betas)
+
+    def settings(self) -> Dict[str, float]:
+        return {"num_steps": self.num_steps, "lr": self.lr, "betas": list(self.betas),
+                "parameterisation": "tau_disc = r * (t_disc + 1) - 1, r init 1"}
+
+    @staticmethod
+    def tau_of(r: torch.Tensor, t0: float) -> torch.Tensor:
+        # tau_cont = r * t_cont with t_cont = (t_disc + 1) / N  =>  tau_disc = r * (t_disc + 1) - 1.
+        return r * (t0 + 1.0) - 1.0
+
+    def minimize(self, minibatch_loss: Callable[[torch.Tensor, int], torch.Tensor],
+                 reduce_grad: Callable[[torch.Tensor], torch.Tensor], t0: float,
+                 bounds: Tuple[float, float]) -> Tuple[float, List[Tuple[float, float]]]:
+        """``minibatch_loss(tau, k)`` returns the differentiable mean loss of mini-batch k (this process's share,
+        already divided by the global mini-batch size); ``reduce_grad`` sums a gradient over processes.
+        Returns the final tau and the (tau, loss) history."""
+        r = torch.ones((), dtype=torch.float32, requires_grad=True)
+        opt = torch.optim.Adam([r], lr=self.lr, betas=self.betas)
+        history = []
+        for k in range(self.num_steps):
+            opt.zero_grad(set_to_none=True)
+            tau = self.tau_of(r, t0)
+            loss = minibatch_loss(tau, k)
+            loss.backward()
+            r.grad = reduce_grad(r.grad.detach().clone())
+            opt.step()
+            with torch.no_grad():  # keep tau inside the model's time range
+                r.clamp_(min=(bounds[0] + 1.0) / (t0 + 1.0), max=(bounds[1] + 1.0) / (t0 + 1.0))
+            history.append((float(self.tau_of(r.detach(), t0)), float(loss.detach())))
+        return float(self.tau_of(r.detach(), t0)), history
+
+
+class JointAdam:
+    """All tau_i at once by gradient through the whole sampler (beyond the paper; ``objective="endpoint"`` only).
+
+    Same parameterisation as :class:`ReferenceAdam` (one r_i per tuned step, r = 1 initially); each iteration rolls
+    one mini-batch of calibration x_T through every step with the network fed tau_i(r_i), compares the final sample
+    with the teacher's and back-propagates through all network calls and ``scheduler.step`` updates.
+
+    Args:
+        num_steps: Adam iterations (mini-batches).
+        lr, betas: Adam's settings.
+    """
+
+    name = "adam_joint"
+    uses_gradient = True
+    joint = True
+
+    def __init__(self, num_steps: int = 200, lr: float = 5e-3, betas=(0.9, 0.999)):
+        if num_steps < 1 or lr <= 0:
+            raise ValueError("JointAdam needs num_steps >= 1 and lr > 0.")
+        self.num_steps = int(num_steps)
+        self.lr = float(lr)
+        self.betas = tuple(float(b) for b in betas)
+
+    def settings(self) -> Dict[str, float]:
+        return {"num_steps": self.num_steps, "lr": self.lr, "betas": list(self.betas),
+                "parameterisation": "tau_disc = r * (t_disc + 1) - 1 per step, r init 1, all steps jointly"}
+
+
+def get_optimizer(name_or_obj, **kwargs):
+    if not isinstance(name_or_obj, str):
+        return name_or_obj
+    if name_or_obj == "local_search":
+        return LocalSearch(**kwargs)
+    if name_or_obj == "adam":
+        return ReferenceAdam(**kwargs)
+    if name_or_obj == "adam_joint":
+        return JointAdam(**kwargs)
+    raise ValueError(f"Unknown optimizer {name_or_obj!r}: choose one of {', '.join(OPTIMIZERS)}.")

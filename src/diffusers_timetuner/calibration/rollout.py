@@ -1,0 +1,191 @@
+"""Step-by-step sampling with cached states: the engine every objective and optimiser evaluates candidates on.
+
+A :class:`Rollout` holds one *untuned* copy of the scheduler for n steps (its ``timesteps`` are the grid t_i) and
+advances :class:`ChunkState` objects (a mini-batch of states x~_{t_i} plus the scheduler's own history, needed by
+multistep solvers) one step at a time through the very same ``scale_model_input`` -> network -> ``scheduler.step``
+calls that :func:`diffusers_timetuner.sampling.sample` makes at inference. The only difference: the network is fed
+a candidate tau_i while ``step`` is told the grid time t_i to find its step index. By the scheduler contract the
+update t_i -> t_{i-1} depends only on that index, never on tau, so this is exactly the step a tuned scheduler takes
+(``tests/test_calibration.py`` checks that the cached states equal ``sample()`` with the tuned scheduler).
+
+Indices: ``j = 0 .. n-1`` in sampling order; step j integrates from grid[j] = t_{K-j} to t_{K-j-1}.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..denoiser import Conditioning
+from ..sampling import grid_timesteps, step_kwargs
+
+
+@dataclass
+class ChunkState:
+    """A mini-batch of calibration samples at one point of the coarse trajectory.
+
+    Args:
+        x: the state x~_{t_i} in the scheduler's state space (what ``step`` receives as ``sample``).
+        scheduler: the scheduler object after the steps already taken (multistep history lives here).
+        j: index of the next step to take (0 = at x_T).
+        cond: network keyword inputs for these samples.
+        seed: base seed of this chunk's step noise (stochastic schedulers only).
+        extras: per-chunk tensors objectives need (x0 for eq. 10, teacher states, ...).
+    """
+
+    x: torch.Tensor
+    scheduler: object
+    j: int
+    cond: Conditioning = None
+    seed: int = 0
+    extras: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+
+def alpha_sigma_at(scheduler, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """VP coefficients (alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)) at a (possibly fractional) time t.
+
+    ``alphas_cumprod`` is linearly interpolated between integer timesteps, the convention the testbed models use
+    for float timesteps (DESIGN.md, "Time the model sees").
+    """
+    abar = scheduler.alphas_cumprod.to(torch.float64)
+    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(abar) - 1)
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=len(abar) - 1)
+    w = t - lo
+    a = abar[lo] * (1 - w) + abar[hi] * w
+    return a.sqrt().float(), (1 - a).sqrt().float()
+
+
+def to_epsilon(model_output: torch.Tensor, x_in: torch.Tensor, t, scheduler) -> torch.Tensor:
+    """Convert a network output in the scheduler's ``prediction_type`` to a noise prediction eps at grid time t.
+
+    ``x_in`` is the network input (after ``scale_model_input``, i.e. in VP space: x_t = alpha_t x_0 + sigma_t eps).
+    """
+    kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind == "epsilon":
+        return model_output
+    alpha, sigma = alpha_sigma_at(scheduler, t)
+    alpha, sigma = alpha.to(x_in), sigma.to(x_in)
+    if kind == "sample":
+        return (x_in - alpha * model_output) / sigma
+    if kind == "v_prediction":
+        return alpha * model_output + sigma * x_in
+    raise ValueError(f"Unsupported prediction_type {kind!r}: expected 'epsilon', 'sample' or 'v_prediction'.")
+
+
+class Rollout:
+    """Advance calibration states through the coarse sampler of ``num_inference_steps`` steps.
+
+    Args:
+        denoiser: ``denoiser(x, tau, cond) -> model_output`` (a :class:`~diffusers_timetuner.denoiser.Denoiser`).
+        scheduler: an untuned scheduler (any diffusers scheduler works for stepping; TimeTuner schedulers are
+            untuned when their table has no entry for n).
+        num_inference_steps: n, the number of model evaluations of the coarse sampler.
+        eta: DDIM's eta (passed to ``step`` when accepted).
+        device: where states live.
+    """
+
+    def __init__(self, denoiser, scheduler, num_inference_steps: int, *, eta: Optional[float] = None, device=None):
+        self.denoiser = denoiser
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.num_inference_steps = num_inference_steps
+        # The untuned sampler (the baseline: exactly the parent scheduler) ...
+        self.scheduler = copy.deepcopy(scheduler)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        # t_K, ..., t_1 in sampling order: what the solver integrates on.
+        self.grid = grid_timesteps(self.scheduler).detach().to(torch.float64).cpu()
+        # ... and the stepping scheduler: the same config with the identity table tau_i = t_i, so that every step
+        # takes the tuned scheduler's code path (for DDIM with "trailing"/"linspace" spacing the untuned parent
+        # steps off the grid, a tuned table always lands on it).
+        self.stepper = self.scheduler
+        if hasattr(scheduler, "with_tuned_timesteps"):
+            grid = self.grid.tolist()
+            self.stepper = scheduler.with_tuned_timesteps(num_inference_steps, grid, grid=grid)
+            self.stepper.set_timesteps(num_inference_steps, device=self.device)
+        # Step-index keys: what `step` is told (tau_i = t_i in float32 for the identity table).
+        self.keys = self.stepper.timesteps
+        if len(self.keys) != num_inference_steps:
+            raise ValueError(
+                f"{type(scheduler).__name__} makes {len(self.keys)} model evaluations for num_inference_steps="
+                f"{num_inference_steps}; calibration needs one timestep per model evaluation (use a first-order or "
+                "multistep solver, e.g. DDIM, DPM-Solver++ 2M, Euler)."
+            )
+        self.eta = eta
+
+    # ------------------------------------------------------------------ states
+    def initial_state(self, x_T: torch.Tensor, cond: Conditioning = None, seed: int = 0, **extras) -> ChunkState:
+        """A chunk at x_T (already in the scheduler's state space, e.g. ``noise * init_noise_sigma``)."""
+        return ChunkState(x_T.to(self.device), copy.deepcopy(self.stepper), 0, cond, seed, dict(extras))
+
+    def noise_to_state(self, noise: torch.Tensor) -> torch.Tensor:
+        """x_T from standard normal noise, as ``sample()`` does (data-free mode)."""
+        return noise.to(self.device) * self.scheduler.init_noise_sigma
+
+    def data_to_state(self, x0: torch.Tensor, noise: torch.Tensor, j: int = 0) -> torch.Tensor:
+        """x_{t} = alpha_t x_0 + sigma_t eps at grid[j] through the scheduler's own ``add_noise`` (Alg. 1 / eq. 11)."""
+        t = self.scheduler.timesteps[j : j + 1].expand(x0.shape[0]).to(self.device)
+        return self.scheduler.add_noise(x0.to(self.device), noise.to(self.device), t)
+
+    def grid_state_scheduler(self, j: int):
+        """A scheduler positioned at step j without history (parallel strategy, one-step solvers only)."""
+        sched = copy.deepcopy(self.stepper)
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(j)
+        return sched
+
+    # ------------------------------------------------------------------ one step
+    def step(self, state: ChunkState, tau, *, keep: bool = False) -> ChunkState:
+        """Take step j = ``state.j`` with the network fed ``tau`` (a float or a 0-d tensor, may require grad).
+
+        Returns the new state at j + 1. The input state is left untouched (its scheduler is deep-copied) unless
+        ``keep=True``, which advances it in place (used once tau_j is decided).
+        """
+        j = state.j
+        sched = state.scheduler if keep else copy.deepcopy(state.scheduler)
+        key = self.keys[j]
+        x_in = sched.scale_model_input(state.x, key)
+        tau = tau if torch.is_tensor(tau) else torch.tensor(float(tau), dtype=torch.float32)
+        model_output = self.denoiser(x_in, tau.to(self.device, torch.float32), state.cond)
+        # Stochastic steps (DDPM, eta > 0) draw their noise from a generator seeded per (chunk, step).
+        extra = step_kwargs(sched, self.eta, self._generator(state))
+        prev = sched.step(model_output, key, state.x, **extra).prev_sample
+        new = ChunkState(prev, sched, j + 1, state.cond, state.seed, state.extras)
+        new.extras = dict(state.extras, last_model_output=model_output, last_model_input=x_in)
+        if keep:
+            state.x, state.j, state.extras = prev, j + 1, new.extras
+            return state
+        return new
+
+    def run(self, state: ChunkState, taus: Sequence[float], stop: Optional[int] = None) -> ChunkState:
+        """Roll ``state`` forward with ``taus[j]`` for j = state.j .. stop - 1 (default: to the end)."""
+        stop = self.num_inference_steps if stop is None else stop
+        while state.j < stop:
+            state = self.step(state, taus[state.j])
+        return state
+
+    def model_input(self, state: ChunkState) -> torch.Tensor:
+        """The network input at state j (VP space), without touching the state's scheduler."""
+        sched = copy.deepcopy(state.scheduler)
+        return sched.scale_model_input(state.x, self.keys[state.j])
+
+    def epsilon_at_grid(self, state: ChunkState) -> torch.Tensor:
+        """eps_theta(x~_{t_i}, t_i): the network at the untuned grid time of state j, converted to eps."""
+        x_in = self.model_input(state)
+        t = self.keys[state.j]
+        out = self.denoiser(x_in, torch.as_tensor(t, dtype=torch.float32), state.cond)
+        return to_epsilon(out, x_in, float(t), self.scheduler)
+
+    def _generator(self, state: ChunkState) -> torch.Generator:
+        # Common random numbers: the same step noise for every candidate tau of step j of this chunk.
+        return torch.Generator(device=self.device).manual_seed(int(state.seed) * 1009 + state.j)
+
+    @property
+    def grid_list(self) -> List[float]:
+        return [float(t) for t in self.grid]
