@@ -5,6 +5,7 @@ Importing this package registers the TimeTuner schedulers, so ``DiffusionPipelin
 pipeline saved with one of them.
 """
 
+from .calibration import CalibrationResult, calibrate
 from .denoiser import Denoiser
 from .sampling import sample, sample_trajectory
 from .schedulers import (
@@ -20,6 +21,8 @@ from .table import TauTable, TunedTimestepsWarning
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationResult",
+    "calibrate",
     "Denoiser",
     "TauTable",
     "TimeTunerDDIMScheduler",

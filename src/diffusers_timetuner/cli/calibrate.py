@@ -90,8 +90,12 @@ def main(args: argparse.Namespace):
                         level=level, force=True)
     logging.getLogger("diffusers_timetuner").setLevel(level)  # the library's per-step lines and warnings
     logger = get_logger(__name__)
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/mnist-ddim-timetuner).")
+    if args.push_to_hub:
+        if not args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/mnist-ddim-timetuner).")
+        from ..hub import check_can_push
+
+        check_can_push(args.hub_model_id)  # repo id + login, before minutes of calibration
     checkpoint_dir = _prepare_output_dir(args, accelerator)
 
     pipeline, model_id = load_model(args.pretrained_model_name_or_path)
@@ -127,7 +131,8 @@ def main(args: argparse.Namespace):
         if args.push_to_hub:
             from ..hub import push_tuned_schedule
 
-            push_tuned_schedule(args.output_dir, args.hub_model_id, private=args.hub_private, base_model=model_id,
+            # base_model is inferred from the recorded model id (local paths and bundled testbeds are skipped).
+            push_tuned_schedule(args.output_dir, args.hub_model_id, private=args.hub_private,
                                 commit_message=f"TimeTuner tables for {args.num_inference_steps} steps")
             logger.info(f"pushed to {args.hub_model_id}")
     accelerator.wait_for_everyone()

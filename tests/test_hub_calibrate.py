@@ -1,7 +1,4 @@
-"""NOT COLLECTED YET (not named test_*.py): move to tests/test_hub_calibrate.py once the calibration package is on
-main. Ran green here against the calibration worktree's in-progress API (1 passed, 14 s).
-
-The issue's full round trip: calibrate (the real calibration API, tiny settings) -> push (upload test double) ->
+"""The issue's full round trip: calibrate (the real calibration API, tiny settings) -> push (upload test double) ->
 pull (real olah) -> identical sampling output."""
 import os
 
