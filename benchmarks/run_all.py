@@ -1,0 +1,225 @@
+"""Run every benchmark, then write benchmarks/results/SUMMARY.md (+ summary.json) from their JSON.
+
+The headline table and the verdict on each target of issue 5 are computed from the scripts' JSON files, never typed.
+
+Usage (the published run, one GPU, a few minutes):
+    PYTHONPATH=src python benchmarks/run_all.py --full --device cuda
+CPU-feasible run: --medium --device cpu --threads 2; CI smoke run: --quick (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from benchmarks import calibration_cost, inference_overhead, peers, quality_vs_nfe, trajectory_error  # noqa: E402
+
+# quality_vs_nfe first: it computes most calibration tables, which the others then read from the cache.
+SCRIPTS = {
+    "quality_vs_nfe": quality_vs_nfe,
+    "trajectory_error": trajectory_error,
+    "peers": peers,
+    "calibration_cost": calibration_cost,
+    "inference_overhead": inference_overhead,
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(parser)
+    parser.add_argument("--only", nargs="*", choices=list(SCRIPTS), default=None, help="run only these scripts")
+    parser.add_argument("--summary-only", action="store_true", help="only rebuild SUMMARY.md from existing JSON")
+    return parser.parse_args(argv)
+
+
+def main(args) -> dict:
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    if not args.summary_only:
+        for name in args.only or list(SCRIPTS):
+            common.log(f"run_all: start {name} ({args.size})")
+            t0 = time.perf_counter()
+            SCRIPTS[name].main(args)
+            timings[name] = time.perf_counter() - t0
+            common.log(f"run_all: done {name} in {timings[name]:.1f} s")
+    summary = summarize(out_dir)
+    summary["script_wall_time_s"] = timings
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    (out_dir / "SUMMARY.md").write_text(summary_markdown(summary))
+    common.log(f"run_all: wrote {out_dir / 'SUMMARY.md'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# summary: headline table + targets, computed from the JSON files
+# ----------------------------------------------------------------------------------------------------------------
+def _load(out_dir: Path, name: str):
+    path = out_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def best_tuned(entry, key="fd"):
+    """(objective, value) of the best tuned table of one quality entry."""
+    vals = {o: m[key] for o, m in entry["tuned"].items() if key in m}
+    if not vals:
+        return None, None
+    o = min(vals, key=vals.get)
+    return o, vals[o]
+
+
+def quality_cell(q, tb, g, family, nfe):
+    try:
+        return q["results"]["testbeds"][tb][g]["families"][family][str(nfe)]
+    except (KeyError, TypeError):
+        return None
+
+
+def target(name, goal, met, measured, note=""):
+    return {"target": name, "goal": goal, "met": met, "measured": measured, "note": note}
+
+
+def targets(q, p, o) -> list:
+    out = []
+    # 1. DDIM at 10 steps on the trained model.
+    e = quality_cell(q, "mnist", "g1", "ddim", 10)
+    if e is None:
+        out.append(target("MNIST DDIM NFE=10 FD-MNIST", "<= -30% vs untuned", None, "not measured at this size"))
+    else:
+        obj, v = best_tuned(e)
+        ch = common.rel_change(v, e["untuned"]["fd"])
+        out.append(target("MNIST DDIM NFE=10 FD-MNIST", "<= -30% vs untuned", ch is not None and ch <= -0.30,
+                          f"{e['untuned']['fd']:.4g} -> {v:.4g} ({100 * ch:+.1f}%, best objective {obj})"))
+    # 2. DPM-Solver at 5 steps.
+    for fam in ("dpm2", "dpmpp"):
+        e = quality_cell(q, "mnist", "g1", fam, 5)
+        label = common.FAMILIES[fam].label
+        if e is None:
+            out.append(target(f"MNIST {label} NFE=5 FD-MNIST", "<= -15% vs untuned", None,
+                              "not measured at this size"))
+            continue
+        obj, v = best_tuned(e)
+        ch = common.rel_change(v, e["untuned"]["fd"])
+        out.append(target(f"MNIST {label} NFE=5 FD-MNIST", "<= -15% vs untuned", ch is not None and ch <= -0.15,
+                          f"{e['untuned']['fd']:.4g} -> {v:.4g} ({100 * ch:+.1f}%, best objective {obj})"))
+    # 3. No NFE worse than untuned (trained model), per objective.
+    if q is not None and "mnist" in q["results"]["testbeds"]:
+        worse, total = {}, {}
+        for g, g_out in q["results"]["testbeds"]["mnist"].items():
+            for fam, per_nfe in g_out["families"].items():
+                for nfe, e in per_nfe.items():
+                    for obj, m in e["tuned"].items():
+                        total[obj] = total.get(obj, 0) + 1
+                        if m["fd"] > e["untuned"]["fd"]:
+                            worse.setdefault(obj, []).append(f"{fam}@{nfe}/{g}")
+        clean = [o for o in total if not worse.get(o)]
+        default = q["results"].get("package_default_objective")
+        if not total:
+            out.append(target("MNIST every sampler x NFE x guidance: tuned never worse than untuned",
+                              "0 cells worse with the package default objective", None,
+                              "no tuned cells at this size"))
+            return out + _targets_rest(q, p, o)
+        measured = "; ".join(f"{o}: {len(worse.get(o, []))}/{total[o]} cells worse"
+                             + (f" ({', '.join(worse[o][:6])}{'...' if len(worse[o]) > 6 else ''})"
+                                if worse.get(o) else "") for o in total)
+        out.append(target("MNIST every sampler x NFE x guidance: tuned never worse than untuned",
+                           f"0 cells worse with the package default objective ({default})",
+                           default in total and default in clean, measured,
+                           f"objectives with no worse cell: {clean or 'none'}"))
+    return out + _targets_rest(q, p, o)
+
+
+def _targets_rest(q, p, o) -> list:
+    out = []
+    # 4. Exact-score model, DDIM at 10 steps.
+    e = quality_cell(q, "gmm", "g1", "ddim", 10)
+    if e is None:
+        out.append(target("GMM DDIM NFE=10 endpoint L2 / FD", "<= -25% / <= -40%", None,
+                          "not measured at this size"))
+    else:
+        obj_l, v_l = best_tuned(e, "endpoint_l2")
+        obj_f, v_f = best_tuned(e)
+        ch_l = common.rel_change(v_l, e["untuned"]["endpoint_l2"])
+        ch_f = common.rel_change(v_f, e["untuned"]["fd"])
+        out.append(target("GMM DDIM NFE=10 endpoint L2", "<= -25% vs untuned", ch_l is not None and ch_l <= -0.25,
+                          f"{e['untuned']['endpoint_l2']:.4g} -> {v_l:.4g} ({100 * ch_l:+.1f}%, {obj_l})"))
+        out.append(target("GMM DDIM NFE=10 FD", "<= -40% vs untuned", ch_f is not None and ch_f <= -0.40,
+                          f"{e['untuned']['fd']:.4g} -> {v_f:.4g} ({100 * ch_f:+.1f}%, {obj_f})"))
+    # 5. Default optimiser vs the reference Adam.
+    if p is not None:
+        rows = [(tb, k, e) for tb, r in p["results"]["testbeds"].items() for k, e in r["optimizers"].items()]
+        if rows:
+            ok = all(e["max_abs_r_difference"] <= 0.01 and (e["evaluation_ratio_adam_over_default"] or 0) >= 30
+                     for _, _, e in rows)
+            measured = "; ".join(f"{tb} {k}: max|dr| {e['max_abs_r_difference']:.4f}, evals x"
+                                 f"{(e['evaluation_ratio_adam_over_default'] or float('nan')):.1f}"
+                                 for tb, k, e in rows)
+            out.append(target("Default optimiser vs reference Adam", "max |r - r_adam| <= 0.01 and >= 30x fewer "
+                              "model evaluations", ok, measured))
+    # 6. Inference overhead.
+    if o is not None:
+        ratio = o["results"]["pipeline"]["ratio_tuned_over_untuned"]
+        out.append(target("Inference overhead (tuned / untuned pipeline call)", "<= 1.01", ratio <= 1.01,
+                          f"{ratio:.4f} ({o['device']})"))
+    return out
+
+
+def headline(q) -> list:
+    rows = []
+    if q is None:
+        return rows
+    for tb, per_g in q["results"]["testbeds"].items():
+        for g, g_out in per_g.items():
+            for fam, per_nfe in g_out["families"].items():
+                for nfe, e in per_nfe.items():
+                    obj, v = best_tuned(e)
+                    rows.append({"testbed": tb, "guidance": g[1:], "sampler": common.FAMILIES[fam].label,
+                                 "nfe": int(nfe), "untuned_fd": e["untuned"]["fd"], "best_tuned_fd": v,
+                                 "best_objective": obj, "change": common.rel_change(v, e["untuned"]["fd"]),
+                                 "floor_fd": g_out["floor"]["fd"], "floor_steps": g_out["floor"]["steps"]})
+    return rows
+
+
+def summarize(out_dir: Path) -> dict:
+    q, p, o = (_load(out_dir, n) for n in ("quality_vs_nfe", "peers", "inference_overhead"))
+    runs = {n: {"size": d["size"], "device": d["device"], "command": d["command"], "wall_time_s": d["wall_time_s"],
+                "git_commit": d["git_commit"]}
+            for n in SCRIPTS if (d := _load(out_dir, n)) is not None}
+    return {"runs": runs, "headline": headline(q), "targets": targets(q, p, o)}
+
+
+def summary_markdown(s: dict) -> str:
+    out = ["<!-- generated by benchmarks/run_all.py from the JSON files; do not edit -->\n",
+           "# Benchmark summary\n\n## Runs\n\n"]
+    out.append(common.markdown_table(["script", "size", "device", "wall s", "commit"],
+                                     [[n, r["size"], r["device"], r["wall_time_s"], r["git_commit"][:12]]
+                                      for n, r in s["runs"].items()]))
+    sizes = {r["size"] for r in s["runs"].values()}
+    if sizes - {"full"}:
+        out.append(f"\n**Sizes: {', '.join(sorted(sizes))}** - not the published (`--full`) sizes: fewer samples, "
+                   "NFEs and calibration samples (see each JSON's `settings`); FD values are biased upwards at "
+                   "small sample counts and comparable only within one size.\n")
+    out.append("\n## Headline: FD, untuned vs best tuned table, same x_T\n\n")
+    wanted = [r for r in s["headline"] if r["nfe"] in (4, 5, 10, 20)] or s["headline"]
+    out.append(common.markdown_table(
+        ["testbed", "guidance", "sampler", "NFE", "untuned FD", "tuned FD", "change", "objective", "floor FD"],
+        [[r["testbed"], r["guidance"], r["sampler"], r["nfe"], r["untuned_fd"], r["best_tuned_fd"],
+          None if r["change"] is None else f"{100 * r['change']:+.1f}%", r["best_objective"],
+          f"{r['floor_fd']:.4g} ({r['floor_steps']} steps)"] for r in wanted]))
+    out.append("\n## Targets (issue 5)\n\n")
+    out.append(common.markdown_table(
+        ["target", "goal", "met", "measured", "note"],
+        [[t["target"], t["goal"], {True: "**met**", False: "**missed**", None: "n/a"}[t["met"]], t["measured"],
+          t["note"]] for t in s["targets"]]))
+    return "".join(out)
+
+
+if __name__ == "__main__":
+    main(parse_args())
