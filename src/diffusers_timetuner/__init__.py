@@ -1,6 +1,34 @@
 """diffusers-timetuner: TimeTuner (Xia et al., CVPR 2024) for Hugging Face Diffusers.
 
 The solver keeps its grid t_i -> t_{i-1}; the network is fed a tuned timestep tau_i at each evaluation.
+Importing this package registers the TimeTuner schedulers, so ``DiffusionPipeline.from_pretrained`` can reload a
+pipeline saved with one of them.
 """
 
+from .denoiser import Denoiser
+from .sampling import sample, sample_trajectory
+from .schedulers import (
+    TimeTunerDDIMScheduler,
+    TimeTunerDDPMScheduler,
+    TimeTunerDPMSolverScheduler,
+    TimeTunerDPMSolverSinglestepScheduler,
+    TimeTunerEulerDiscreteScheduler,
+    TimeTunerMixin,
+)
+from .table import TauTable, TunedTimestepsWarning
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Denoiser",
+    "TauTable",
+    "TimeTunerDDIMScheduler",
+    "TimeTunerDDPMScheduler",
+    "TimeTunerDPMSolverScheduler",
+    "TimeTunerDPMSolverSinglestepScheduler",
+    "TimeTunerEulerDiscreteScheduler",
+    "TimeTunerMixin",
+    "TunedTimestepsWarning",
+    "sample",
+    "sample_trajectory",
+]

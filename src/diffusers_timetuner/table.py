@@ -1,0 +1,269 @@
+"""The tau table: TimeTuner's tuned timesteps as plain, validated JSON.
+
+A table maps a step count n (``num_inference_steps``) to one tuned timestep tau_i per model evaluation, in sampling
+order, in the units of ``scheduler.timesteps`` (what the network receives). It lives in three scheduler config keys:
+
+- ``tuned_timesteps``: ``{"<n>": [tau_K, ..., tau_1]}``;
+- ``tuned_grids``: ``{"<n>": [t_K, ..., t_1]}``, the grid the table was tuned on (optional per n, checked by the
+  scheduler at ``set_timesteps``);
+- ``tuning_info``: ``{"<n>": {...}}``, free-form JSON provenance (objective, strategy, guidance scale, model id...).
+
+This module only parses, validates and normalises those values (string keys, Python floats); it imports neither
+torch models nor diffusers, so calibration and hub code can use it on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "TAU_ATOL",
+    "TAU_RTOL",
+    "TauTable",
+    "TunedTimestepsWarning",
+    "normalize_step_key",
+    "normalize_tuning_config",
+    "parse_tau_tables",
+    "timestep_tolerance",
+    "timesteps_close",
+]
+
+# Two timesteps are "the same" when |a - b| <= TAU_ATOL + TAU_RTOL * max(|a|, |b|). At t ~ 1000 that is ~1e-3:
+# 16 float32 ulps, so a tau that went through float32 <-> float64 <-> JSON still matches, while distinct taus of a
+# table must differ by more than that (the duplicate check uses the same rule as the scheduler's step lookup).
+TAU_RTOL = 1e-6
+TAU_ATOL = 1e-5
+
+_CONFIG_KEYS = ("tuned_timesteps", "tuned_grids", "tuning_info")
+_STEP_KEY_RE = re.compile(r"^[1-9][0-9]*$")
+
+
+class TunedTimestepsWarning(UserWarning):
+    """A tau table is valid but suspicious (e.g. a tau outside the model's training range)."""
+
+
+def timestep_tolerance(a: float, b: float) -> float:
+    """The tolerance below which timesteps `a` and `b` count as equal (see `TAU_ATOL`, `TAU_RTOL`)."""
+    return TAU_ATOL + TAU_RTOL * max(abs(a), abs(b))
+
+
+def timesteps_close(a: float, b: float) -> bool:
+    """Whether two timesteps are the same step under the scheduler's lookup tolerance."""
+    return abs(a - b) <= timestep_tolerance(a, b)
+
+
+@dataclass(frozen=True)
+class TauTable:
+    """One validated tau table.
+
+    Args:
+        num_inference_steps (`int`): the step count n the table is for.
+        taus (`tuple[float, ...]`): tau_i per model evaluation, in sampling order (tau_K first).
+        grid (`tuple[float, ...]`, *optional*): the grid t_K, ..., t_1 the table was tuned on; `None` = not recorded
+            (the table applies to whatever grid the scheduler config produces).
+        info (`dict`, *optional*): JSON provenance of the table.
+    """
+
+    num_inference_steps: int
+    taus: tuple[float, ...]
+    grid: tuple[float, ...] | None = None
+    info: dict | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def n(self) -> int:
+        """Short name for `num_inference_steps`."""
+        return self.num_inference_steps
+
+    @property
+    def key(self) -> str:
+        """The table's key in the config (`str(num_inference_steps)`)."""
+        return str(self.num_inference_steps)
+
+
+def normalize_step_key(key: Any, *, config_key: str = "tuned_timesteps") -> str:
+    """Return a step-count key as the string JSON stores (``10``, ``"10"`` -> ``"10"``).
+
+    Raises:
+        ValueError: if `key` is not a positive integer (or the decimal string of one).
+    """
+    if isinstance(key, bool):
+        ok = False
+    elif isinstance(key, numbers.Integral):
+        ok = int(key) > 0
+        key = str(int(key))
+    elif isinstance(key, str):
+        ok = bool(_STEP_KEY_RE.match(key.strip()))
+        key = key.strip()
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"`{config_key}` key {key!r} is not a step count: keys must be the number of inference steps the table is "
+            f"for, a positive integer or its decimal string (e.g. {{\"10\": [...]}})."
+        )
+    return key
+
+
+def _as_number_list(values: Any, *, what: str) -> list[float]:
+    """Convert a sequence of real numbers (list, tuple, numpy array, tensor) to Python floats."""
+    if isinstance(values, (str, bytes, Mapping)):
+        raise ValueError(f"{what} must be a list of numbers, got {type(values).__name__}.")
+    if hasattr(values, "tolist"):  # numpy arrays and torch tensors, without importing either
+        values = values.tolist()
+    if not isinstance(values, Sequence):
+        raise ValueError(f"{what} must be a list of numbers, got {type(values).__name__}.")
+    out = []
+    for j, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(f"{what}[{j}] = {v!r} is not a real number; the table holds plain numbers only.")
+        out.append(float(v))
+    return out
+
+
+def _validate_taus(n: int, taus: list[float], *, num_train_timesteps: int | None) -> None:
+    key = f"`tuned_timesteps[\"{n}\"]`"
+    if len(taus) != n:
+        raise ValueError(
+            f"{key} has {len(taus)} values but {n} inference steps make {n} model evaluations: give exactly one tau "
+            "per model evaluation, in sampling order (or store the table under the step count it was tuned for)."
+        )
+    bad = [(j, v) for j, v in enumerate(taus) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{key} has non-finite values at (index, value) {bad}: every tau must be a finite number.")
+    neg = [(j, v) for j, v in enumerate(taus) if v < 0]
+    if neg:
+        raise ValueError(
+            f"{key} has negative values at (index, value) {neg}: tau is a timestep in the units of "
+            "`scheduler.timesteps` and must be >= 0."
+        )
+    for a in range(len(taus)):
+        for b in range(a + 1, len(taus)):
+            if timesteps_close(taus[a], taus[b]):
+                raise ValueError(
+                    f"{key} has duplicate values: tau[{a}] = {taus[a]!r} and tau[{b}] = {taus[b]!r} are equal within "
+                    f"the lookup tolerance (|a - b| <= {TAU_ATOL} + {TAU_RTOL} * |t|); the scheduler finds the step "
+                    "from the tau the pipeline passes back, so every tau of a table must be distinct."
+                )
+    if num_train_timesteps is not None:
+        hi = num_train_timesteps - 1
+        out = [(j, v) for j, v in enumerate(taus) if v > hi]
+        if out:
+            warnings.warn(
+                f"{key} has values outside the training range [0, {hi}] at (index, value) {out}; the network was "
+                "never trained on these timesteps. The table is used as given (not clamped).",
+                TunedTimestepsWarning,
+                stacklevel=3,
+            )
+
+
+def _as_step_dict(value: Any, config_key: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"`{config_key}` must be a dict {{\"<num_inference_steps>\": ...}} (or None), got {type(value).__name__}."
+        )
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        nk = normalize_step_key(k, config_key=config_key)
+        if nk in out:
+            raise ValueError(f"`{config_key}` has the step count {nk} twice (as {k!r} and another key); keep one.")
+        out[nk] = v
+    return out
+
+
+def _number_or_int(v: float) -> float | int:
+    """Grid values: ints stay ints in JSON (999, not 999.0), fractional grids (Euler linspace) stay floats."""
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def parse_tau_tables(
+    tuned_timesteps: Mapping | None,
+    tuned_grids: Mapping | None = None,
+    tuning_info: Mapping | None = None,
+    *,
+    num_train_timesteps: int | None = None,
+) -> dict[int, TauTable]:
+    """Validate the three config values and return one `TauTable` per step count.
+
+    Args:
+        tuned_timesteps: ``{n: [tau per model evaluation]}``; `None` or ``{}`` means untuned.
+        tuned_grids: ``{n: [grid timestep per model evaluation]}``, only for step counts that have a table.
+        tuning_info: ``{n: {provenance}}``, JSON-serialisable dicts, only for step counts that have a table.
+        num_train_timesteps: if given, taus above ``num_train_timesteps - 1`` trigger a `TunedTimestepsWarning`.
+
+    Raises:
+        ValueError: one message per problem (bad key, length, non-finite, negative or duplicate tau, grid length or
+            values, info not JSON, grid/info for a step count without a table).
+    """
+    tables_in = _as_step_dict(tuned_timesteps, "tuned_timesteps") or {}
+    grids_in = _as_step_dict(tuned_grids, "tuned_grids") or {}
+    infos_in = _as_step_dict(tuning_info, "tuning_info") or {}
+    for config_key, d in (("tuned_grids", grids_in), ("tuning_info", infos_in)):
+        orphans = sorted(int(k) for k in set(d) - set(tables_in))
+        if orphans:
+            raise ValueError(
+                f"`{config_key}` has entries for step counts {orphans} that have no table in `tuned_timesteps`; "
+                "add the tables or remove those entries."
+            )
+
+    tables: dict[int, TauTable] = {}
+    for key in sorted(tables_in, key=int):
+        n = int(key)
+        taus = _as_number_list(tables_in[key], what=f"`tuned_timesteps[\"{key}\"]`")
+        _validate_taus(n, taus, num_train_timesteps=num_train_timesteps)
+        grid = None
+        if grids_in.get(key) is not None:
+            grid = _as_number_list(grids_in[key], what=f"`tuned_grids[\"{key}\"]`")
+            if len(grid) != len(taus):
+                raise ValueError(
+                    f"`tuned_grids[\"{key}\"]` has {len(grid)} values but `tuned_timesteps[\"{key}\"]` has "
+                    f"{len(taus)}: "
+                    "record the grid the table was tuned on, one grid timestep per tau."
+                )
+            if not all(math.isfinite(v) for v in grid):
+                raise ValueError(f"`tuned_grids[\"{key}\"]` has non-finite values: {grid}.")
+            grid = tuple(_number_or_int(v) for v in grid)
+        info = infos_in.get(key)
+        if info is not None:
+            if not isinstance(info, Mapping):
+                raise ValueError(f"`tuning_info[\"{key}\"]` must be a dict of JSON values, got {type(info).__name__}.")
+            try:
+                info = json.loads(json.dumps(dict(info), allow_nan=False))
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"`tuning_info[\"{key}\"]` is not plain JSON ({err}); store numbers, strings, lists and dicts "
+                    "(convert tensors with `.tolist()`)."
+                ) from None
+        tables[n] = TauTable(num_inference_steps=n, taus=tuple(taus), grid=grid, info=info)
+    return tables
+
+
+def normalize_tuning_config(
+    tuned_timesteps: Mapping | None,
+    tuned_grids: Mapping | None = None,
+    tuning_info: Mapping | None = None,
+    *,
+    num_train_timesteps: int | None = None,
+) -> tuple[dict[int, TauTable], dict | None, dict | None, dict | None]:
+    """Validate the three config values and return ``(tables, tuned_timesteps, tuned_grids, tuning_info)``.
+
+    The three dicts are the JSON form stored in the scheduler config: string keys, lists of Python floats (grids keep
+    integral values as ints). `None` stays `None` and an empty dict stays empty, so an untuned config round-trips
+    unchanged.
+    """
+    tables = parse_tau_tables(tuned_timesteps, tuned_grids, tuning_info, num_train_timesteps=num_train_timesteps)
+    norm_taus = None if tuned_timesteps is None else {t.key: list(t.taus) for t in tables.values()}
+    norm_grids = None
+    if tuned_grids is not None:
+        norm_grids = {t.key: list(t.grid) for t in tables.values() if t.grid is not None}
+    norm_info = None
+    if tuning_info is not None:
+        norm_info = {t.key: t.info for t in tables.values() if t.info is not None}
+    return tables, norm_taus, norm_grids, norm_info
