@@ -53,6 +53,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-cache", action="store_true", help="recompute calibration tables even if cached")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock budget of this script (run_all splits its own); work left when it runs out "
+                             "is skipped and listed as such in the JSON (default: no limit)")
     return parser
 
 
@@ -220,16 +223,16 @@ def load_testbed(name: str, device: torch.device) -> Testbed:
 
 
 def _load_gmm(device) -> Testbed:
-    from diffusers_timetuner.testbeds.gmm import GaussianMixtureDenoiser
+    from diffusers_timetuner.testbeds import load_gmm_model
 
-    gmm = GaussianMixtureDenoiser.from_digits()
-    gmm = gmm.to(device) if hasattr(gmm, "to") else gmm
-    noise_config = dict(getattr(gmm, "scheduler_config", None) or {})
+    gmm = load_gmm_model().to(device)
+    c = gmm.config
+    noise_config = {k: c[k] for k in NOISE_KEYS if k in c}
 
     def exact(n: int, seed: int) -> torch.Tensor:
-        return gmm.sample_data(n, generator=torch.Generator().manual_seed(seed)).float()
+        return gmm.sample_data(n, generator=torch.Generator().manual_seed(seed)).float().cpu()
 
-    data = exact(2048, 12345)
+    data = exact(2048, 12345)  # calibration data x_0 (a draw disjoint from the evaluation draws)
     return Testbed("gmm", gmm, tuple(data.shape[1:]), noise_config, data, exact_sampler=exact)
 
 
@@ -237,12 +240,13 @@ def _load_mnist(device) -> Testbed:
     from diffusers_timetuner.testbeds import load_mnist_pipeline
     from diffusers_timetuner.testbeds.data import load_mnist
 
-    pipe = load_mnist_pipeline()
-    unet = pipe.unet.to(device).eval().requires_grad_(False)
-    images, labels = load_mnist("train")
+    pipe = load_mnist_pipeline(device)
+    unet = pipe.unet.eval().requires_grad_(False)
+    images, labels = load_mnist("train")  # calibration data: the training split (FD-MNIST uses the held-out one)
     size = unet.config.sample_size
-    if images.shape[-1] != size:  # the bundled model may be trained at a lower resolution
-        images = torch.nn.functional.interpolate(images, size=(size, size), mode="area")
+    if images.shape[-1] != size:
+        raise ValueError(f"the MNIST model expects {size}x{size} images, the data are {images.shape[-1]}x"
+                         f"{images.shape[-1]}")
     n_cls = int(unet.config.num_class_embeds) - 1
     return Testbed(
         "mnist", unet, (unet.config.in_channels, size, size), dict(pipe.scheduler.config), images, labels,
@@ -400,6 +404,14 @@ CALIB = {
     "medium": dict(num_samples=128, batch_size=128, validation_samples=32, heldout_samples=64, adam_steps=500),
     "full": dict(num_samples=512, batch_size=512, validation_samples=128, heldout_samples=256, adam_steps=500),
 }
+# The MNIST UNet costs ~20 ms per sample and evaluation on one CPU thread: the CPU-feasible medium size calibrates
+# it on a much smaller set (stated in every table's settings).
+CALIB_OVERRIDES = {("medium", "mnist"): dict(num_samples=16, batch_size=16, validation_samples=8, heldout_samples=16,
+                                             adam_steps=100)}
+
+
+def calib_for(size: str, testbed: str) -> Dict[str, Any]:
+    return CALIB_OVERRIDES.get((size, testbed), CALIB[size])
 
 
 def calibration_settings(testbed: Testbed, family: str, nfe: int, *, objective: str, calib: Dict[str, Any],
@@ -436,6 +448,17 @@ def get_calibration(testbed: Testbed, family: str, nfe: int, device, *, tables_d
              "created_utc": _utc_now()}
     path.write_text(json.dumps(entry, indent=1))
     return Calibration(taus, grid, report, settings, False, str(path), entry["device"], entry["created_utc"])
+
+
+def try_calibration(testbed: Testbed, family: str, nfe: int, device, **kwargs):
+    """(Calibration, None), or (None, "ErrorType: message") when `calibrate` raises: a failed calibration is a
+    result to report (listed in the JSON and the Markdown), not a reason to lose the rest of the run."""
+    try:
+        return get_calibration(testbed, family, nfe, device, **kwargs), None
+    except Exception as err:  # noqa: BLE001 - reported, see docstring
+        msg = f"{type(err).__name__}: {str(err).splitlines()[0][:400]}"
+        log(f"calibration FAILED ({testbed.name} {family} n={nfe} {kwargs.get('objective')}): {msg}")
+        return None, msg
 
 
 def _run_calibration(testbed: Testbed, family: str, nfe: int, device, s: Dict[str, Any]):
@@ -568,11 +591,17 @@ def command_line() -> str:
 
 
 class Run:
-    """Collects one script's figures and writes <name>.json, <name>.md and (optionally) <name>.png."""
+    """Collects one script's figures and writes <name>.json, <name>.md and (optionally) <name>.png.
+
+    Also the time budget: `out_of_time()` is True once `--budget-s` seconds have passed since the start; scripts then
+    skip the remaining work items and record them in `skipped` (the JSON says what was not measured, and why).
+    """
 
     def __init__(self, name: str, args, device):
         self.name, self.args, self.device = name, args, device
         self.t0 = time.perf_counter()
+        self.budget_s = getattr(args, "budget_s", None)
+        self.skipped: List[str] = []
         self.meta = {
             "name": name, "command": command_line(), "size": args.size, "seed": args.seed,
             "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
@@ -581,9 +610,23 @@ class Run:
         self.out_dir = Path(args.out_dir)
         self.tables_dir = Path(args.tables_dir) if args.tables_dir else self.out_dir / "tables"
 
+    def out_of_time(self, what: str = "") -> bool:
+        """True (and `what` recorded as skipped) when the budget is spent."""
+        if self.budget_s is None or time.perf_counter() - self.t0 < self.budget_s:
+            return False
+        if what:
+            self.skipped.append(what)
+            log(f"{self.name}: budget spent, skipping {what}")
+        return True
+
     def write(self, results: Dict[str, Any], markdown: str, figure=None) -> Dict[str, Any]:
         payload = dict(self.meta)
         payload["wall_time_s"] = time.perf_counter() - self.t0
+        payload["budget_s"] = self.budget_s
+        payload["skipped_for_budget"] = self.skipped
+        if self.skipped:
+            markdown += (f"\n**Not measured (time budget of {self.budget_s:.0f} s spent):** "
+                         + "; ".join(self.skipped) + "\n")
         payload["results"] = results
         check_finite(results, self.name)
         text = json.dumps(payload, indent=1, default=_json_default, allow_nan=False)

@@ -32,7 +32,7 @@ NAME = "peers"
 SIZES = {
     "quick": dict(testbeds={"gmm": 32}, floor_steps=20, opt_nfes=[5], opt_objectives=["paper"], ts_nfes=[5],
                   ts_settings=[(10, 300)], tt_objectives=["paper"], batch=256),
-    "medium": dict(testbeds={"gmm": 2000, "mnist": 500}, floor_steps=1000, opt_nfes=[5, 10], opt_objectives=["paper"],
+    "medium": dict(testbeds={"gmm": 2000}, floor_steps=1000, opt_nfes=[5, 10], opt_objectives=["paper"],
                    ts_nfes=[5, 10, 20], ts_settings=[(10, 300), (20, 300), (40, 200), (10, 550)],
                    tt_objectives=list(common.OBJECTIVES), batch=500),
     "full": dict(testbeds={"gmm": 10000, "mnist": 5000}, floor_steps=1000, opt_nfes=[5, 10], opt_objectives=["paper", "endpoint"],
@@ -63,11 +63,17 @@ def compare_optimizers(testbed, n, cfg, evaluator, args, device, run):
     out = {}
     for obj in cfg["opt_objectives"]:
         for nfe in cfg["opt_nfes"]:
+            if run.out_of_time(f"{testbed.name} optimisers {obj} NFE={nfe}"):
+                continue
             common.log(f"{NAME}: {testbed.name} optimisers, {obj}, DDIM NFE={nfe}")
-            cals = {opt: common.get_calibration(
+            tried = {opt: common.try_calibration(
                 testbed, "ddim", nfe, device, tables_dir=run.tables_dir, use_cache=not args.no_cache,
-                objective=obj, optimizer=opt, calib=common.CALIB[args.size],
+                objective=obj, optimizer=opt, calib=common.calib_for(args.size, testbed.name),
                 seed=args.seed) for opt in (common.DEFAULT_OPTIMIZER, common.REFERENCE_OPTIMIZER)}
+            if any(cal is None for cal, _ in tried.values()):
+                out[f"{obj}_n{nfe}"] = {"failed": {o: e for o, (c, e) in tried.items() if c is None}}
+                continue
+            cals = {opt: cal for opt, (cal, _) in tried.items()}
             entry = {}
             for opt, cal in cals.items():
                 x = common.generate(testbed, cal.scheduler(testbed, "ddim"), nfe, n, args.seed, device,
@@ -109,6 +115,8 @@ def time_shift_samples(testbed, ts, nfe, n, seed, device, batch):
 def compare_time_shift(testbed, n, cfg, evaluator, args, device, run):
     out = {}
     for nfe in cfg["ts_nfes"]:
+        if run.out_of_time(f"{testbed.name} time-shift NFE={nfe}"):
+            continue
         common.log(f"{NAME}: {testbed.name} time-shift vs TimeTuner, DDIM NFE={nfe}")
         untuned = common.generate(testbed, common.make_scheduler("ddim", testbed.noise_config), nfe, n, args.seed,
                                   device, batch_size=cfg["batch"], family="ddim")
@@ -118,10 +126,12 @@ def compare_time_shift(testbed, n, cfg, evaluator, args, device, run):
                                     args.seed, device, cfg["batch"])
         entry["time_shift_window0_max_abs_diff_vs_untuned"] = float((ts0 - untuned[: ts0.shape[0]]).abs().max())
         for obj in cfg["tt_objectives"]:
-            cal = common.get_calibration(testbed, "ddim", nfe, device, tables_dir=run.tables_dir,
-                                         use_cache=not args.no_cache, objective=obj,
-                                         calib=common.CALIB[args.size],
-                                         seed=args.seed)
+            cal, err = common.try_calibration(testbed, "ddim", nfe, device, tables_dir=run.tables_dir,
+                                              use_cache=not args.no_cache, objective=obj,
+                                              calib=common.calib_for(args.size, testbed.name), seed=args.seed)
+            if cal is None:
+                entry.setdefault("timetuner_failed", {})[obj] = err
+                continue
             x = common.generate(testbed, cal.scheduler(testbed, "ddim"), nfe, n, args.seed, device,
                                 batch_size=cfg["batch"], family="ddim")
             entry["timetuner"][obj] = evaluator(x)
@@ -170,6 +180,9 @@ def markdown(results) -> str:
         out.append(f"\n## {tb} ({r['n_samples']} samples)\n\n### Default optimiser vs the paper's Adam (DDIM)\n\n")
         rows = []
         for key, e in r["optimizers"].items():
+            if "failed" in e:
+                rows.append([key, f"calibration failed: {e['failed']}"] + [None] * 9)
+                continue
             d, a = e[common.DEFAULT_OPTIMIZER], e[common.REFERENCE_OPTIMIZER]
             rows.append([key, e["max_abs_r_difference"], d["forward"], d["backward"], a["forward"], a["backward"],
                          e["evaluation_ratio_adam_over_default"], d["wall_time_s"], a["wall_time_s"],
@@ -201,6 +214,8 @@ def plot(results):
         res = results["testbeds"][tb]
         ax = axes[r][0]
         for key, e in res["optimizers"].items():
+            if "failed" in e:
+                continue
             for opt, style in ((common.DEFAULT_OPTIMIZER, "o-"), (common.REFERENCE_OPTIMIZER, "x--")):
                 ax.plot(range(len(e[opt]["r"])), e[opt]["r"], style, label=f"{key} {opt}")
         ax.axhline(1.0, color="gray", lw=0.5)

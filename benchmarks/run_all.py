@@ -22,6 +22,8 @@ from benchmarks import common  # noqa: E402
 from benchmarks import calibration_cost, inference_overhead, peers, quality_vs_nfe, trajectory_error  # noqa: E402
 
 # quality_vs_nfe first: it computes most calibration tables, which the others then read from the cache.
+SHARES = {"quality_vs_nfe": 0.5, "trajectory_error": 0.15, "peers": 0.17, "calibration_cost": 0.13,
+          "inference_overhead": 0.05}
 SCRIPTS = {
     "quality_vs_nfe": quality_vs_nfe,
     "trajectory_error": trajectory_error,
@@ -36,6 +38,10 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     parser.add_argument("--only", nargs="*", choices=list(SCRIPTS), default=None, help="run only these scripts")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild SUMMARY.md from existing JSON")
+    parser.add_argument("--total-budget-s", type=float, default=None,
+                        help="wall-clock budget of the whole run, split across the scripts by SHARES (time a script "
+                             "leaves unused goes to the next ones); work left when a script's share is spent is "
+                             "skipped and listed in its JSON")
     return parser.parse_args(argv)
 
 
@@ -43,9 +49,15 @@ def main(args) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = {}
+    start = time.perf_counter()
     if not args.summary_only:
-        for name in args.only or list(SCRIPTS):
-            common.log(f"run_all: start {name} ({args.size})")
+        names = args.only or list(SCRIPTS)
+        for k, name in enumerate(names):
+            if args.total_budget_s is not None:
+                left = args.total_budget_s - (time.perf_counter() - start)
+                args.budget_s = max(0.0, left * SHARES[name] / sum(SHARES[n] for n in names[k:]))
+            common.log(f"run_all: start {name} ({args.size}"
+                       + (f", budget {args.budget_s:.0f} s)" if args.budget_s is not None else ")"))
             t0 = time.perf_counter()
             SCRIPTS[name].main(args)
             timings[name] = time.perf_counter() - t0
@@ -154,7 +166,13 @@ def _targets_rest(q, p, o) -> list:
                           f"{e['untuned']['fd']:.4g} -> {v_f:.4g} ({100 * ch_f:+.1f}%, {obj_f})"))
     # 5. Default optimiser vs the reference Adam.
     if p is not None:
-        rows = [(tb, k, e) for tb, r in p["results"]["testbeds"].items() for k, e in r["optimizers"].items()]
+        rows = [(tb, k, e) for tb, r in p["results"]["testbeds"].items() for k, e in r["optimizers"].items()
+                if "failed" not in e]
+        failed = [f"{tb} {k}" for tb, r in p["results"]["testbeds"].items() for k, e in r["optimizers"].items()
+                  if "failed" in e]
+        if failed:
+            out.append(target("Default optimiser vs reference Adam (calibration failed)", "-", False,
+                              "; ".join(failed)))
         if rows:
             ok = all(e["max_abs_r_difference"] <= 0.01 and (e["evaluation_ratio_adam_over_default"] or 0) >= 30
                      for _, _, e in rows)

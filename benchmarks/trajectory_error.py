@@ -28,10 +28,10 @@ PANELS = [("quadratic", 10), ("quadratic", 20), ("uniform", 10), ("logsnr", 10)]
 SIZES = {
     "quick": dict(testbeds=["gmm"], panels=[("uniform", 5)], families=["ddim"], n=16, ref_steps=100,
                   objectives=["paper"]),
-    "medium": dict(testbeds=["gmm", "mnist"], panels=PANELS, families=["ddim", "dpm2"], n=128, ref_steps=1000,
-                   objectives=list(common.OBJECTIVES)),
-    "full": dict(testbeds=["gmm", "mnist"], panels=PANELS, families=["ddim", "dpm2"], n=512, ref_steps=1000,
-                 objectives=list(common.OBJECTIVES)),
+    "medium": dict(testbeds=["gmm"], panels=PANELS, families=["ddim", "dpm2", "dpmpp"], n=256, ref_steps=1000,
+                   objectives=["endpoint", "paper"]),
+    "full": dict(testbeds=["gmm", "mnist"], panels=PANELS, families=["ddim", "dpm2", "dpmpp"], n=512, ref_steps=1000,
+                 objectives=["endpoint", "paper"]),
 }
 
 
@@ -59,14 +59,13 @@ def run_panel(testbed, family, kind, nfe, noise, ref, cfg, args, device, run):
     entry = {"family": family, "grid": kind, "nfe": nfe, "times": times,
              "untuned": errors(states, times, *ref), "tuned": {}, "taus": {}, "unavailable": {}}
     for obj in cfg["objectives"]:
-        try:
-            cal = common.get_calibration(
-                testbed, family, nfe, device, tables_dir=run.tables_dir, use_cache=not args.no_cache, objective=obj,
-                calib=common.CALIB[args.size], seed=args.seed,
-                overrides=overrides, timesteps=custom)
-        except (TypeError, NotImplementedError) as err:  # e.g. calibrate cannot take a custom grid
-            entry["unavailable"][obj] = f"{type(err).__name__}: {err}"
-            common.log(f"  {family}/{kind}/{nfe} {obj}: not calibrated ({err})")
+        if run.out_of_time(f"{testbed.name} {family}/{kind}/{nfe} {obj}"):
+            continue
+        cal, err = common.try_calibration(
+            testbed, family, nfe, device, tables_dir=run.tables_dir, use_cache=not args.no_cache, objective=obj,
+            calib=common.calib_for(args.size, testbed.name), seed=args.seed, overrides=overrides, timesteps=custom)
+        if cal is None:  # e.g. calibrate cannot take a custom grid
+            entry["unavailable"][obj] = err
             continue
         tuned = cal.scheduler(testbed, family)
         t_states, t_times = common.trajectory(testbed, tuned, None if custom else nfe, noise, device,
@@ -89,6 +88,8 @@ def main(args) -> dict:
         panels = {}
         for kind, nfe in cfg["panels"]:
             for family in cfg["families"]:
+                if run.out_of_time(f"{tb_name} {family}/{kind}/{nfe}"):
+                    continue
                 common.log(f"{NAME}: {tb_name} {family} {kind} NFE={nfe}")
                 panels[f"{family}_{kind}_{nfe}"] = run_panel(testbed, family, kind, nfe, noise, ref, cfg, args,
                                                             device, run)
