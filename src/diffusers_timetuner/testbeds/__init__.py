@@ -1,0 +1,83 @@
+"""Testbeds: real diffusion models that run offline, for calibration, tests, benchmarks and the demo.
+
+- `load_mnist_pipeline()`: the bundled class-conditional MNIST `UNet2DModel` (28x28, label 10 = null class) with
+  a DDIMScheduler (clip_sample=False); the package's default model. Weights and provenance in ``testbeds/mnist/``.
+- `load_gmm_pipeline()`: the exact-score `GaussianMixtureDenoiser` fitted to scikit-learn's 8x8 digits
+  (10 components, seed 0, bundled in ``testbeds/gmm_digits/``), with a DDIMScheduler on the same betas.
+
+Both return a `ClassConditionalImagePipeline` (unet + scheduler), what `DiffusionPipeline.from_pretrained` gives.
+"""
+import os
+from typing import Optional, Union
+
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+from .gmm import GaussianMixtureDenoiser, alpha_bar_at
+from .pipeline import ClassConditionalImagePipeline
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+MNIST_MODEL_DIR = os.path.join(_HERE, "mnist")
+GMM_MODEL_DIR = os.path.join(_HERE, "gmm_digits")
+
+__all__ = [
+    "ClassConditionalImagePipeline",
+    "GaussianMixtureDenoiser",
+    "alpha_bar_at",
+    "load_gmm_model",
+    "load_gmm_pipeline",
+    "load_mnist_pipeline",
+    "load_mnist_unet",
+    "MNIST_MODEL_DIR",
+    "GMM_MODEL_DIR",
+]
+
+
+def load_mnist_unet(device: Union[str, torch.device] = "cpu") -> UNet2DModel:
+    """The bundled MNIST `UNet2DModel` (float32, eval mode), loaded offline from ``testbeds/mnist/unet``."""
+    return UNet2DModel.from_pretrained(MNIST_MODEL_DIR, subfolder="unet").to(device).eval()
+
+
+def load_mnist_pipeline(device: Union[str, torch.device] = "cpu", scheduler=None) -> ClassConditionalImagePipeline:
+    """The default model: bundled MNIST UNet + its DDIMScheduler (linear betas, clip_sample=False).
+
+    Args:
+        device: where the UNet lives.
+        scheduler: optional scheduler to use instead of the bundled DDIMScheduler (e.g. a TimeTuner scheduler
+            built with `SomeScheduler.from_config(pipe.scheduler.config)`).
+    """
+    if scheduler is None:
+        scheduler = DDIMScheduler.from_pretrained(MNIST_MODEL_DIR, subfolder="scheduler")
+    pipe = ClassConditionalImagePipeline(unet=load_mnist_unet(device), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_gmm_model(prediction_type: Optional[str] = None) -> GaussianMixtureDenoiser:
+    """The bundled exact-score mixture (10 components fitted to sklearn digits, seed 0, reg_covar 1e-3).
+
+    Args:
+        prediction_type: override the saved "epsilon" ("v_prediction" or "sample").
+    """
+    kwargs = {} if prediction_type is None else {"prediction_type": prediction_type}
+    return GaussianMixtureDenoiser.from_pretrained(GMM_MODEL_DIR, **kwargs).eval()
+
+
+def load_gmm_pipeline(prediction_type: Optional[str] = None, scheduler=None) -> ClassConditionalImagePipeline:
+    """Exact-score mixture + a DDIMScheduler on its betas (clip_sample=False: the data slightly exceed [-1, 1])."""
+    model = load_gmm_model(prediction_type)
+    if scheduler is None:
+        c = model.config
+        scheduler = DDIMScheduler(
+            num_train_timesteps=c.num_train_timesteps,
+            beta_start=c.beta_start,
+            beta_end=c.beta_end,
+            beta_schedule=c.beta_schedule,
+            trained_betas=c.trained_betas,
+            prediction_type=c.prediction_type,
+            clip_sample=False,
+            set_alpha_to_one=True,
+        )
+    pipe = ClassConditionalImagePipeline(unet=model, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
