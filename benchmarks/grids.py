@@ -1,8 +1,8 @@
 """Timestep grids of the paper's Fig. 2 (uniform, quadratic, log-SNR) for each sampler family.
 
-A grid is either expressed through the scheduler config (then `calibrate`, which calls ``set_timesteps(n)``, tunes
-on exactly that grid) or, where the scheduler has no such option, as a custom integer grid passed to
-``set_timesteps(timesteps=...)``.
+A grid is either expressed through the scheduler config or, where the scheduler has no such option (or where
+calibrate's 10n-step teacher could not use it: quadratic spacing has duplicates beyond ~29 steps), as a fixed
+custom grid (`common.make_fixed_grid_scheduler`): ``set_timesteps(n)`` then uses it, and `calibrate` tunes on it.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def _grid_spec(family: str, kind: str, noise_config: Dict, nfe: int) -> Tuple[Di
     if family in ("ddim", "ddpm"):
         if kind == "uniform":
             return {"timestep_spacing": "trailing"}, None
-        if kind == "quadratic":
-            return {"timestep_spacing": "quadratic"}, None
+        if kind == "quadratic":  # as a fixed grid: calibrate's 10n-step teacher must not use quadratic spacing
+            return {}, quadratic_grid(nfe, T)
         return {}, logsnr_grid(noise_config, nfe)
     if family == "dpmpp":
         if kind == "logsnr":

@@ -230,7 +230,7 @@ def plot(results):
                 color="tab:orange", label="Time-Shift (best setting)")
         objs = sorted({o for e in ts.values() for o in e["timetuner"]})
         for o in objs:
-            ax.plot(nfes, [ts[str(k)]["timetuner"][o]["fd"] for k in nfes], "o-", label=f"TimeTuner {o}")
+            ax.plot(nfes, [ts[str(k)]["timetuner"].get(o, {}).get("fd", float("nan")) for k in nfes], "o-", label=f"TimeTuner {o}")
         ax.set_yscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel("FD")

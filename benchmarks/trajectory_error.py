@@ -53,9 +53,9 @@ def errors(states, times, ref_states, ref_times):
 
 def run_panel(testbed, family, kind, nfe, noise, ref, cfg, args, device, run):
     overrides, custom = grid_spec(family, kind, testbed.noise_config, nfe)
-    sched = common.make_scheduler(family, testbed.noise_config, **overrides)
-    states, times = common.trajectory(testbed, sched, None if custom else nfe, noise, device, timesteps=custom,
-                                      family=family)
+    sched = common.make_scheduler(family, testbed.noise_config, **overrides) if custom is None else \
+        common.make_fixed_grid_scheduler(family, testbed.noise_config, custom, **overrides)
+    states, times = common.trajectory(testbed, sched, nfe, noise, device, family=family)
     entry = {"family": family, "grid": kind, "nfe": nfe, "times": times,
              "untuned": errors(states, times, *ref), "tuned": {}, "taus": {}, "unavailable": {}}
     for obj in cfg["objectives"]:
@@ -68,8 +68,7 @@ def run_panel(testbed, family, kind, nfe, noise, ref, cfg, args, device, run):
             entry["unavailable"][obj] = err
             continue
         tuned = cal.scheduler(testbed, family)
-        t_states, t_times = common.trajectory(testbed, tuned, None if custom else nfe, noise, device,
-                                              timesteps=custom, family=family)
+        t_states, t_times = common.trajectory(testbed, tuned, nfe, noise, device, family=family)
         entry["tuned"][obj] = errors(t_states, t_times, *ref)
         entry["taus"][obj] = cal.taus
     return entry
@@ -112,9 +111,10 @@ def markdown(results) -> str:
             rows.append([common.FAMILIES[p["family"]].label, p["grid"], p["nfe"], p["untuned"][-1], *finals,
                          sum(p["untuned"]), *sums])
         out.append(f"\n## {tb}\n\n" + common.markdown_table(header, rows))
-        for key, p in panels.items():
-            for o, why in p["unavailable"].items():
-                out.append(f"- {key} {o}: not calibrated ({why})\n")
+        notes = [f"- {key} {o}: not calibrated ({why[:200]})\n" for key, p in panels.items()
+                 for o, why in p["unavailable"].items()]
+        if notes:
+            out.append("\n" + "".join(notes))
     return "".join(out)
 
 
