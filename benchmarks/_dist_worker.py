@@ -37,7 +37,8 @@ def main():
     calibrate = common.calibrate_fn()
     acc.wait_for_everyone()
     t0 = time.perf_counter()
-    result = calibrate(testbed.model, sched, args.nfe, objective="paper", strategy="parallel", data=testbed.data,
+    data = (testbed.data, testbed.labels) if testbed.labels is not None else testbed.data
+    result = calibrate(testbed.model, sched, args.nfe, objective="paper", strategy="parallel", data=data,
                        num_samples=args.samples, batch_size=args.samples, num_validation_samples=8,
                        num_heldout_samples=8, seed=args.seed, accelerator=acc, progress=False)
     acc.wait_for_everyone()

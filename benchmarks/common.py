@@ -88,9 +88,9 @@ def log(msg: str) -> None:
 # package adapter: every import of diffusers_timetuner lives below
 # ----------------------------------------------------------------------------------------------------------------
 def _tt():
-    import diffusers_timetuner
+    import diffusers_timetuner as package
 
-    return diffusers_timetuner
+    return package
 
 
 def sampling_module():
@@ -150,7 +150,8 @@ FAMILIES: Dict[str, Family] = {
     # into sigma_min is unstable with noise prediction (exact model: FD 112 at NFE 4, 22.7 at NFE 6, vs 2.1 / 0.74).
     "dpm2": Family(
         "dpm2", "DPM-Solver-2",
-        {"solver_order": 2, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "lower_order_final": True},
+        {"solver_order": 2, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min",
+         "lower_order_final": True},
     ),
     "dpmpp": Family("dpmpp", "DPM-Solver++(2M)", {"solver_order": 2, "algorithm_type": "dpmsolver++",
                                                   "use_lu_lambdas": True}),
@@ -395,9 +396,10 @@ def package_default_objective() -> str:
 
 
 def _code_fingerprint() -> str:
-    """Hash of the calibration, scheduler and sampling sources: a change there invalidates cached tables."""
+    """Hash of the imported package's calibration, scheduler and sampling sources: a change there invalidates the
+    cached tables."""
     h = hashlib.sha1()
-    base = REPO / "src" / "diffusers_timetuner"
+    base = Path(_tt().__file__).resolve().parent
     for sub in ("calibration", "schedulers", "sampling.py", "denoiser.py", "table.py"):
         p = base / sub
         files = sorted(p.rglob("*.py")) if p.is_dir() else ([p] if p.exists() else [])
@@ -467,11 +469,19 @@ def get_calibration(testbed: Testbed, family: str, nfe: int, device, *, tables_d
     path = Path(tables_dir) / name
     if use_cache and path.exists():
         entry = json.loads(path.read_text())
+        if "error" in entry:  # a deterministic failure of these settings and code, cached like a table
+            raise CalibrationFailed(entry["error"])
         return Calibration(entry["taus"], entry["grid"], entry["report"], settings, True, str(path),
                            entry.get("device", ""), entry.get("created_utc", ""))
     log(f"calibrate {name[:-5]}")
-    taus, grid, report = _run_calibration(testbed, family, nfe, device, settings)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        taus, grid, report = _run_calibration(testbed, family, nfe, device, settings)
+    except (ValueError, NotImplementedError) as err:  # calibrate's own refusals / failures: cache them too
+        msg = f"{type(err).__name__}: {str(err).splitlines()[0][:400]}"
+        path.write_text(json.dumps({"settings": settings, "error": msg, "device": device_name(device),
+                                    "created_utc": _utc_now()}, indent=1))
+        raise CalibrationFailed(msg) from err
     entry = {"settings": settings, "taus": taus, "grid": grid, "report": report, "device": device_name(device),
              "created_utc": _utc_now()}
     path.write_text(json.dumps(entry, indent=1))
@@ -485,13 +495,18 @@ def _base_scheduler(testbed: Testbed, family: str, settings: Dict[str, Any]):
     return make_scheduler(family, testbed.noise_config, **settings.get("overrides", {}))
 
 
+class CalibrationFailed(RuntimeError):
+    """`calibrate` raised for these settings (the message is "ErrorType: first line")."""
+
+
 def try_calibration(testbed: Testbed, family: str, nfe: int, device, **kwargs):
     """(Calibration, None), or (None, "ErrorType: message") when `calibrate` raises: a failed calibration is a
     result to report (listed in the JSON and the Markdown), not a reason to lose the rest of the run."""
     try:
         return get_calibration(testbed, family, nfe, device, **kwargs), None
     except Exception as err:  # noqa: BLE001 - reported, see docstring
-        msg = f"{type(err).__name__}: {str(err).splitlines()[0][:400]}"
+        msg = str(err) if isinstance(err, CalibrationFailed) else \
+            f"{type(err).__name__}: {str(err).splitlines()[0][:400]}"
         log(f"calibration FAILED ({testbed.name} {family} n={nfe} {kwargs.get('objective')}): {msg}")
         return None, msg
 
@@ -587,7 +602,8 @@ def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    cpu = platform.processor() or platform.machine()
+    return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def versions() -> Dict[str, str]:
@@ -633,6 +649,7 @@ class Run:
         self.meta = {
             "name": name, "command": command_line(), "size": args.size, "seed": args.seed,
             "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
+            "package_path": str(Path(_tt().__file__).resolve().parent), "code_fingerprint": _code_fingerprint(),
             "started_utc": _utc_now(),
         }
         self.out_dir = Path(args.out_dir)

@@ -35,7 +35,8 @@ SIZES = {
     "medium": dict(testbeds={"gmm": 2000}, floor_steps=1000, opt_nfes=[5, 10], opt_objectives=["paper"],
                    ts_nfes=[5, 10, 20], ts_settings=[(10, 300), (20, 300), (40, 200), (10, 550)],
                    tt_objectives=list(common.OBJECTIVES), batch=500),
-    "full": dict(testbeds={"gmm": 10000, "mnist": 5000}, floor_steps=1000, opt_nfes=[5, 10], opt_objectives=["paper", "endpoint"],
+    "full": dict(testbeds={"gmm": 10000, "mnist": 5000}, floor_steps=1000, opt_nfes=[5, 10],
+                 opt_objectives=["paper", "paper_x0"],
                  ts_nfes=[5, 10, 20], ts_settings=[(10, 300), (20, 300), (40, 200), (10, 550), (40, 550)],
                  tt_objectives=list(common.OBJECTIVES), batch=5000),
 }
@@ -163,7 +164,8 @@ def main(args) -> dict:
         testbed = common.load_testbed(tb_name, device)
         floor = None
         if testbed.exact_sampler is not None:  # endpoint L2 against the many-step DDIM sample (cheap on the GMM)
-            floor = common.generate(testbed, common.make_scheduler("ddim", testbed.noise_config), cfg["floor_steps"], n,
+            floor = common.generate(testbed, common.make_scheduler("ddim", testbed.noise_config),
+                                    cfg["floor_steps"], n,
                                     args.seed, device, batch_size=cfg["batch"], family="ddim")
         evaluator = Evaluator(testbed, n, args.seed, floor)
         results["testbeds"][tb_name] = {
@@ -230,7 +232,8 @@ def plot(results):
                 color="tab:orange", label="Time-Shift (best setting)")
         objs = sorted({o for e in ts.values() for o in e["timetuner"]})
         for o in objs:
-            ax.plot(nfes, [ts[str(k)]["timetuner"].get(o, {}).get("fd", float("nan")) for k in nfes], "o-", label=f"TimeTuner {o}")
+            ax.plot(nfes, [ts[str(k)]["timetuner"].get(o, {}).get("fd", float("nan")) for k in nfes], "o-",
+                    label=f"TimeTuner {o}")
         ax.set_yscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel("FD")

@@ -19,8 +19,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 from benchmarks import common  # noqa: E402
 
 NAME = "quality_vs_nfe"
@@ -74,7 +72,8 @@ class Evaluator:
 
 
 # Measured first, so that a run that hits its time budget still has the targets of issue 5.
-PRIORITY = [("mnist", 1.0, "ddim", 10), ("mnist", 1.0, "dpm2", 5), ("mnist", 1.0, "dpmpp", 5), ("gmm", 1.0, "ddim", 10)]
+PRIORITY = [("mnist", 1.0, "ddim", 10), ("mnist", 1.0, "dpm2", 5), ("mnist", 1.0, "dpmpp", 5),
+            ("gmm", 1.0, "ddim", 10)]
 
 
 def cells(cfg):
@@ -151,7 +150,8 @@ def main(args) -> dict:
     for per_g in results["testbeds"].values():  # families and NFEs in their natural order
         for g_out in per_g.values():
             g_out["families"] = {f: dict(sorted(v.items(), key=lambda kv: int(kv[0])))
-                                 for f, v in sorted(g_out["families"].items(), key=lambda kv: ALL_FAMILIES.index(kv[0]))}
+                                 for f, v in sorted(g_out["families"].items(),
+                                                    key=lambda kv: ALL_FAMILIES.index(kv[0]))}
     return run.write(results, markdown(results), plot(results))
 
 
@@ -204,7 +204,8 @@ def plot(results):
     families = sorted({f for tb, g in panels for f in results["testbeds"][tb][g]["families"]},
                       key=ALL_FAMILIES.index)
     fig, axes = common.figure(ncols=len(families), nrows=len(panels), size=(3.8, 3.0))
-    colors = {"untuned": "tab:red", "paper": "tab:blue", "teacher_local": "tab:green", "endpoint": "tab:purple"}
+    colors = {"untuned": "tab:red", "paper": "tab:blue", "paper_x0": "tab:orange", "teacher_local": "tab:green",
+              "endpoint": "tab:purple"}
     for r, (tb, gkey) in enumerate(panels):
         g_out = results["testbeds"][tb][gkey]
         for c, family in enumerate(families):
@@ -225,8 +226,7 @@ def plot(results):
             ax.set_title(f"{tb} {gkey}: {common.FAMILIES[family].label}", fontsize=9)
             ax.set_xlabel("NFE")
             ax.set_ylabel(metric_name(tb), fontsize=8)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=6)
+            ax.legend(fontsize=5)
     fig.tight_layout()
     return fig
 

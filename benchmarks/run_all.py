@@ -156,9 +156,9 @@ def targets(q, p, o) -> list:
                              + (f" ({', '.join(worse[o][:6])}{'...' if len(worse[o]) > 6 else ''})"
                                 if worse.get(o) else "") for o in total)
         out.append(target("MNIST every sampler x NFE x guidance: tuned never worse than untuned",
-                           f"0 cells worse with the package default objective ({default})",
-                           default in total and default in clean, measured,
-                           f"objectives with no worse cell: {clean or 'none'}"))
+                          f"0 cells worse with the package default objective ({default})",
+                          default in total and default in clean, measured,
+                          f"objectives with no worse cell: {clean or 'none'}"))
     return out + _targets_rest(q, p, o)
 
 

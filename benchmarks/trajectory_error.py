@@ -17,8 +17,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 from benchmarks import common  # noqa: E402
 from benchmarks.grids import grid_spec  # noqa: E402
 
@@ -91,7 +89,7 @@ def main(args) -> dict:
                     continue
                 common.log(f"{NAME}: {tb_name} {family} {kind} NFE={nfe}")
                 panels[f"{family}_{kind}_{nfe}"] = run_panel(testbed, family, kind, nfe, noise, ref, cfg, args,
-                                                            device, run)
+                                                             device, run)
         results["testbeds"][tb_name] = panels
     return run.write(results, markdown(results), plot(results, cfg))
 
@@ -121,7 +119,8 @@ def markdown(results) -> str:
 def plot(results, cfg):
     tbs = list(results["testbeds"])
     fig, axes = common.figure(ncols=len(cfg["panels"]), nrows=len(tbs), size=(4.2, 3.2))
-    colors = {"untuned": "tab:red", "paper": "tab:blue", "teacher_local": "tab:green", "endpoint": "tab:purple"}
+    colors = {"untuned": "tab:red", "paper": "tab:blue", "paper_x0": "tab:orange", "teacher_local": "tab:green",
+              "endpoint": "tab:purple"}
     styles = {"ddim": "-", "dpm2": "--", "dpmpp": ":"}
     for r, tb in enumerate(tbs):
         for c, (kind, nfe) in enumerate(cfg["panels"]):
