@@ -88,10 +88,11 @@ def best_tuned(entry, key="fd"):
 
 
 def _fmt_change(e, obj, v, ch, key="fd"):
+    fails = "; ".join(f"{o}: {m[:100]}" for o, m in e.get("failed", {}).items())
+    fails = f" [no table for {fails}]" if fails else ""
     if v is None:
-        fails = "; ".join(f"{o}: {m[:120]}" for o, m in e.get("failed", {}).items())
-        return f"untuned {e['untuned'][key]:.4g}; no tuned table" + (f" ({fails})" if fails else "")
-    return f"{e['untuned'][key]:.4g} -> {v:.4g} ({100 * ch:+.1f}%, best objective {obj})"
+        return f"untuned {e['untuned'][key]:.4g}; no tuned table{fails}"
+    return f"{e['untuned'][key]:.4g} -> {v:.4g} ({100 * ch:+.1f}%, best objective {obj}){fails}"
 
 
 def quality_cell(q, tb, g, family, nfe):
@@ -147,6 +148,12 @@ def targets(q, p, o) -> list:
                             worse.setdefault(obj, []).append(f"{fam}@{nfe}/{g}")
         clean = [o for o in total if not worse.get(o)]
         default = q["results"].get("package_default_objective")
+        if default not in total:
+            out.append(target("MNIST every sampler x NFE x guidance: tuned never worse than untuned",
+                              f"0 cells worse with the package default objective ({default})", None,
+                              "; ".join(f"{o}: {len(worse.get(o, []))}/{total[o]} cells worse" for o in total),
+                              f"the default objective ({default}) was not run on MNIST at this size"))
+            return out + _targets_rest(q, p, o)
         if not total:
             out.append(target("MNIST every sampler x NFE x guidance: tuned never worse than untuned",
                               "0 cells worse with the package default objective", None,
