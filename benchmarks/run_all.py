@@ -66,6 +66,7 @@ def main(args) -> dict:
     summary["script_wall_time_s"] = timings
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     (out_dir / "SUMMARY.md").write_text(summary_markdown(summary))
+    (out_dir / "README_SECTION.md").write_text(readme_section(summary))
     common.log(f"run_all: wrote {out_dir / 'SUMMARY.md'}")
     return summary
 
@@ -226,12 +227,35 @@ def headline(q) -> list:
     return rows
 
 
+def scoreboard(q) -> list:
+    """Per testbed and objective: cells run, better / worse than untuned, median and best FD change."""
+    rows = []
+    if q is None:
+        return rows
+    for tb, per_g in q["results"]["testbeds"].items():
+        changes, failed = {}, {}
+        for g_out in per_g.values():
+            for per_nfe in g_out["families"].values():
+                for e in per_nfe.values():
+                    for obj, m in e["tuned"].items():
+                        changes.setdefault(obj, []).append(common.rel_change(m["fd"], e["untuned"]["fd"]))
+                    for obj in e.get("failed", {}):
+                        failed[obj] = failed.get(obj, 0) + 1
+        for obj in sorted(set(changes) | set(failed)):
+            ch = sorted(changes.get(obj, []))
+            rows.append({"testbed": tb, "objective": obj, "cells": len(ch), "failed": failed.get(obj, 0),
+                         "better": sum(c < 0 for c in ch), "worse": sum(c > 0 for c in ch),
+                         "median_change": ch[len(ch) // 2] if ch else None, "best_change": ch[0] if ch else None})
+    return rows
+
+
 def summarize(out_dir: Path) -> dict:
     q, p, o = (_load(out_dir, n) for n in ("quality_vs_nfe", "peers", "inference_overhead"))
     runs = {n: {"size": d["size"], "device": d["device"], "command": d["command"], "wall_time_s": d["wall_time_s"],
                 "git_commit": d["git_commit"]}
             for n in SCRIPTS if (d := _load(out_dir, n)) is not None}
-    return {"runs": runs, "headline": headline(q), "targets": targets(q, p, o)}
+    return {"runs": runs, "headline": headline(q), "targets": targets(q, p, o), "objectives": scoreboard(q),
+            "package_default_objective": q["results"].get("package_default_objective") if q else None}
 
 
 def summary_markdown(s: dict) -> str:
@@ -252,11 +276,59 @@ def summary_markdown(s: dict) -> str:
         [[r["testbed"], r["guidance"], r["sampler"], r["nfe"], r["untuned_fd"], r["best_tuned_fd"],
           None if r["change"] is None else f"{100 * r['change']:+.1f}%", r["best_objective"],
           f"{r['floor_fd']:.4g} ({r['floor_steps']} steps)"] for r in wanted]))
+    out.append("\n## Objectives: FD change vs untuned over every cell measured (sampler x NFE x guidance)\n\n")
+    out.append(common.markdown_table(
+        ["testbed", "objective", "cells", "better", "worse", "no table (failed)", "median change", "best change"],
+        [[r["testbed"], r["objective"] + (" (package default)" if r["objective"] == s.get("package_default_objective")
+                                          else ""), r["cells"], r["better"], r["worse"], r["failed"],
+          None if r["median_change"] is None else f"{100 * r['median_change']:+.1f}%",
+          None if r["best_change"] is None else f"{100 * r['best_change']:+.1f}%"] for r in s["objectives"]]))
     out.append("\n## Targets (issue 5)\n\n")
     out.append(common.markdown_table(
         ["target", "goal", "met", "measured", "note"],
         [[t["target"], t["goal"], {True: "**met**", False: "**missed**", None: "n/a"}[t["met"]], t["measured"],
           t["note"]] for t in s["targets"]]))
+    return "".join(out)
+
+
+def recommendation(s: dict) -> list:
+    """Sentences computed from the scoreboard and the optimiser comparison (for the package README)."""
+    out = []
+    for tb, what in (("mnist", "the trained MNIST UNet"), ("gmm", "the exact-score model")):
+        rows = [r for r in s["objectives"] if r["testbed"] == tb and r["cells"]]
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: (r["better"] - r["worse"], -(r["median_change"] or 0)))
+        out.append(f"On {what}, `{best['objective']}` improved FD in {best['better']} of {best['cells']} measured "
+                   f"cells and worsened it in {best['worse']} (median {100 * best['median_change']:+.1f}%, best "
+                   f"{100 * best['best_change']:+.1f}%)" + (f"; it failed to produce a table in {best['failed']} "
+                                                            "more" if best["failed"] else "") + ".")
+    opt = next((t for t in s["targets"] if t["target"] == "Default optimiser vs reference Adam"), None)
+    if opt is not None:
+        out.append(f"Default optimiser vs the paper's Adam: {opt['measured']} ("
+                   + ("target met" if opt["met"] else "target missed") + ").")
+    return out
+
+
+def readme_section(s: dict) -> str:
+    """The benchmark section of the package README, generated from the results (copy it as is)."""
+    sizes = sorted({r["size"] for r in s["runs"].values()})
+    devices = sorted({r["device"] for r in s["runs"].values()})
+    out = ["<!-- generated by benchmarks/run_all.py from benchmarks/results/*.json; do not edit by hand -->\n",
+           "## Benchmarks\n\n",
+           f"Sizes: {', '.join(sizes)}; device: {'; '.join(devices)}. Reproduce with the command in "
+           "`benchmarks/results/SUMMARY.md`; details and every figure in `benchmarks/results/`.\n\n"]
+    rows = [r for r in s["headline"] if r["nfe"] in (5, 10) and r["guidance"] == "1"]
+    out.append(common.markdown_table(
+        ["model", "sampler", "NFE", "untuned FD", "TimeTuner FD", "change", "objective"],
+        [[r["testbed"], r["sampler"], r["nfe"], r["untuned_fd"], r["best_tuned_fd"],
+          None if r["change"] is None else f"{100 * r['change']:+.1f}%", r["best_objective"]] for r in rows]))
+    out.append("\n![error along the trajectory](benchmarks/results/trajectory_error.png)\n\n"
+               "![FD vs NFE](benchmarks/results/quality_vs_nfe.png)\n\n")
+    out += [f"- {x}\n" for x in recommendation(s)]
+    out.append("\nTargets of issue 5: " + "; ".join(
+        f"{t['target']}: {'met' if t['met'] else ('n/a' if t['met'] is None else 'missed')}" for t in s["targets"])
+        + ".\n")
     return "".join(out)
 
 
