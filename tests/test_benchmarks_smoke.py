@@ -89,7 +89,9 @@ def test_summary_is_computed_from_the_json(quick_run):
     out, summary = quick_run
     text = (out / "SUMMARY.md").read_text()
     assert "## Targets (issue 5)" in text and "## Headline" in text
+    assert (out / "README_SECTION.md").read_text().count("benchmarks/results/") >= 2  # both plots linked
     assert set(summary["runs"]) == set(EXPECTED)
+    assert {r["objective"] for r in summary["objectives"]} >= {"paper"}  # scoreboard from the quality JSON
     assert {t["target"] for t in summary["targets"]} >= {"Inference overhead (tuned / untuned pipeline call)"}
     for t in summary["targets"]:
         assert t["met"] in (True, False, None)
