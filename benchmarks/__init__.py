@@ -1,0 +1,1 @@
+"""Benchmarks of diffusers-timetuner: one script per question, a runner, committed results (see README.md)."""
