@@ -231,9 +231,10 @@ def plot(results):
         ax.plot(nfes, [ts[str(k)]["time_shift"][ts[str(k)]["time_shift_best"]]["fd"] for k in nfes], "s-",
                 color="tab:orange", label="Time-Shift (best setting)")
         objs = sorted({o for e in ts.values() for o in e["timetuner"]})
+        colors = {"paper": "tab:blue", "paper_x0": "tab:brown", "teacher_local": "tab:green", "endpoint": "tab:purple"}
         for o in objs:
             ax.plot(nfes, [ts[str(k)]["timetuner"].get(o, {}).get("fd", float("nan")) for k in nfes], "o-",
-                    label=f"TimeTuner {o}")
+                    color=colors.get(o, "k"), label=f"TimeTuner {o}")
         ax.set_yscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel("FD")

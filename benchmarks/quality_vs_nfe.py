@@ -31,12 +31,14 @@ SIZES = {
         mnist=dict(n=32, families=["ddim"], nfes=[4], guidance=[1.0], floor_steps=20, objectives=[]),
         objectives=["paper"], batch=256),
     # Medium (CPU): the exact model in full (every objective at NFE 5 and 10, default + paper elsewhere); the trained
-    # model only at the two target cells, paper objective, 200 samples (its UNet costs ~20 ms/sample on one thread).
+    # model only at the three target cells, default and paper objectives, 200 samples (its UNet costs ~20 ms per
+    # sample and evaluation on one CPU thread).
     "medium": dict(
         gmm=dict(n=2000, families=ALL_FAMILIES, nfes=ALL_NFES, guidance=[1.0], floor_steps=1000,
                  all_objectives_nfes=[5, 10], few_objectives=["default", "paper"]),
-        mnist=dict(n=200, families=["ddim", "dpmpp"], nfes=[5, 10], cells=[("ddim", 10), ("dpmpp", 5)],
-                   guidance=[1.0], floor_steps=30, objectives=["paper"]),
+        mnist=dict(n=200, families=["ddim", "dpm2", "dpmpp"], nfes=[5, 10],
+                   cells=[("ddim", 10), ("dpm2", 5), ("dpmpp", 5)], guidance=[1.0], floor_steps=30,
+                   objectives=["default", "paper"]),
         objectives=list(common.OBJECTIVES), batch=500),
     # Full: every objective at every cell of the exact model; on the trained model every objective at NFE 5 and 10,
     # the package default and the paper's objective at the other NFEs (the endpoint objective's cost grows as NFE^2).
@@ -90,8 +92,8 @@ def cells(cfg):
 def objectives_for(cfg, tb, nfe):
     """Objectives of one cell, the package default first."""
     sizes = cfg[tb]
-    objs = list(sizes.get("objectives", cfg["objectives"]))
     default = common.package_default_objective()
+    objs = [default if o == "default" else o for o in sizes.get("objectives", cfg["objectives"])]
     if nfe not in sizes.get("all_objectives_nfes", sizes["nfes"]):
         few = [default if o == "default" else o for o in sizes.get("few_objectives", objs)]
         objs = [o for o in objs if o in few]

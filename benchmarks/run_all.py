@@ -38,6 +38,7 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     parser.add_argument("--only", nargs="*", choices=list(SCRIPTS), default=None, help="run only these scripts")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild SUMMARY.md from existing JSON")
+    parser.add_argument("--replot", action="store_true", help="with --summary-only: redraw every PNG from its JSON")
     parser.add_argument("--total-budget-s", type=float, default=None,
                         help="wall-clock budget of the whole run, split across the scripts by SHARES (time a script "
                              "leaves unused goes to the next ones); work left when a script's share is spent is "
@@ -62,6 +63,8 @@ def main(args) -> dict:
             SCRIPTS[name].main(args)
             timings[name] = time.perf_counter() - t0
             common.log(f"run_all: done {name} in {timings[name]:.1f} s")
+    if args.summary_only and args.replot:
+        replot(out_dir)
     summary = summarize(out_dir)
     summary["script_wall_time_s"] = timings
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
@@ -247,6 +250,20 @@ def scoreboard(q) -> list:
                          "better": sum(c < 0 for c in ch), "worse": sum(c > 0 for c in ch),
                          "median_change": ch[len(ch) // 2] if ch else None, "best_change": ch[0] if ch else None})
     return rows
+
+
+def replot(out_dir: Path) -> None:
+    """Redraw each script's PNG from its JSON (plots are pure functions of the results)."""
+    import matplotlib.pyplot as plt
+
+    for name, module in SCRIPTS.items():
+        d = _load(out_dir, name)
+        if d is None:
+            continue
+        res = d["results"]
+        fig = module.plot(res, res["settings"]) if name == "trajectory_error" else module.plot(res)
+        fig.savefig(out_dir / f"{name}.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
 
 
 def summarize(out_dir: Path) -> dict:
