@@ -89,7 +89,7 @@ METRIC_EVALUATORS = {
 }
 # Deterministic CPU recomputation: same seeds, same batch composition, so the only difference is float32 summation
 # order (thread count / BLAS kernel choice). Measured: build.py's recompute of the GMM entry equals its record bit
-# for bit; 1e-4 leaves room for another CPU's kernels while staying 3 orders of magnitude below the tuned-vs-untuned gap.
+# for bit; 1e-4 leaves room for another CPU's kernels, 3 orders of magnitude below the tuned-vs-untuned gaps.
 METRIC_RTOL = 1e-4
 
 

@@ -158,7 +158,8 @@ def write_provenance(out: Path, command: str, wall: float) -> None:
              f"- wall time: {wall:.0f} s ({machine()})",
              f"- versions: {json.dumps(report.get('versions', versions()))}",
              f"- model: {s['model_id']}; scheduler: {s['scheduler_class']}; guidance scale {s['guidance_scale']}",
-             f"- objective {s['objective']}, strategy {s['strategy']}, optimizer {s['optimizer']}, guard {s['guard']}; "
+             f"- objective {s['objective']}, strategy {s['strategy']}, optimizer {s['optimizer']}, "
+             f"guard {s['guard']}; "
              f"{s['num_samples']} calibration / {s['num_validation_samples']} validation / "
              f"{s['num_heldout_samples']} held-out samples; seed {s['seed']}", "",
              "Held-out (fresh x_T drawn with seed + 2; mean over samples of the squared distance, summed over pixels, "
