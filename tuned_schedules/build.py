@@ -59,6 +59,15 @@ def versions() -> dict:
     return cli_versions()
 
 
+def rebuild_command(name: str) -> str:
+    """The command that rebuilds entry ``name`` into tuned_schedules/."""
+    kind, spec = ENTRIES[name]
+    if kind == "gmm":
+        return f"PYTHONPATH=src OMP_NUM_THREADS=1 python tuned_schedules/build.py {name}"
+    return ("PYTHONPATH=src OMP_NUM_THREADS=1 python -m diffusers_timetuner.cli.calibrate "
+            + " ".join(shlex.quote(a) for a in spec) + f" --output_dir tuned_schedules/{name}")
+
+
 def run_gmm(out: Path, kwargs: dict) -> str:
     from diffusers_timetuner.calibration import calibrate
     from diffusers_timetuner.testbeds import GMM_MODEL_ID, load_gmm_pipeline
@@ -66,7 +75,7 @@ def run_gmm(out: Path, kwargs: dict) -> str:
     kw = dict(kwargs)
     result = calibrate(load_gmm_pipeline(), kw.pop("scheduler"), kw.pop("num_inference_steps"), progress=False,
                        model_id=GMM_MODEL_ID, **kw)
-    command = f"PYTHONPATH=src OMP_NUM_THREADS=1 python tuned_schedules/build.py {out.name}"
+    command = rebuild_command(out.name)
     result.save(str(out), extra={"command": command, "versions": versions(), "num_processes": 1,
                                  "calibrate_kwargs": kwargs})
     return command
@@ -76,8 +85,7 @@ def run_cli(out: Path, args: list) -> str:
     argv = [sys.executable, "-m", "diffusers_timetuner.cli.calibrate", *args, "--output_dir", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     subprocess.run(argv, check=True, cwd=REPO, env=env)
-    return ("PYTHONPATH=src OMP_NUM_THREADS=1 python -m diffusers_timetuner.cli.calibrate "
-            + " ".join(shlex.quote(a) for a in args) + f" --output_dir tuned_schedules/{out.name}")
+    return rebuild_command(out.name)
 
 
 PIPELINE_LOADERS = {"diffusers-timetuner/bundled-gmm-digits": "load_gmm_pipeline",
@@ -93,19 +101,24 @@ CHECK_SUBSET = {"diffusers-timetuner/bundled-gmm-digits": None, "diffusers-timet
 def heldout_errors(scheduler, n: int, num_samples: int | None = None) -> dict:
     """Recompute the calibration's held-out endpoint errors of table n from what the entry records.
 
-    Same recipe as ``calibrate()``: held-out x_T = ``torch.randn((N, *shape), generator=seed + 2)`` (N = recorded
-    ``num_heldout_samples``), conditions cycled as the calibration cycled them (checked against the recorded
-    description), the untuned sampler of the same config, the recorded teacher step count, and the library's
-    ``evaluate_heldout`` (the inference sampling loop). ``num_samples``: only the first k of the N x_T.
+    Same recipe as ``calibrate()`` (``calibration/report.py: evaluate_heldout``), re-implemented per sample: held-out
+    x_T = ``torch.randn((N, *shape), generator=seed + 2)`` (N = recorded ``num_heldout_samples``), conditions cycled
+    as the calibration cycled them (checked against the recorded description), the untuned sampler of the same
+    config and the recorded teacher step count through the inference loop (``sampling.sample_trajectory``), in
+    batches of the recorded batch size. Error of a sample: squared distance (sum over pixels, float64) between its
+    final sample and the teacher's. ``num_samples``: only the first k of the N x_T.
+
+    Returns the mean errors untuned / tuned and paired statistics of (tuned - untuned) per sample.
     """
+    import copy
+
     from diffusers_timetuner import testbeds
     from diffusers_timetuner.calibration.conditions import build_conditions, resolve_model
-    from diffusers_timetuner.calibration.distributed import Distributed
     from diffusers_timetuner.calibration.objectives import Teacher
-    from diffusers_timetuner.calibration.report import evaluate_heldout
     from diffusers_timetuner.calibration.rollout import Rollout
     from diffusers_timetuner.calibration.schedulers import untuned_copy
-    from diffusers_timetuner.denoiser import Denoiser
+    from diffusers_timetuner.denoiser import Denoiser, slice_conditioning
+    from diffusers_timetuner.sampling import sample_trajectory
 
     info = scheduler.config.tuning_info[str(n)]
     if info.get("model_id") not in PIPELINE_LOADERS:
@@ -120,15 +133,29 @@ def heldout_errors(scheduler, n: int, num_samples: int | None = None) -> dict:
     k = total if num_samples is None else int(num_samples)
     shape = (int(model.config.in_channels), int(model.config.sample_size), int(model.config.sample_size))
     noise = torch.randn((total, *shape), generator=torch.Generator().manual_seed(int(info["seed"]) + 2))[:k]
+    cond = cond_set.take(range(k))
     untuned = untuned_copy(scheduler)
     rollout = Rollout(denoiser, untuned, n, eta=info.get("eta"))
     teacher = Teacher(denoiser, untuned, int(info["teacher_steps"]), coarse_grid=rollout.grid_list)
     if teacher.num_inference_steps != int(info["teacher_steps"]):
         raise ValueError("the teacher grid differs from the recorded one")
-    held = evaluate_heldout(rollout, scheduler, teacher, noise, cond_set.take(range(k)), Distributed(None),
-                            int(info["batch_size"]))
-    return {"num_samples": k, "endpoint_mse_untuned": held["endpoint_mse_untuned"],
-            "endpoint_mse_tuned": held["endpoint_mse_tuned"]}
+    sigma = float(rollout.scheduler.init_noise_sigma)
+    errors = {"tuned": [], "untuned": []}
+    batch = int(info["batch_size"])
+    for start in range(0, k, batch):
+        idx = list(range(start, min(k, start + batch)))
+        x, c = noise[idx], slice_conditioning(cond, idx)
+        target = teacher.targets(x * sigma, sigma, c, rollout.grid_list)[-1]
+        for name, sched in (("tuned", scheduler), ("untuned", rollout.scheduler)):
+            final = sample_trajectory(denoiser, copy.deepcopy(sched), x, n, c, eta=rollout.eta,
+                                      generator=torch.Generator().manual_seed(1))[-1]
+            errors[name].append((final - target).double().pow(2).flatten(1).sum(1))
+    tuned, untuned_err = torch.cat(errors["tuned"]), torch.cat(errors["untuned"])
+    diff = tuned - untuned_err
+    return {"num_samples": k, "endpoint_mse_untuned": float(untuned_err.mean()),
+            "endpoint_mse_tuned": float(tuned.mean()), "paired_mean_diff": float(diff.mean()),
+            "paired_se_diff": float(diff.std() / k ** 0.5) if k > 1 else None,
+            "fraction_improved": float((diff < 0).double().mean()), "median_diff": float(diff.median())}
 
 
 def write_check(out: Path) -> dict:
@@ -152,9 +179,13 @@ def write_check(out: Path) -> dict:
 
 
 def write_provenance(out: Path, command: str, wall: float) -> None:
+    """PROVENANCE.md: rebuild command, wall time, machine, versions, settings, held-out figures."""
     report = json.loads((out / "report.json").read_text())
     s = report["settings"]
     lines = [f"# {out.name}", "", "Rebuild (from the repository root):", "", "```", command, "```", "",
+             f"(`python tuned_schedules/build.py {out.name}` runs it, removes the CLI's checkpoints/ and writes "
+             "heldout_check.json and this file; `report.json`'s `command` is the recorded run's own, with its "
+             "output folder)", "",
              f"- wall time: {wall:.0f} s ({machine()})",
              f"- versions: {json.dumps(report.get('versions', versions()))}",
              f"- model: {s['model_id']}; scheduler: {s['scheduler_class']}; guidance scale {s['guidance_scale']}",
@@ -171,6 +202,15 @@ def write_provenance(out: Path, command: str, wall: float) -> None:
         lines.append(f"| {n} | {h['teacher_steps']} | {[round(t, 2) for t in rep['taus']]} | "
                      f"{h['endpoint_mse_untuned']:.5g} | {h['endpoint_mse_tuned']:.5g} | "
                      f"{100 * h['relative_change']:+.1f}% | {rep['forward_samples']} | {rep['seconds']:.0f} |")
+    check_path = out / CHECK_NAME
+    if check_path.is_file():
+        lines += ["", "Paired held-out statistics (per x_T: tuned error - untuned error; build.py's recompute, which "
+                  "matches the record above):", "",
+                  "| n | mean diff | standard error | samples improved | median diff |", "|---|---|---|---|---|"]
+        for n, c in sorted(json.loads(check_path.read_text()).items(), key=lambda kv: int(kv[0])):
+            f = c["full_recompute"]
+            lines.append(f"| {n} | {f['paired_mean_diff']:.4g} | {f['paired_se_diff']:.3g} | "
+                         f"{100 * f['fraction_improved']:.0f}% of {f['num_samples']} | {f['median_diff']:.4g} |")
     lines += ["", "Grid t_i (what the solver integrates on) and tau_i (what the network sees) per step: "
               "`report.json` (`step_counts.<n>.grid` / `taus`), plot: `calibration.png`.", ""]
     (out / "PROVENANCE.md").write_text("\n".join(lines))
@@ -184,8 +224,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     for name in args.names:
-        if args.check_only:
-            print(name, write_check(Path(args.output_root) / name))
+        if args.check_only:  # also refreshes PROVENANCE.md (command and wall time of the recorded build)
+            out = Path(args.output_root) / name
+            print(name, write_check(out))
+            write_provenance(out, rebuild_command(name), float((out / "wall_seconds.txt").read_text()))
             continue
         kind, spec = ENTRIES[name]
         out = Path(args.output_root) / name
@@ -194,8 +236,10 @@ def main() -> None:
         tick = time.perf_counter()
         command = run_gmm(out, spec) if kind == "gmm" else run_cli(out, spec)
         wall = time.perf_counter() - tick
-        write_provenance(out, command, wall)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the CLI's per-step checkpoints: not shipped
+        (out / "wall_seconds.txt").write_text(f"{wall:.0f}\n")
         write_check(out)
+        write_provenance(out, command, wall)
         print(f"{name}: {wall:.0f} s -> {out}")
 
 
