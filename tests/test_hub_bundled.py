@@ -89,7 +89,7 @@ METRIC_EVALUATORS = {
 }
 # Deterministic CPU recomputation: same seeds, same batch composition, so the only difference is float32 summation
 # order (thread count / BLAS kernel choice). Measured: build.py's per-sample recompute equals the calibration's
-# record to 2e-16 relative (GMM, MNIST), also with 2 threads; 1e-4 leaves room for another CPU's kernels. It still
+# record to 2e-16 relative (GMM, MNIST; 1 thread; passes with 2 too); 1e-4 leaves room for other kernels. It still
 # catches a 0.5-timestep change of one tau (measured: GMM figure moves 2.7e-4, MNIST 16-sample figure 2.2e-3).
 METRIC_RTOL = 1e-4
 
