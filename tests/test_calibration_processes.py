@@ -48,7 +48,8 @@ def test_cli_writes_a_loadable_config_report_and_plot(tiny_pipeline_dir, tmp_pat
 
     out = tmp_path / "run"
     res = main(parse_args(_cli_args(tiny_pipeline_dir, out, "--num_inference_steps", "2", "3")))
-    assert sorted(os.listdir(out)) == ["calibration.png", "checkpoints", "report.json", "scheduler_config.json"]
+    # per-step checkpoints are removed once the run has finished
+    assert sorted(os.listdir(out)) == ["calibration.png", "report.json", "scheduler_config.json"]
     loaded = TimeTunerDDIMScheduler.from_pretrained(out)
     for n in (2, 3):
         loaded.set_timesteps(n)
@@ -173,3 +174,13 @@ def test_two_process_accelerate_run_matches_one_process(tmp_path):
     report = json.loads((two_dir / "run" / "report.json").read_text())
     assert report["num_processes"] == 2 and report["settings"]["num_processes"] == 2
     assert sorted(os.listdir(two_dir / "run")) == ["calibration.png", "report.json", "scheduler_config.json"]
+
+
+def test_cli_loads_the_bundled_testbeds_by_short_name_or_id():
+    from diffusers_timetuner import testbeds
+    from diffusers_timetuner.cli.calibrate import load_model
+
+    pipe, model_id = load_model("gmm")
+    assert model_id == testbeds.GMM_MODEL_ID and isinstance(pipe.unet, testbeds.GaussianMixtureDenoiser)
+    assert load_model(testbeds.GMM_MODEL_ID)[1] == testbeds.GMM_MODEL_ID
+    assert load_model("mnist")[1] == load_model(None)[1] == testbeds.MNIST_MODEL_ID

@@ -263,6 +263,12 @@ def calibrate(
             rep.warnings.append(msg)
             if dist.is_main_process:
                 logger.warning(msg)
+        elif all(abs(a - b) < 1e-6 for a, b in zip(taus, rollout.grid_list)):
+            msg = (f"NO GAIN for n={n}: the table is tau = t (the validation guard kept no tuned step). It samples "
+                   "exactly like the untuned scheduler; try more calibration samples or another objective.")
+            rep.warnings.append(msg)
+            if dist.is_main_process:
+                logger.warning(msg)
         else:
             log(f"n={n}: held-out endpoint MSE {held['endpoint_mse_untuned']:.5g} -> {held['endpoint_mse_tuned']:.5g} "
                 f"({100 * held['relative_change']:+.1f}%)")

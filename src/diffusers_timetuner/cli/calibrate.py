@@ -34,7 +34,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     from ..calibration.strategies import STRATEGIES
 
     p = argparse.ArgumentParser(description="Calibrate TimeTuner tau tables (Xia et al., CVPR 2024).")
-    p.add_argument("--pretrained_model_name_or_path", default=None,
+    p.add_argument("--pretrained_model_name_or_path", default=None,  # None / "mnist" / "gmm": bundled testbeds
                    help="Diffusers pipeline folder or Hub id (default: the bundled class-conditional MNIST model).")
     p.add_argument("--scheduler", default="ddim",
                    help="ddim, ddpm, dpmsolver, dpmsolver_singlestep, euler, or a (TimeTuner) scheduler class name; "
@@ -127,6 +127,8 @@ def main(args: argparse.Namespace):
                         f"{h['endpoint_mse_untuned']:.5g} -> {h['endpoint_mse_tuned']:.5g} "
                         f"({100 * h['relative_change']:+.1f}%); {rep.forward_samples} forward samples, "
                         f"{rep.seconds:.1f} s")
+        # the run finished: its per-step checkpoints are no longer needed
+        shutil.rmtree(os.path.join(args.output_dir, CHECKPOINT_SUBDIR), ignore_errors=True)
         logger.info(f"wrote {', '.join(OUTPUT_FILES)} to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             from ..hub import push_tuned_schedule
@@ -166,11 +168,14 @@ def _prepare_output_dir(args, accelerator) -> str:
 
 
 def load_model(path: Optional[str]):
-    """(pipeline, model id) for a pipeline folder / Hub id, or the bundled MNIST model when ``path`` is None."""
-    if path is None:
-        from ..testbeds import load_mnist_pipeline
+    """(pipeline, model id) for a pipeline folder / Hub id, or a bundled testbed: the MNIST UNet when ``path`` is
+    None, ``mnist`` or its id; the exact-score mixture for ``gmm`` or its id."""
+    from .. import testbeds
 
-        return load_mnist_pipeline(), "diffusers-timetuner/bundled-mnist"
+    if path in (None, "mnist", testbeds.MNIST_MODEL_ID):
+        return testbeds.load_mnist_pipeline(), testbeds.MNIST_MODEL_ID
+    if path in ("gmm", testbeds.GMM_MODEL_ID):
+        return testbeds.load_gmm_pipeline(), testbeds.GMM_MODEL_ID
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(path), path
