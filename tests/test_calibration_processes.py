@@ -90,7 +90,7 @@ def test_python_dash_m_entry_point_runs(tiny_pipeline_dir, tmp_path):
     assert (out / "scheduler_config.json").exists()
     assert "timetuner-calibrate on 1 process(es)" in proc.stderr
     assert "n=3 step 0: t=" in proc.stderr  # the library's per-step lines reach the console
-    assert "held-out endpoint MSE" in proc.stderr
+    assert "held-out endpoint_mse" in proc.stderr and "+/- " in proc.stderr  # verdict metric and its paired SE
 
 
 # ------------------------------------------------------------------------------------------------ SIGKILL + resume

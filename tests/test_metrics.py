@@ -104,3 +104,24 @@ def test_trajectory_error_known_case():
         metrics.trajectory_error(trajectory, reference, times=[9, 6, 3.5, -1], reference_times=ref_times)
     with pytest.raises(ValueError, match="aligned"):
         metrics.trajectory_error(trajectory, reference)
+
+
+def test_energy_distance_1d_closed_form_and_errors():
+    """X ~ N(0, 1), Y ~ N(1, 1): ED = 2 E|X - Y| - 2 E|X - X'| with X - Y ~ N(-1, 2), E|X - X'| = 2 / sqrt(pi) and
+    E|N(m, s^2)| = s sqrt(2 / pi) exp(-m^2 / 2 s^2) + m (1 - 2 Phi(-m / s)): 0.5418."""
+    import math
+
+    from diffusers_timetuner.metrics import energy_distance
+
+    s2 = math.sqrt(2.0)
+    phi = 0.5 * (1 + math.erf((-1 / s2) / math.sqrt(2)))
+    expected = 2 * (s2 * math.sqrt(2 / math.pi) * math.exp(-1 / 4) + (1 - 2 * phi)) - 2 * 2 / math.sqrt(math.pi)
+    g = torch.Generator().manual_seed(0)
+    x, y, x2 = (torch.randn(3000, 1, generator=g) for _ in range(3))
+    # abs 0.07: about 3 SD of the estimator at n = 3000 (measured SD 0.024 over 20 seeds)
+    assert energy_distance(x, y + 1) == pytest.approx(expected, abs=0.07)
+    assert abs(energy_distance(x, x2)) < 0.02  # unbiased: ~0 for equal distributions
+    with pytest.raises(ValueError, match="same size"):
+        energy_distance(x, torch.randn(10, 2))
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        energy_distance(x[:1], x)

@@ -118,6 +118,28 @@ class Rollout:
                 "multistep solver, e.g. DDIM, DPM-Solver++ 2M, Euler)."
             )
         self.eta = eta
+        self._stochastic: Optional[bool] = None
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the solver's steps draw noise (DDPM, DDIM with eta > 0, SDE variants of DPM-Solver, ...).
+
+        Found by taking the first step twice on a tiny dummy input with two different generators (any scheduler,
+        no network call): a stochastic sampler's per-sample error to a deterministic teacher rewards shrinking the
+        sample spread, so the guard and held-out report judge such samplers by a distribution distance instead.
+        """
+        if self._stochastic is None:
+            x = torch.ones((1, 1, 2, 2), device=self.device)
+            outs = []
+            for seed in (0, 1):
+                sched = copy.deepcopy(self.stepper)
+                gen = torch.Generator(device=self.device).manual_seed(seed)
+                key = self.keys[0]
+                x_in = sched.scale_model_input(x, key)
+                kwargs = step_kwargs(sched, self.eta, gen)
+                outs.append(sched.step(torch.zeros_like(x_in), key, x, **kwargs).prev_sample)
+            self._stochastic = not torch.equal(outs[0], outs[1])
+        return self._stochastic
 
     # ------------------------------------------------------------------ states
     def initial_state(self, x_T: torch.Tensor, cond: Conditioning = None, seed: int = 0, **extras) -> ChunkState:

@@ -8,8 +8,10 @@
   Only for one-step solvers (a multistep solver's history is not defined there) and the per-step paper objectives.
 
 The sequential strategies checkpoint after every step and, with ``guard=True``, end by keeping the prefix of the tuned
-table (steps K .. k tuned, the rest untuned) with the lowest endpoint error on a separate validation set (fresh x_T,
-teacher's final samples), so a table is never worse than no table there.
+table (steps K .. k tuned, the rest untuned) with the lowest validation error on a separate validation set (fresh
+x_T, teacher's final samples), so a table is never worse than no table there. The validation error is the endpoint
+MSE to the teacher for deterministic samplers and the energy distance to the teacher's samples for stochastic ones
+(``validation_metric``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..denoiser import slice_conditioning
+from ..metrics import energy_distance
 from .distributed import Distributed
 from .objectives import Objective, Teacher, per_sample_sq
 from .report import StepRecord
 from .rollout import ChunkState, Rollout
 
 STRATEGIES = ("sequential", "data_free", "parallel")
+VALIDATION_METRICS = ("endpoint_mse", "energy_distance")
 
 
 @dataclass
@@ -66,6 +70,7 @@ class StepCountJob:
     checkpoint: Any = None
     log: Callable[[str], None] = print
     progress: bool = False
+    validation_metric: str = "endpoint_mse"
     records: List[StepRecord] = field(default_factory=list)
 
     @property
@@ -84,6 +89,7 @@ def _chunks(job: StepCountJob, cset: CalibrationSet, from_data: bool, seed: int,
         x_T = r.data_to_state(cset.x0[idx], noise, 0) if from_data else r.noise_to_state(noise)
         cond = slice_conditioning(cset.cond, idx)
         extras = {"x0": cset.x0[idx].to(r.device)} if cset.x0 is not None else {}
+        extras["rows"] = idx  # global sample indices (to gather whole sets for the energy distance)
         state = r.initial_state(x_T, cond, seed=seed * 1_000_003 + int(idx[0]), **extras)
         if teacher:
             state.extras["teacher_states"] = job.teacher.targets(
@@ -114,6 +120,23 @@ def _endpoint_error(job: StepCountJob, chunks, taus, num_samples: int) -> float:
             final = job.rollout.run(s, taus)
             local = local + per_sample_sq(final.x, s.extras["teacher_states"][-1]).sum()
     return float(job.dist.sum(local)) / num_samples
+
+
+def _validation_error(job: StepCountJob, chunks, taus, num_samples: int) -> float:
+    """The guard's error of a table on the validation states: ``endpoint_mse`` (mean squared distance of each final
+    sample to the teacher's from the same x_T) or ``energy_distance`` (between the whole set of final samples and the
+    teacher's; for stochastic samplers, whose per-sample error rewards shrinking the spread of the samples)."""
+    if job.validation_metric == "endpoint_mse":
+        return _endpoint_error(job, chunks, taus, num_samples)
+    shape = tuple(job.validation.noise.shape[1:])
+    both = torch.zeros((2, num_samples, *shape), dtype=torch.float64)  # this process's rows; zeros elsewhere
+    with torch.no_grad():
+        for s in chunks.values():
+            rows = s.extras["rows"]
+            both[0, rows] = job.rollout.run(s, taus).x.detach().double().cpu()
+            both[1, rows] = s.extras["teacher_states"][-1].detach().double().cpu()
+    both = job.dist.sum(both)
+    return energy_distance(both[0], both[1])
 
 
 def _forward_backward(job: StepCountJob) -> tuple:
@@ -202,23 +225,23 @@ def _guard_prefix(job: StepCountJob, val, snaps, taus, grid, last) -> List[float
     Candidates: the prefix tables "tau_K .. tau_{k+1} tuned, the rest untuned" for k = 0 .. (all tuned). A prefix is
     judged as a whole (later tuned steps may compensate an earlier one, which a per-step check with the rest untuned
     would wrongly refuse: measured on the MNIST UNet, teacher_local's first step alone doubles the validation error,
-    the full table lowers it). The prefix with the lowest validation endpoint error is kept (the full table on ties).
+    the full table lowers it). The prefix with the lowest validation error is kept (the full table on ties).
     """
     num = len(job.validation)
     errors = []
     for k in range(last + 1):
         trial = list(taus[:k]) + list(grid[k:])
         if k < last:
-            errors.append(_endpoint_error(job, snaps[k], trial, num))
+            errors.append(_validation_error(job, snaps[k], trial, num))
         else:
-            errors.append(_endpoint_error(job, val, trial, num))  # val states are at the end already
+            errors.append(_validation_error(job, val, trial, num))  # val states are at the end already
     best = min(range(last + 1), key=lambda k: (errors[k], -k))
     for rec in job.records:
         rec.validation_before, rec.validation_after = errors[0], errors[best]
         if rec.step >= best:
             rec.kept, rec.tau, rec.loss_after = False, rec.t, rec.loss_before
     if best < last:
-        job.log(f"n={job.n}: validation guard keeps only the first {best} tuned step(s) (validation endpoint MSE: "
+        job.log(f"n={job.n}: validation guard keeps only the first {best} tuned step(s) ({job.validation_metric}: "
                 f"untuned {errors[0]:.4g}, full table {errors[-1]:.4g}, kept {errors[best]:.4g}).")
     return list(taus[:best]) + list(grid[best:])
 
@@ -307,11 +330,11 @@ def _run_joint(job: StepCountJob, chunks, val, taus, last) -> List[float]:
     loss_after = _endpoint_error(job, chunks, tuned, len(job.calib))
     kept = True
     if val is not None:
-        before_val = _endpoint_error(job, val, taus, len(job.validation))
-        after_val = _endpoint_error(job, val, tuned, len(job.validation))
+        before_val = _validation_error(job, val, taus, len(job.validation))
+        after_val = _validation_error(job, val, tuned, len(job.validation))
         kept = after_val <= before_val
         if not kept:
-            job.log(f"n={job.n}: the jointly tuned table worsens the validation endpoint error "
+            job.log(f"n={job.n}: the jointly tuned table worsens the validation {job.validation_metric} "
                     f"({before_val:.4g} -> {after_val:.4g}); keeping tau = t.")
     final_taus = tuned if kept else list(taus)
     fwd = _forward_backward(job)[0] - fwd0

@@ -60,6 +60,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_validation_samples", type=int, default=16, help="Samples of the step guard.")
     p.add_argument("--no_guard", action="store_true",
                    help="Ship the full tuned table even if a shorter prefix (or none) is better on validation.")
+    p.add_argument("--validation_metric", default="auto", choices=["auto", "endpoint_mse", "energy_distance"],
+                   help="What the guard and the held-out verdict compare (auto: energy distance for stochastic "
+                        "samplers such as DDPM, endpoint MSE otherwise).")
     p.add_argument("--teacher_steps", type=int, default=None,
                    help="Teacher step count (default about 5 n; more is a more accurate reference).")
     p.add_argument("--eta", type=float, default=None)
@@ -115,6 +118,7 @@ def main(args: argparse.Namespace):
         conditions=conditions, negative_conditions=negative, data=data, num_samples=args.num_samples,
         batch_size=args.batch_size, num_validation_samples=args.num_validation_samples,
         num_heldout_samples=args.num_heldout_samples, teacher_steps=args.teacher_steps, guard=not args.no_guard,
+        validation_metric=args.validation_metric,
         eta=args.eta, seed=args.seed, accelerator=accelerator, checkpoint_dir=checkpoint_dir,
         progress=not args.no_progress, model_id=model_id,
     )
@@ -123,8 +127,8 @@ def main(args: argparse.Namespace):
                                             "num_processes": accelerator.num_processes})
         for n, rep in sorted(result.reports.items()):
             h = rep.heldout
-            logger.info(f"n={n}: taus {[round(t, 2) for t in rep.taus]}; held-out endpoint MSE "
-                        f"{h['endpoint_mse_untuned']:.5g} -> {h['endpoint_mse_tuned']:.5g} "
+            logger.info(f"n={n}: taus {[round(t, 2) for t in rep.taus]}; held-out {h['metric']} "
+                        f"{h['untuned']:.5g} -> {h['tuned']:.5g} "
                         f"({100 * h['relative_change']:+.1f}%); {rep.forward_samples} forward samples, "
                         f"{rep.seconds:.1f} s")
         # the run finished: its per-step checkpoints are no longer needed
