@@ -328,3 +328,23 @@ def test_repeated_taus_are_made_distinct():
     assert out[:3] == [900.0, 500.0, 400.0] and out[4] == 0.0
     assert abs(out[3] - 400.0) <= 0.02 and abs(out[3] - 400.0) > 1e-3
     ddim().with_tuned_timesteps(5, out)  # a valid table
+
+
+def test_calibration_runs_where_the_network_is_without_an_accelerator():
+    """No accelerator: calibrate on the network's own device (it used to move a GPU model to the CPU)."""
+    from diffusers_timetuner.calibration.api import model_device
+
+    assert model_device(torch.nn.Linear(2, 2).to("meta")).type == "meta"
+    assert model_device(tiny_unet()).type == "cpu"
+    assert model_device(lambda x, t: x).type == "cpu"  # a parameter-free callable
+    sched = ddim()
+    assert model_device(GaussianEps(sched.alphas_cumprod)).type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+def test_a_cuda_network_is_calibrated_on_cuda_and_left_there():
+    unet = tiny_unet().to("cuda")
+    res = calibrate(unet, ddim(), 3, num_samples=4, batch_size=4, num_validation_samples=2, num_heldout_samples=2,
+                    teacher_steps=9, progress=False)
+    assert next(unet.parameters()).is_cuda
+    assert res.reports[3].forward_samples > 0

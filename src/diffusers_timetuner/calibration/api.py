@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -151,14 +152,14 @@ def calibrate(
         sample_shape: per-sample shape (C, H, W); default from ``data`` or the model's config.
         seed: seeds every random draw (calibration, validation and held-out sets are disjoint draws).
         accelerator: an ``accelerate.Accelerator``: samples are split across its processes and losses / gradients
-            reduced, so every process returns the same table.
+            reduced, so every process returns the same table, and the network runs on its device. ``None``: one
+            process, on the device the network is already on (``pipe.to("cuda")`` first to calibrate on a GPU).
         checkpoint_dir: write a checkpoint after every step there and resume from it when present.
         progress: tqdm bars (main process only).
         model_id: recorded in the table's info.
     """
     started = time.perf_counter()
     dist = Distributed(accelerator)
-    device = dist.device
     if isinstance(num_inference_steps, int):
         num_inference_steps = [num_inference_steps]
     steps = [int(n) for n in num_inference_steps]
@@ -171,6 +172,8 @@ def calibrate(
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}.")
 
     model, pipeline = resolve_model(model_or_pipeline)
+    # Where the network already is (a pipeline moved to "cuda" calibrates there); an accelerator decides otherwise.
+    device = dist.device if accelerator is not None else model_device(model)
     base = resolve_scheduler(scheduler, pipeline)
     untuned = untuned_copy(base)
     train_steps = int(untuned.config.num_train_timesteps)
@@ -295,6 +298,17 @@ def calibrate(
         reports[n] = rep
     settings["seconds"] = time.perf_counter() - started
     return CalibrationResult(result_sched, reports, settings)
+
+
+def model_device(model) -> torch.device:
+    """The device of the network's first parameter (or buffer); CPU for a parameter-free model."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(model, torch.nn.Module):
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
 
 
 def _se_note(held: Dict[str, Any]) -> str:
