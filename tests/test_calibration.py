@@ -348,3 +348,47 @@ def test_a_cuda_network_is_calibrated_on_cuda_and_left_there():
                     teacher_steps=9, progress=False)
     assert next(unet.parameters()).is_cuda
     assert res.reports[3].forward_samples > 0
+
+
+def test_custom_grid_is_calibrated_and_sampled_with_the_same_timesteps():
+    """A custom (quadratic-like) grid: the table records it, `set_timesteps(timesteps=grid)` applies it, and the
+    scheduler's own grid for the same n is refused (the table was tuned elsewhere)."""
+    sched = ddim()
+    model = GaussianEps(sched.alphas_cumprod)
+    grid = [999, 640, 360, 160, 40]
+    res = calibrate(model, sched, timesteps=grid, objective="endpoint", **_small())
+    rep = res.reports[5]
+    assert rep.grid == [float(t) for t in grid]
+    assert rep.heldout["endpoint_mse_tuned"] < rep.heldout["endpoint_mse_untuned"]
+    tuned = copy.deepcopy(res.scheduler)
+    tuned.set_timesteps(timesteps=grid)
+    assert tuned.grid_timesteps.tolist() == grid and tuned.timesteps.tolist() == pytest.approx(rep.taus)
+    # the held-out number is what sampling on that grid gives (the report's path is the inference path)
+    noise = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(3))
+    out = sample_trajectory(Denoiser(model), tuned, noise, None)[-1]
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="was tuned on the grid"):
+        copy.deepcopy(res.scheduler).set_timesteps(5)
+    assert res.scheduler.config.tuning_info["5"]["custom_grid"] == grid
+    # a multistep solver on the same custom grid (the paper pairs DPM-Solver with a log-SNR grid)
+    from diffusers_timetuner.schedulers import TimeTunerDPMSolverScheduler
+
+    dpm = calibrate(model, TimeTunerDPMSolverScheduler(), timesteps=grid, **_small())
+    assert dpm.reports[5].grid == [float(t) for t in grid]
+
+
+def test_custom_grid_errors_are_clear():
+    sched = ddim()
+    model = GaussianEps(sched.alphas_cumprod)
+    with pytest.raises(ValueError, match="strictly descending"):
+        calibrate(model, sched, timesteps=[10, 500, 900], **_small())
+    with pytest.raises(ValueError, match="disagrees with the custom grid"):
+        calibrate(model, sched, 4, timesteps=[900, 500, 10], **_small())
+    from diffusers_timetuner.schedulers import TimeTunerDDIMScheduler
+
+    class GridOnly(TimeTunerDDIMScheduler):  # a scheduler whose set_timesteps has no `timesteps` argument
+        def set_timesteps(self, num_inference_steps, device=None):
+            return super().set_timesteps(num_inference_steps, device)
+
+    with pytest.raises(ValueError, match="cannot run a custom grid"):
+        calibrate(model, GridOnly(clip_sample=False), timesteps=[900, 500, 10], **_small())

@@ -67,6 +67,19 @@ def test_cli_writes_a_loadable_config_report_and_plot(tiny_pipeline_dir, tmp_pat
     main(parse_args(_cli_args(tiny_pipeline_dir, out, "--overwrite_output_dir")))
 
 
+def test_cli_calibrates_a_custom_grid(tiny_pipeline_dir, tmp_path):
+    from diffusers_timetuner.cli.calibrate import main, parse_args
+    from diffusers_timetuner.schedulers import TimeTunerDDIMScheduler
+
+    out = tmp_path / "grid"
+    args = [a for a in _cli_args(tiny_pipeline_dir, out) if a not in ("--num_inference_steps", "3")]
+    res = main(parse_args([*args, "--timesteps", "999", "600", "200"]))
+    loaded = TimeTunerDDIMScheduler.from_pretrained(out)
+    loaded.set_timesteps(timesteps=[999, 600, 200])
+    assert loaded.grid_timesteps.tolist() == [999, 600, 200]
+    assert loaded.timesteps.tolist() == pytest.approx(res.tables[3], abs=1e-4)
+
+
 def test_cli_errors(tiny_pipeline_dir, tmp_path):
     from diffusers_timetuner.cli.calibrate import main, parse_args
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from ..denoiser import Denoiser
@@ -84,8 +86,9 @@ class CalibrationResult:
 def calibrate(
     model_or_pipeline,
     scheduler=None,
-    num_inference_steps: Union[int, Sequence[int]] = 10,
+    num_inference_steps: Union[int, Sequence[int], None] = None,
     *,
+    timesteps: Optional[Sequence[int]] = None,
     objective: str = DEFAULT_OBJECTIVE,
     strategy: Optional[str] = None,
     optimizer: Union[str, Any] = DEFAULT_OPTIMIZER,
@@ -119,7 +122,11 @@ def calibrate(
         scheduler: a TimeTuner scheduler, a plain Diffusers scheduler of a supported class (converted to its
             TimeTuner class), or a name (``"ddim"``, ``"ddpm"``, ``"dpmsolver"``, ``"dpmsolver_singlestep"``,
             ``"euler"`` or a class name). ``None``: the pipeline's scheduler.
-        num_inference_steps: one step count n or several; one table per n.
+        num_inference_steps: one step count n or several; one table per n. ``None``: 10, or ``len(timesteps)``.
+        timesteps: a custom grid t_K > ... > t_1 (descending integer training timesteps, as a pipeline's
+            ``timesteps=`` argument) to calibrate one table on, e.g. the paper's quadratic or a log-SNR grid. The
+            table records it: sample with ``pipe(..., timesteps=the same grid)``. Needs a scheduler whose
+            ``set_timesteps`` accepts ``timesteps``.
         objective: ``"teacher_local"`` (default: match a many-step teacher's state after every step, from the same
             x_T; cheap, see ``DEFAULT_OBJECTIVE`` for the measurements), ``"endpoint"`` (match the teacher's final
             sample; the most accurate on the exact GMM, ~3-4x the cost),
@@ -160,6 +167,16 @@ def calibrate(
     """
     started = time.perf_counter()
     dist = Distributed(accelerator)
+    if timesteps is not None:
+        timesteps = [int(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]
+        if num_inference_steps is not None and [int(n) for n in np.atleast_1d(num_inference_steps)] != [
+            len(timesteps)
+        ]:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} disagrees with the custom grid of "
+                             f"{len(timesteps)} timesteps: pass only `timesteps` (one table, n = len(timesteps)).")
+        num_inference_steps = len(timesteps)
+    if num_inference_steps is None:
+        num_inference_steps = 10
     if isinstance(num_inference_steps, int):
         num_inference_steps = [num_inference_steps]
     steps = [int(n) for n in num_inference_steps]
@@ -183,6 +200,8 @@ def calibrate(
                 f"num_inference_steps={n} is not in [1, {train_steps}]: the model was trained with "
                 f"{train_steps} timesteps ({type(untuned).__name__}.config.num_train_timesteps)."
             )
+    if timesteps is not None:
+        check_custom_grid(untuned, timesteps)
 
     objective_obj = get_objective(objective)
     strategy = strategy or ("sequential" if data is not None else "data_free")
@@ -231,7 +250,7 @@ def calibrate(
         "num_validation_samples": int(num_validation_samples or 0) if guard else 0,
         "num_heldout_samples": int(num_heldout_samples), "guard": bool(guard),
         "validation_metric": validation_metric, "seed": int(seed),
-        "eta": eta, "scheduler_class": type(base).__name__, "model_id": model_id,
+        "eta": eta, "scheduler_class": type(base).__name__, "model_id": model_id, "custom_grid": timesteps,
         "prediction_type": getattr(untuned.config, "prediction_type", None),
         "data_free": data is None, "num_processes": dist.world_size,
         "conditioning": cond_set.description,
@@ -246,7 +265,7 @@ def calibrate(
     for n in steps:
         tick = time.perf_counter()
         fwd0 = denoiser.num_forward_samples
-        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device)
+        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=timesteps)
         m = int(teacher_steps or default_teacher_steps(untuned, n, rollout.grid_list))
         teacher = Teacher(denoiser, untuned, m, device=device, coarse_grid=rollout.grid_list)
         m = teacher.num_inference_steps
@@ -298,6 +317,23 @@ def calibrate(
         reports[n] = rep
     settings["seconds"] = time.perf_counter() - started
     return CalibrationResult(result_sched, reports, settings)
+
+
+def check_custom_grid(scheduler, timesteps: Sequence[int]) -> None:
+    """Refuse a custom grid that is not descending integers in range, or a scheduler without custom grids."""
+    from ..schedulers.mixin import validate_custom_timesteps
+
+    validate_custom_timesteps(timesteps, int(scheduler.config.num_train_timesteps))
+    probe = copy.deepcopy(scheduler)
+    try:
+        probe.set_timesteps(timesteps=list(timesteps))
+    except TypeError as err:  # the parent's set_timesteps has no `timesteps` argument
+        raise ValueError(f"{type(scheduler).__name__} cannot run a custom grid (`set_timesteps(timesteps=...)`): "
+                         "calibrate it with num_inference_steps, or use DDIM, DDPM, DPM-Solver multistep or "
+                         "Euler.") from err
+    if len(probe.timesteps) != len(timesteps):
+        raise ValueError(f"{type(scheduler).__name__} makes {len(probe.timesteps)} model evaluations on the custom "
+                         f"grid of {len(timesteps)} timesteps; calibration needs one per grid time.")
 
 
 def model_device(model) -> torch.device:

@@ -100,7 +100,9 @@ def evaluate_heldout(rollout, tuned_scheduler, teacher, noise, cond, dist, batch
         if finals is not None:
             finals[2, idx] = targets[-1].double().cpu()
         for k, (name, sched) in enumerate((("tuned", tuned_scheduler), ("untuned", rollout.scheduler))):
-            states = sample_trajectory(rollout.denoiser, copy.deepcopy(sched), x, n, c,
+            sched = copy.deepcopy(sched)
+            rollout.set_grid(sched)  # the rollout's grid (a custom one too); sampling keeps it (steps=None)
+            states = sample_trajectory(rollout.denoiser, sched, x, None, c,
                                        eta=rollout.eta, generator=torch.Generator().manual_seed(1))[1:]
             if finals is not None:
                 finals[k, idx] = states[-1].double().cpu()

@@ -90,15 +90,19 @@ class Rollout:
         num_inference_steps: n, the number of model evaluations of the coarse sampler.
         eta: DDIM's eta (passed to ``step`` when accepted).
         device: where states live.
+        timesteps: a custom grid t_K > ... > t_1 (integers, ``set_timesteps(timesteps=...)``) instead of the
+            scheduler's own grid for ``num_inference_steps``; its length must be ``num_inference_steps``.
     """
 
-    def __init__(self, denoiser, scheduler, num_inference_steps: int, *, eta: Optional[float] = None, device=None):
+    def __init__(self, denoiser, scheduler, num_inference_steps: int, *, eta: Optional[float] = None, device=None,
+                 timesteps: Optional[Sequence[int]] = None):
         self.denoiser = denoiser
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.num_inference_steps = num_inference_steps
+        self.custom_grid = None if timesteps is None else [int(t) for t in timesteps]
         # The untuned sampler (the baseline: exactly the parent scheduler) ...
         self.scheduler = copy.deepcopy(scheduler)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.set_grid(self.scheduler)
         # t_K, ..., t_1 in sampling order: what the solver integrates on.
         self.grid = grid_timesteps(self.scheduler).detach().to(torch.float64).cpu()
         # ... and the stepping scheduler: the same config with the identity table tau_i = t_i, so that every step
@@ -108,7 +112,7 @@ class Rollout:
         if hasattr(scheduler, "with_tuned_timesteps"):
             grid = self.grid.tolist()
             self.stepper = scheduler.with_tuned_timesteps(num_inference_steps, grid, grid=grid)
-            self.stepper.set_timesteps(num_inference_steps, device=self.device)
+            self.set_grid(self.stepper)
         # Step-index keys: what `step` is told (tau_i = t_i in float32 for the identity table).
         self.keys = self.stepper.timesteps
         if len(self.keys) != num_inference_steps:
@@ -119,6 +123,13 @@ class Rollout:
             )
         self.eta = eta
         self._stochastic: Optional[bool] = None
+
+    def set_grid(self, scheduler) -> None:
+        """``set_timesteps`` for this rollout's grid: the scheduler's own for n steps, or the custom one."""
+        if self.custom_grid is None:
+            scheduler.set_timesteps(self.num_inference_steps, device=self.device)
+        else:
+            scheduler.set_timesteps(timesteps=self.custom_grid, device=self.device)
 
     @property
     def stochastic(self) -> bool:

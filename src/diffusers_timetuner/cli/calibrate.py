@@ -39,7 +39,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--scheduler", default="ddim",
                    help="ddim, ddpm, dpmsolver, dpmsolver_singlestep, euler, or a (TimeTuner) scheduler class name; "
                         "built from the model's scheduler config.")
-    p.add_argument("--num_inference_steps", type=int, nargs="+", default=[10], help="One or more step counts.")
+    p.add_argument("--num_inference_steps", type=int, nargs="+", default=None,
+                   help="One or more step counts (default 10, or the length of --timesteps).")
+    p.add_argument("--timesteps", type=int, nargs="+", default=None,
+                   help="A custom grid t_K > ... > t_1 (descending integers) to calibrate one table on; sample "
+                        "with pipe(..., timesteps=<the same grid>).")
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="Default: sequential with --data_dir, else data_free.")
     p.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE)
@@ -107,13 +111,15 @@ def main(args: argparse.Namespace):
     logger.info(
         f"timetuner-calibrate on {accelerator.num_processes} process(es), device {accelerator.device} "
         f"({accelerator.distributed_type}); model {model_id}; scheduler {args.scheduler}; steps "
-        f"{args.num_inference_steps}; objective {args.objective}; optimizer {args.optimizer}; "
+        f"{args.timesteps or args.num_inference_steps or [10]}; objective {args.objective}; "
+        f"optimizer {args.optimizer}; "
         f"strategy {args.strategy or ('sequential' if data is not None else 'data_free')}; "
         f"guidance {args.guidance_scale}; {args.num_samples} samples", main_process_only=True)
 
     optimizer_kwargs = {"num_steps": args.adam_steps} if args.optimizer == "adam" else {}
     result = calibrate(
-        pipeline, args.scheduler, args.num_inference_steps, objective=args.objective, strategy=args.strategy,
+        pipeline, args.scheduler, args.num_inference_steps, timesteps=args.timesteps, objective=args.objective,
+        strategy=args.strategy,
         optimizer=args.optimizer, optimizer_kwargs=optimizer_kwargs, guidance_scale=args.guidance_scale,
         conditions=conditions, negative_conditions=negative, data=data, num_samples=args.num_samples,
         batch_size=args.batch_size, num_validation_samples=args.num_validation_samples,
@@ -139,7 +145,7 @@ def main(args: argparse.Namespace):
 
             # base_model is inferred from the recorded model id (local paths and bundled testbeds are skipped).
             push_tuned_schedule(args.output_dir, args.hub_model_id, private=args.hub_private,
-                                commit_message=f"TimeTuner tables for {args.num_inference_steps} steps")
+                                commit_message=f"TimeTuner tables for {sorted(result.reports)} steps")
             logger.info(f"pushed to {args.hub_model_id}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
