@@ -301,7 +301,7 @@ def calibrate(
         if held["worse_than_untuned"]:
             msg = (f"TUNING MADE IT WORSE for n={n}: held-out {metric} to the {m}-step teacher "
                    f"{held['untuned']:.5g} (untuned) -> {held['tuned']:.5g} (tuned){_se_note(held)}. "
-                   "Do not ship this table; try more samples, objective='endpoint' or guard=True.")
+                   + _worse_advice(held, job.guard))
             rep.warnings.append(msg)
             if dist.is_main_process:
                 logger.warning(msg)
@@ -334,6 +334,15 @@ def check_custom_grid(scheduler, timesteps: Sequence[int]) -> None:
     if len(probe.timesteps) != len(timesteps):
         raise ValueError(f"{type(scheduler).__name__} makes {len(probe.timesteps)} model evaluations on the custom "
                          f"grid of {len(timesteps)} timesteps; calibration needs one per grid time.")
+
+
+def _worse_advice(held: Dict[str, Any], guarded: bool) -> str:
+    """What to do about a table the held-out set finds worse, and whether that may be noise (< 2 SE)."""
+    se, diff = held.get("change_se"), held["tuned"] - held["untuned"]
+    noise = "Within 2 standard errors, so possibly noise of the held-out set; still, " if se and diff < 2 * se else ""
+    fix = "more calibration and validation samples or objective='endpoint'" + ("" if guarded else ", or guard=True")
+    advice = f"do not ship this table untested: try {fix}."
+    return noise + advice if noise else advice[0].upper() + advice[1:]
 
 
 def model_device(model) -> torch.device:
