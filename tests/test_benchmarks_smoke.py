@@ -23,7 +23,7 @@ EXPECTED = {
     "trajectory_error": ["testbeds", "settings"],
     "peers": ["testbeds", "settings"],
     "calibration_cost": ["testbeds", "settings", "throughput"],
-    "inference_overhead": ["pipeline", "scheduler_only_s_per_step", "settings"],
+    "inference_overhead": ["pipeline", "scheduler_only_s_per_step", "scheduler_bound", "settings"],
 }
 META = ["name", "command", "size", "device", "versions", "git_commit", "wall_time_s", "results"]
 
@@ -97,3 +97,41 @@ def test_summary_is_computed_from_the_json(quick_run):
         assert t["met"] in (True, False, None)
     # quick sizes never claim a target that needs the published sizes
     assert next(t for t in summary["targets"] if t["target"].startswith("MNIST DDIM NFE=10"))["met"] is None
+
+
+@pytest.mark.slow
+def test_overhead_reports_paired_ratios_with_an_interval_and_a_bound(quick_run):
+    out, _ = quick_run
+    res = json.loads((out / "inference_overhead.json").read_text())["results"]
+    p = res["pipeline"]
+    assert len(p["paired_ratios"]) == res["settings"]["reps"] == len(p["times_s"]["tuned"])
+    lo, hi = p["paired_ratio_ci95"]
+    assert min(p["paired_ratios"]) <= lo <= p["median_paired_ratio"] <= hi <= max(p["paired_ratios"])
+    first = p["first_in_rep"]
+    assert set(first) == {"untuned", "tuned"} and all(a != b for a, b in zip(first, first[1:]))  # order alternates
+    b = res["scheduler_bound"]
+    diff = b["scheduler_s_per_step"]["tuned"] - b["scheduler_s_per_step"]["untuned"]
+    assert b["ratio_bound"] == pytest.approx(1 + diff / b["pipeline_untuned_s_per_step"])
+
+
+def _overhead_json(lo, hi):
+    """A minimal inference_overhead.json payload with the given 95% interval (numbers made up for the verdict)."""
+    return {"device": "cpu", "results": {
+        "settings": {"batch": 4},
+        "pipeline": {"paired_ratio_ci95": [lo, hi], "median_paired_ratio": (lo + hi) / 2, "paired_ratios": [1.0] * 5,
+                     "ratio_tuned_over_untuned": (lo + hi) / 2},
+        "scheduler_bound": {"scheduler_s_per_step": {"untuned": 80e-6, "tuned": 85e-6},
+                            "pipeline_untuned_s_per_step": 0.05, "ratio_bound": 1.0001}}}
+
+
+@pytest.mark.parametrize("lo,hi,met,verdict", [
+    (0.990, 1.0100, True, "met"),  # the whole interval at or below 1.01
+    (1.0101, 1.03, False, "missed"),  # the whole interval above
+    (0.995, 1.02, None, "unresolved (CI straddles 1.01)"),
+])
+def test_overhead_target_verdict_follows_the_interval(lo, hi, met, verdict):
+    from benchmarks import run_all
+
+    t = run_all.overhead_target(_overhead_json(lo, hi))
+    assert t["met"] is met and run_all.verdict_text(t) == verdict
+    assert "1.00010" in t["note"] and f"[{lo:.4f}, {hi:.4f}]" in t["measured"]  # bound and CI always printed

@@ -308,6 +308,77 @@ def test_dpm_no_silent_fallback_and_order_check():
         sched.step(fake_model(x, sched.timesteps[2]), sched.timesteps[2], x)
 
 
+def _outcome(fn):
+    try:
+        return ("index", fn())
+    except ValueError as err:
+        return ("error", str(err))
+
+
+def _tricky_schedules():
+    """Schedules for the prepared lookup: distinct, near-duplicate (inside / just outside the tolerance, which at 500
+    is 1e-5 + 1e-6 * 500 = 5.1e-4 by table.TAU_ATOL / TAU_RTOL), exact duplicates, one entry, empty, a NaN entry."""
+    return [
+        torch.tensor(TAUS4),
+        torch.tensor([999.0, 899.5, 500.0, 500.0004, 3.0]),
+        torch.tensor([999.0, 500.0, 500.0006, 0.0], dtype=torch.float64),
+        torch.tensor([5.0, 7.0, 5.0]),
+        torch.tensor([0.0, -0.0, 1e-6]),
+        torch.tensor([42.0]),
+        torch.tensor([], dtype=torch.float32),
+        torch.tensor([3.0, float("nan"), 1.0]),
+    ]
+
+
+@pytest.mark.parametrize("schedule", _tricky_schedules(), ids=lambda s: str(s.tolist()))
+def test_prepared_lookup_agrees_with_find_timestep_index(schedule):
+    """The scheduler's cached per-schedule lookup must return the same index, or raise the same error, as the plain
+    scan `find_timestep_index` for exact entries, float64 neighbours at and around the tolerance, NaN and inf."""
+    sched = TimeTunerDDIMScheduler(tuned_timesteps={4: TAUS4})
+    sched.set_timesteps(4)
+    queries = [float("nan"), float("inf"), 123.456]
+    for v in schedule.tolist():
+        tol = 1e-5 + 1e-6 * abs(v)  # table.TAU_ATOL + TAU_RTOL * |v|
+        queries += [v] + [v + f * tol for f in (-1.001, -0.999, -0.5, 0.5, 0.999, 1.001, 2.5)]
+    for q in queries:
+        for t in (q, torch.tensor(q), torch.tensor(q, dtype=torch.float64)):
+            want = _outcome(lambda: find_timestep_index(schedule, t, what="scheduler.timesteps (tuned taus)"))
+            got = _outcome(lambda: sched.index_for_timestep(t, schedule_timesteps=schedule))
+            assert got == want, (schedule.tolist(), q)
+
+
+def test_prepared_lookup_follows_changes_of_the_timesteps():
+    """The cache is keyed by the tensor: in-place edits, reassignment and inference-mode tensors take effect."""
+    sched = TimeTunerDDIMScheduler(tuned_timesteps={4: TAUS4})
+    sched.set_timesteps(4)
+    assert sched.index_for_timestep(760.25) == 0
+    sched.timesteps[0] = 900.5  # in place
+    assert sched.index_for_timestep(900.5) == 0
+    with pytest.raises(ValueError, match="is not one of"):
+        sched.index_for_timestep(760.25)
+    sched.timesteps = sched.timesteps.flip(0)  # a new tensor
+    assert sched.index_for_timestep(900.5) == 3
+    with torch.inference_mode():  # inference tensors have no version counter
+        sched.set_timesteps(4)
+        assert sched.index_for_timestep(505.5) == 1
+        sched.timesteps[1] = 600.5
+        assert sched.index_for_timestep(600.5) == 1
+        with pytest.raises(ValueError, match="is not one of"):
+            sched.index_for_timestep(505.5)
+
+
+def test_ddim_tuned_step_follows_an_edited_grid():
+    """DDIM reads the grid as prepared Python ints: an in-place edit of `grid_timesteps` must still be seen."""
+    x, eps = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+    edited = TimeTunerDDIMScheduler(clip_sample=False, tuned_timesteps={4: TAUS4})
+    edited.set_timesteps(4)
+    edited.step(eps, edited.timesteps[0], x)  # prepares the grid 750, 500, 250, 0
+    edited.grid_timesteps[1] = 400
+    got = edited.step(eps, edited.timesteps[0], x).prev_sample
+    a_t, a_prev = edited.alphas_cumprod[750], edited.alphas_cumprod[400]
+    assert torch.allclose(got, _ddim_step(x, eps, a_t, a_prev), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_add_noise_uses_the_grid_noise_level(name):
     ours_cls, parent_cls = PAIRS[name]

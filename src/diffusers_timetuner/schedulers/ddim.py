@@ -143,10 +143,12 @@ class TimeTunerDDIMScheduler(TimeTunerMixin, DDIMScheduler):
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
 
-        # 1. step index i from what the network saw (tau_i), then the grid: t_i and t_{i-1} (-1 = past the end)
+        # 1. step index i from what the network saw (tau_i), then the grid: t_i and t_{i-1} (-1 = past the end),
+        #    as Python ints prepared once per grid (no tensor op per step; same alphas_cumprod entries)
         i = self.index_for_timestep(timestep)
-        t = self.grid_timesteps[i]
-        prev_t = self.grid_timesteps[i + 1] if i + 1 < len(self.grid_timesteps) else -1
+        grid = self._prepared(self.grid_timesteps).floats
+        t = int(grid[i])
+        prev_t = int(grid[i + 1]) if i + 1 < len(grid) else -1
 
         # 2. alphas, betas at the grid times (alpha_prod_t = alpha-bar_{t_i}); the parent's expressions and order
         alpha_prod_t = self.alphas_cumprod[t]

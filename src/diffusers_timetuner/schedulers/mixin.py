@@ -13,8 +13,9 @@ tau only decides what the network sees.** So after ``set_timesteps(n)``:
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -100,6 +101,24 @@ def _is_integer_timestep(timestep: Any) -> bool:
     return isinstance(timestep, numbers.Integral) and not isinstance(timestep, bool)
 
 
+def _matches(values: np.ndarray, t: float) -> np.ndarray:
+    """Indices of the float64 `values` within the table tolerance of `t`: |v - t| <= atol + rtol * max(|v|, |t|)."""
+    tol = TAU_ATOL + TAU_RTOL * np.maximum(np.abs(values), abs(t))
+    return np.flatnonzero(np.abs(values - t) <= tol)
+
+
+def _raise_no_single_match(values: np.ndarray, t: float, hits: Sequence[int], what: str) -> NoReturn:
+    shown = [round(v, 4) for v in values.tolist()]
+    if len(hits) == 0:
+        raise ValueError(
+            f"Timestep {t!r} is not one of {what} {shown}. Pass the timesteps the scheduler gives you "
+            "(`scheduler.timesteps`, which hold the tuned tau values when a table is active), unchanged."
+        )
+    raise ValueError(
+        f"Timestep {t!r} matches several entries {list(hits)} of {what} {shown}; the step is ambiguous."
+    )
+
+
 def find_timestep_index(schedule: torch.Tensor, timestep: Any, *, what: str = "scheduler.timesteps") -> int:
     """Index of `timestep` in `schedule`, matched within the table tolerance (never exact float equality).
 
@@ -107,18 +126,69 @@ def find_timestep_index(schedule: torch.Tensor, timestep: Any, *, what: str = "s
         ValueError: when no entry or more than one entry matches.
     """
     t = _scalar(timestep)
-    values = schedule.detach().to("cpu", torch.float64)
-    tol = TAU_ATOL + TAU_RTOL * torch.clamp(values.abs(), min=abs(t))
-    hits = ((values - t).abs() <= tol).nonzero().flatten().tolist()
+    values = schedule.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    hits = _matches(values, t).tolist()
     if len(hits) == 1:
         return hits[0]
-    shown = [round(v, 4) for v in values.tolist()]
-    if not hits:
-        raise ValueError(
-            f"Timestep {t!r} is not one of {what} {shown}. Pass the timesteps the scheduler gives you "
-            "(`scheduler.timesteps`, which hold the tuned tau values when a table is active), unchanged."
-        )
-    raise ValueError(f"Timestep {t!r} matches several entries {hits} of {what} {shown}; the step is ambiguous.")
+    _raise_no_single_match(values, t, hits, what)
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The in-place modification counter of `tensor`; `None` for inference-mode tensors, which have none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+class _TimestepLookup:
+    """`find_timestep_index` for one schedule tensor, prepared once so that a step costs no tensor operation.
+
+    The schedule is copied to CPU float64 once. Entries that no other entry lies within the tolerance of go into a
+    dict, so the usual call (the pipeline passes back an exact element of the schedule) is one dict look-up; any
+    other value is scanned with the same rule as `find_timestep_index`, so both give the same index or error.
+    `is_current` tells whether the tensor is still the one (same object, storage and contents) it was built from.
+    """
+
+    def __init__(self, schedule: torch.Tensor):
+        self.source = schedule
+        self.data_ptr = schedule.data_ptr()
+        self.version = _version_of(schedule)
+        # inference tensors have no version counter: compare contents instead
+        self.snapshot = schedule.detach().clone() if self.version is None else None
+        # a copy: a float64 CPU schedule would otherwise share its memory with these values
+        self.values = schedule.detach().to("cpu", torch.float64).reshape(-1).numpy().copy()
+        self.exact: dict[float, int] = {}
+        self.floats: list[float] = self.values.tolist()
+        values = self.floats
+        if values and all(map(math.isfinite, values)):
+            # Every pairwise tolerance is <= atol + rtol * max|v| < reach, so an entry whose neighbours in sorted order
+            # are both farther than reach can only ever match a timestep equal to itself on its own.
+            reach = 2.0 * (TAU_ATOL + TAU_RTOL * max(map(abs, values)))
+            order = sorted(range(len(values)), key=values.__getitem__)
+            ordered = [values[j] for j in order] + [math.inf]
+            below = -math.inf
+            for k, j in enumerate(order):
+                if ordered[k] - below > reach and ordered[k + 1] - ordered[k] > reach:
+                    self.exact[ordered[k]] = j
+                below = ordered[k]
+
+    def is_current(self, schedule: torch.Tensor) -> bool:
+        if schedule is not self.source or schedule.data_ptr() != self.data_ptr:
+            return False
+        if self.version is not None:
+            return _version_of(schedule) == self.version
+        return self.snapshot.shape == schedule.shape and torch.equal(self.snapshot, schedule.detach())
+
+    def index(self, timestep: Any, what: str) -> int:
+        t = _scalar(timestep)
+        i = self.exact.get(t)
+        if i is not None:
+            return i
+        hits = _matches(self.values, t).tolist()
+        if len(hits) == 1:
+            return hits[0]
+        _raise_no_single_match(self.values, t, hits, what)
 
 
 class TimeTunerMixin:
@@ -143,6 +213,7 @@ class TimeTunerMixin:
         self._tau_tables: dict[int, TauTable] = tables
         self._active_table: TauTable | None = None
         self.grid_timesteps = self.timesteps.clone()
+        self._timestep_lookups: dict[int, _TimestepLookup] = {}  # id(schedule tensor) -> prepared lookup
 
     # ---- read-only views -------------------------------------------------------------------------------------
     @property
@@ -242,11 +313,31 @@ class TimeTunerMixin:
             if parent is not None:
                 return parent(timestep, schedule_timesteps)
             schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-            return find_timestep_index(schedule, timestep)
+            return self._find_index(schedule, timestep, "scheduler.timesteps")
         if _is_integer_timestep(timestep):
-            return find_timestep_index(self.grid_timesteps, timestep, what="scheduler.grid_timesteps")
+            return self._find_index(self.grid_timesteps, timestep, "scheduler.grid_timesteps")
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        return find_timestep_index(schedule, timestep, what="scheduler.timesteps (tuned taus)")
+        return self._find_index(schedule, timestep, "scheduler.timesteps (tuned taus)")
+
+    def _find_index(self, schedule: torch.Tensor, timestep: Any, what: str) -> int:
+        """`find_timestep_index(schedule, timestep, what=what)`, with the schedule prepared once per tensor."""
+        if not isinstance(schedule, torch.Tensor) or schedule.ndim != 1:
+            return find_timestep_index(schedule, timestep, what=what)
+        return self._prepared(schedule).index(timestep, what)
+
+    def _prepared(self, schedule: torch.Tensor) -> _TimestepLookup:
+        """The prepared lookup of a 1-D schedule tensor (also its values as Python floats, `.floats`).
+
+        Keyed by the tensor object and rebuilt whenever that object's storage or contents changed, so `set_timesteps`
+        (new tensors), assigning `scheduler.timesteps` and in-place edits all take effect.
+        """
+        cache = self._timestep_lookups
+        lookup = cache.get(id(schedule))
+        if lookup is None or not lookup.is_current(schedule):
+            if len(cache) >= 8:  # callers passing fresh schedule tensors every time: keep the cache small
+                cache.clear()
+            lookup = cache[id(schedule)] = _TimestepLookup(schedule)
+        return lookup
 
     def _grid_timesteps_for(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Map tau values (floating tensor) to the grid timesteps t_i of their steps; anything else is unchanged.
