@@ -136,8 +136,9 @@ def _ddim_step(x, eps, a_t, a_prev):
     return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
 
 
-def test_ddim_trailing_identity_table_differs_where_the_parent_leaves_its_grid():
-    # Documented difference (TimeTunerDDIMScheduler docstring): trailing spacing, n = 7 does not divide T = 1000.
+def test_ddim_identity_table_is_the_parent_where_the_parent_leaves_its_grid():
+    # trailing spacing, n = 7 does not divide T = 1000; linspace spacing. TimeTuner keeps the parent's update rule
+    # x_{t_i} -> x_{t_i - T // n} (off its own grid there): an identity table samples exactly like the parent.
     parent = DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
     parent.set_timesteps(7)
     grid = parent.timesteps.tolist()
@@ -147,30 +148,34 @@ def test_ddim_trailing_identity_table_differs_where_the_parent_leaves_its_grid()
     ours.set_timesteps(7)
     x, eps = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
     ac = parent.alphas_cumprod
-    # The parent steps 999 -> 999 - 1000 // 7 = 857 (off its grid); ours steps 999 -> 856, the next grid time.
+    # Both step 999 -> 999 - 1000 // 7 = 857 (not the next grid time 856) ...
     out_parent = parent.step(eps, parent.timesteps[0], x).prev_sample
     out_ours = ours.step(eps, ours.timesteps[0], x).prev_sample
     torch.testing.assert_close(out_parent, _ddim_step(x, eps, ac[999], ac[857]), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(out_ours, _ddim_step(x, eps, ac[999], ac[856]), rtol=1e-6, atol=1e-6)
-    assert not torch.equal(out_parent, out_ours)
-    # At the last step the parent lands on alphas_cumprod[142 - 142 = 0]; ours on final_alpha_cumprod (= 1).
+    assert torch.equal(out_parent, out_ours)
+    # ... and land on alphas_cumprod[142 - 142 = 0] at the last step (not final_alpha_cumprod).
     out_parent = parent.step(eps, parent.timesteps[-1], x).prev_sample
     out_ours = ours.step(eps, ours.timesteps[-1], x).prev_sample
     torch.testing.assert_close(out_parent, _ddim_step(x, eps, ac[142], ac[0]), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(out_ours, _ddim_step(x, eps, ac[142], torch.tensor(1.0)), rtol=1e-6, atol=1e-6)
-    # Over a full loop the two differ too; so do they with linspace spacing (grid 999, 888, ..., parent 999 -> 899).
-    assert not torch.equal(
+    assert torch.equal(out_parent, out_ours)
+    # Over full loops, trailing n = 7 and linspace n = 10 (grid 999, 888, ..., parent 999 -> 899): bit-identical.
+    assert torch.equal(
         sample(TimeTunerDDIMScheduler(timestep_spacing="trailing", tuned_timesteps={7: grid}), 7),
         sample(DDIMScheduler(timestep_spacing="trailing"), 7),
     )
     linspace = DDIMScheduler(timestep_spacing="linspace")
     linspace.set_timesteps(10)
     assert linspace.timesteps.tolist()[:2] == [999, 888]
-    assert not torch.equal(
+    assert torch.equal(
         sample(TimeTunerDDIMScheduler(timestep_spacing="linspace", tuned_timesteps={10: linspace.timesteps.tolist()}),
                10),
         sample(DDIMScheduler(timestep_spacing="linspace"), 10),
     )
+    # A custom grid (no parent rule) steps to the next grid time: 999 -> 856.
+    custom = TimeTunerDDIMScheduler(clip_sample=False, tuned_timesteps={7: grid}, tuned_grids={7: grid})
+    custom.set_timesteps(timesteps=grid)
+    out_custom = custom.step(eps, custom.timesteps[0], x).prev_sample
+    torch.testing.assert_close(out_custom, _ddim_step(x, eps, ac[999], ac[856]), rtol=1e-6, atol=1e-6)
 
 
 TAUS4 = [760.25, 505.5, 245.75, 3.5]  # arbitrary taus near the leading grid 750, 500, 250, 0 (n = 4)
@@ -373,9 +378,9 @@ def test_ddim_tuned_step_follows_an_edited_grid():
     edited = TimeTunerDDIMScheduler(clip_sample=False, tuned_timesteps={4: TAUS4})
     edited.set_timesteps(4)
     edited.step(eps, edited.timesteps[0], x)  # prepares the grid 750, 500, 250, 0
-    edited.grid_timesteps[1] = 400
+    edited.grid_timesteps[0] = 700  # t_i of step 0; the parent's rule then steps to 700 - 1000 // 4 = 450
     got = edited.step(eps, edited.timesteps[0], x).prev_sample
-    a_t, a_prev = edited.alphas_cumprod[750], edited.alphas_cumprod[400]
+    a_t, a_prev = edited.alphas_cumprod[700], edited.alphas_cumprod[450]
     assert torch.allclose(got, _ddim_step(x, eps, a_t, a_prev), atol=1e-6, rtol=1e-5)
 
 

@@ -8,10 +8,10 @@
   Only for one-step solvers (a multistep solver's history is not defined there) and the per-step paper objectives.
 
 The sequential strategies checkpoint after every step and, with ``guard=True``, end by keeping the prefix of the tuned
-table (steps K .. k tuned, the rest untuned) with the lowest validation error on a separate validation set (fresh
-x_T, teacher's final samples), so a table is never worse than no table there. The validation error is the endpoint
-MSE to the teacher for deterministic samplers and the energy distance to the teacher's samples for stochastic ones
-(``validation_metric``).
+table (steps K .. k tuned, the rest untuned) with the lowest validation error among those that beat the untuned
+sampler by more than ``guard_margin`` paired standard errors on a separate validation set (fresh x_T, teacher's
+final samples), or none. The validation error is the endpoint MSE to the teacher for deterministic samplers and the
+energy distance to the teacher's samples for stochastic ones (``validation_metric``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..denoiser import slice_conditioning
 from ..metrics import energy_distance
 from .distributed import Distributed
 from .objectives import Objective, Teacher, per_sample_sq
-from .report import StepRecord
+from .report import StepRecord, energy_distance_change_se
 from .rollout import ChunkState, Rollout
 
 STRATEGIES = ("sequential", "data_free", "parallel")
@@ -71,6 +71,7 @@ class StepCountJob:
     log: Callable[[str], None] = print
     progress: bool = False
     validation_metric: str = "endpoint_mse"
+    guard_margin: float = 2.0
     records: List[StepRecord] = field(default_factory=list)
 
     @property
@@ -122,21 +123,49 @@ def _endpoint_error(job: StepCountJob, chunks, taus, num_samples: int) -> float:
     return float(job.dist.sum(local)) / num_samples
 
 
-def _validation_error(job: StepCountJob, chunks, taus, num_samples: int) -> float:
-    """The guard's error of a table on the validation states: ``endpoint_mse`` (mean squared distance of each final
-    sample to the teacher's from the same x_T) or ``energy_distance`` (between the whole set of final samples and the
-    teacher's; for stochastic samplers, whose per-sample error rewards shrinking the spread of the samples)."""
-    if job.validation_metric == "endpoint_mse":
-        return _endpoint_error(job, chunks, taus, num_samples)
-    shape = tuple(job.validation.noise.shape[1:])
-    both = torch.zeros((2, num_samples, *shape), dtype=torch.float64)  # this process's rows; zeros elsewhere
+def _validation_outputs(job: StepCountJob, chunks, taus, num_samples: int) -> torch.Tensor:
+    """Per validation sample (all processes): the squared endpoint error to the teacher's final sample
+    (``endpoint_mse``; shape (N,)) or the final sample itself (``energy_distance``; shape (N, *sample_shape))."""
+    shape = () if job.validation_metric == "endpoint_mse" else tuple(job.validation.noise.shape[1:])
+    out = torch.zeros((num_samples, *shape), dtype=torch.float64)  # this process's rows; zeros elsewhere
     with torch.no_grad():
         for s in chunks.values():
-            rows = s.extras["rows"]
-            both[0, rows] = job.rollout.run(s, taus).x.detach().double().cpu()
-            both[1, rows] = s.extras["teacher_states"][-1].detach().double().cpu()
-    both = job.dist.sum(both)
-    return energy_distance(both[0], both[1])
+            final = job.rollout.run(s, taus).x
+            if shape:
+                out[s.extras["rows"]] = final.detach().double().cpu()
+            else:
+                out[s.extras["rows"]] = per_sample_sq(final, s.extras["teacher_states"][-1]).double().cpu()
+    return job.dist.sum(out)
+
+
+def _teacher_finals(job: StepCountJob, chunks, num_samples: int) -> torch.Tensor:
+    out = torch.zeros((num_samples, *job.validation.noise.shape[1:]), dtype=torch.float64)
+    for s in chunks.values():
+        out[s.extras["rows"]] = s.extras["teacher_states"][-1].detach().double().cpu()
+    return job.dist.sum(out)
+
+
+def _validation_score(job: StepCountJob, outputs: torch.Tensor, teacher: Optional[torch.Tensor]) -> float:
+    """The guard's error of one table: mean endpoint MSE, or energy distance of the final samples to the teacher's
+    (stochastic samplers: their per-sample error rewards tables that shrink the spread of the samples)."""
+    if job.validation_metric == "endpoint_mse":
+        return float(outputs.mean())
+    return energy_distance(outputs, teacher)
+
+
+def _paired_change(job: StepCountJob, tuned: torch.Tensor, untuned: torch.Tensor,
+                   teacher: Optional[torch.Tensor]) -> tuple:
+    """(error(tuned) - error(untuned), its standard error); both tables ran from the same validation x_T."""
+    if job.validation_metric == "endpoint_mse":
+        diff = tuned - untuned
+        return float(diff.mean()), float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
+    change = energy_distance(tuned, teacher) - energy_distance(untuned, teacher)
+    return change, energy_distance_change_se(tuned, untuned, teacher)
+
+
+def _clearly_better(job: StepCountJob, change: float, se: float) -> bool:
+    """The guard's rule: a table counts as better only when it beats untuned by more than ``guard_margin`` SE."""
+    return change < 0 and -change > job.guard_margin * se
 
 
 def _forward_backward(job: StepCountJob) -> tuple:
@@ -228,21 +257,27 @@ def _guard_prefix(job: StepCountJob, val, snaps, taus, grid, last) -> List[float
     the full table lowers it). The prefix with the lowest validation error is kept (the full table on ties).
     """
     num = len(job.validation)
-    errors = []
+    outputs = []
     for k in range(last + 1):
         trial = list(taus[:k]) + list(grid[k:])
-        if k < last:
-            errors.append(_validation_error(job, snaps[k], trial, num))
-        else:
-            errors.append(_validation_error(job, val, trial, num))  # val states are at the end already
-    best = min(range(last + 1), key=lambda k: (errors[k], -k))
+        states = snaps[k] if k < last else val  # val states are at the end already
+        outputs.append(_validation_outputs(job, states, trial, num))
+    teacher = None if job.validation_metric == "endpoint_mse" else _teacher_finals(job, val, num)
+    errors = [_validation_score(job, o, teacher) for o in outputs]
+    changes = [(0.0, 0.0)] + [_paired_change(job, o, outputs[0], teacher) for o in outputs[1:]]
+    # Keep the lowest-error prefix among those clearly better than untuned (the full table on ties), else none:
+    # picking the minimum of n + 1 noisy estimates would otherwise ship tables that are better by chance.
+    eligible = [k for k in range(1, last + 1) if _clearly_better(job, *changes[k])]
+    best = min(eligible, key=lambda k: (errors[k], -k)) if eligible else 0
     for rec in job.records:
         rec.validation_before, rec.validation_after = errors[0], errors[best]
         if rec.step >= best:
             rec.kept, rec.tau, rec.loss_after = False, rec.t, rec.loss_before
     if best < last:
+        change, se = changes[-1]
         job.log(f"n={job.n}: validation guard keeps only the first {best} tuned step(s) ({job.validation_metric}: "
-                f"untuned {errors[0]:.4g}, full table {errors[-1]:.4g}, kept {errors[best]:.4g}).")
+                f"untuned {errors[0]:.4g}, full table {errors[-1]:.4g} ({change:+.3g} +/- {se:.2g} SE), "
+                f"kept {errors[best]:.4g}; a table must beat untuned by > {job.guard_margin:g} SE).")
     return list(taus[:best]) + list(grid[best:])
 
 
@@ -330,11 +365,14 @@ def _run_joint(job: StepCountJob, chunks, val, taus, last) -> List[float]:
     loss_after = _endpoint_error(job, chunks, tuned, len(job.calib))
     kept = True
     if val is not None:
-        before_val = _validation_error(job, val, taus, len(job.validation))
-        after_val = _validation_error(job, val, tuned, len(job.validation))
-        kept = after_val <= before_val
+        num = len(job.validation)
+        before, after = _validation_outputs(job, val, taus, num), _validation_outputs(job, val, tuned, num)
+        teacher = None if job.validation_metric == "endpoint_mse" else _teacher_finals(job, val, num)
+        before_val, after_val = _validation_score(job, before, teacher), _validation_score(job, after, teacher)
+        kept = _clearly_better(job, *_paired_change(job, after, before, teacher))
         if not kept:
-            job.log(f"n={job.n}: the jointly tuned table worsens the validation {job.validation_metric} "
+            job.log(f"n={job.n}: the jointly tuned table does not beat untuned by > {job.guard_margin:g} SE on the "
+                    f"validation {job.validation_metric} "
                     f"({before_val:.4g} -> {after_val:.4g}); keeping tau = t.")
     final_taus = tuned if kept else list(taus)
     fwd = _forward_backward(job)[0] - fwd0

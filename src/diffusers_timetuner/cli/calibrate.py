@@ -64,6 +64,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_validation_samples", type=int, default=16, help="Samples of the step guard.")
     p.add_argument("--no_guard", action="store_true",
                    help="Ship the full tuned table even if a shorter prefix (or none) is better on validation.")
+    p.add_argument("--guard_margin", type=float, default=2.0,
+                   help="Keep tuned steps only if they beat untuned on validation by more than this many standard "
+                        "errors (0: any improvement).")
     p.add_argument("--validation_metric", default="auto", choices=["auto", "endpoint_mse", "energy_distance"],
                    help="What the guard and the held-out verdict compare (auto: energy distance for stochastic "
                         "samplers such as DDPM, endpoint MSE otherwise).")
@@ -124,7 +127,7 @@ def main(args: argparse.Namespace):
         conditions=conditions, negative_conditions=negative, data=data, num_samples=args.num_samples,
         batch_size=args.batch_size, num_validation_samples=args.num_validation_samples,
         num_heldout_samples=args.num_heldout_samples, teacher_steps=args.teacher_steps, guard=not args.no_guard,
-        validation_metric=args.validation_metric,
+        validation_metric=args.validation_metric, guard_margin=args.guard_margin,
         eta=args.eta, seed=args.seed, accelerator=accelerator, checkpoint_dir=checkpoint_dir,
         progress=not args.no_progress, model_id=model_id,
     )

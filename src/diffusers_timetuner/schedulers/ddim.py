@@ -28,15 +28,14 @@ class TimeTunerDDIMScheduler(TimeTunerMixin, DDIMScheduler):
     Also adds what the paper needs and `DDIMScheduler` lacks: custom grids (``set_timesteps(timesteps=[...])``) and
     ``timestep_spacing="quadratic"`` (the DDIM reference code's "quad" trajectory, see `quadratic_timesteps`).
 
-    Stepping: with a table or a custom grid, `step` finds the step index i from the timestep it gets (tau_i) and
-    updates x_{t_i} -> x_{t_{i-1}} with t_{i-1} = ``grid_timesteps[i + 1]`` (``final_alpha_cumprod`` after the last
-    step), with the parent's arithmetic in the parent's order. The parent instead takes t_{i-1} = t_i - T // n. The two
-    agree (an identity table tau = t is bit-identical to `DDIMScheduler`) whenever the grid has that constant stride:
-    ``"leading"`` spacing, or ``"trailing"`` when n divides T. They differ where the parent leaves its own grid:
-    ``"trailing"`` with n not dividing T (T = 1000, n = 7: grid 999, 856, 713, ... but the parent steps 999 -> 857)
-    and ``"linspace"`` (grid 999, 888, ... for n = 10, parent 999 -> 899); with ``"trailing"`` the parent's last step
-    also lands on ``alphas_cumprod[t_1 - T // n]`` instead of ``final_alpha_cumprod``. Here the update always stays on
-    the grid; without a table and custom grid, `step` is the parent's.
+    Stepping: with a table, `step` finds the step index i from the timestep it gets (tau_i) and takes the parent's
+    update from the grid time t_i with the parent's arithmetic in the parent's order: x_{t_i} -> x_{t_i - T // n}
+    (``final_alpha_cumprod`` below 0), so an identity table tau = t is bit-identical to `DDIMScheduler` for every
+    spacing, including those where that rule leaves the grid (``"trailing"`` with n not dividing T: grid 999, 856, ...
+    for n = 7, the parent steps 999 -> 857; ``"linspace"``). TimeTuner keeps the solver as it is; only the network's
+    time input changes. On a custom grid or the ``"quadratic"`` spacing, which the parent lacks, the update goes to
+    the next grid time t_{i-1} = ``grid_timesteps[i + 1]`` (``final_alpha_cumprod`` after the last step). Without a
+    table and custom grid, `step` is the parent's.
     """
 
     @register_to_config
@@ -129,7 +128,7 @@ class TimeTunerDDIMScheduler(TimeTunerMixin, DDIMScheduler):
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DDIMSchedulerOutput | tuple:
-        """One DDIM step x_{t_i} -> x_{t_{i-1}} on the grid; `timestep` (tau_i or t_i) only identifies i.
+        """One DDIM step from the grid time t_i; `timestep` (tau_i or t_i) only identifies i.
 
         Same arguments and outputs as [`DDIMScheduler.step`]. Without a table and custom grid it *is* the parent's.
         """
@@ -143,12 +142,16 @@ class TimeTunerDDIMScheduler(TimeTunerMixin, DDIMScheduler):
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
 
-        # 1. step index i from what the network saw (tau_i), then the grid: t_i and t_{i-1} (-1 = past the end),
-        #    as Python ints prepared once per grid (no tensor op per step; same alphas_cumprod entries)
+        # 1. step index i from what the network saw (tau_i), then the grid time t_i and the time after the step:
+        #    the parent's t_i - T // n for its own spacings, the next grid time t_{i-1} on a custom / quadratic grid
+        #    (-1 = past the end); Python ints prepared once per grid (no tensor op per step)
         i = self.index_for_timestep(timestep)
         grid = self._prepared(self.grid_timesteps).floats
         t = int(grid[i])
-        prev_t = int(grid[i + 1]) if i + 1 < len(grid) else -1
+        if self._custom_grid:
+            prev_t = int(grid[i + 1]) if i + 1 < len(grid) else -1
+        else:
+            prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
 
         # 2. alphas, betas at the grid times (alpha_prod_t = alpha-bar_{t_i}); the parent's expressions and order
         alpha_prod_t = self.alphas_cumprod[t]
