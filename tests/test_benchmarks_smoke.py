@@ -75,6 +75,10 @@ def test_quality_has_untuned_and_tuned_fd_on_both_testbeds(quick_run):
     ddim = res["gmm"]["g1"]["families"]["ddim"]["5"]
     assert ddim["untuned"]["fd"] > 0 and "paper" in ddim["tuned"] and ddim["tuned"]["paper"]["fd"] > 0
     assert len(ddim["taus"]["paper"]) == 5  # one tau per model evaluation
+    # the jointly tuned endpoint variant (quick joint_cells), with its optimiser recorded
+    joint = ddim["calibration"]["endpoint+adam_joint"]["report"]["calibrate_settings"]
+    assert joint["optimizer"] == "adam_joint" and joint["objective"] == "endpoint"
+    assert ddim["tuned"]["endpoint+adam_joint"]["fd"] > 0
 
 
 @pytest.mark.slow
