@@ -224,10 +224,14 @@ def plot(results):
                 continue
             for opt, style in ((common.DEFAULT_OPTIMIZER, "o-"), (common.REFERENCE_OPTIMIZER, "x--")):
                 ax.plot(range(len(e[opt]["r"])), e[opt]["r"], style, label=f"{key} {opt}")
-        ax.axhline(1.0, color="gray", lw=0.5)
         ax.set_title(f"{tb}: tuned r = tau/t per step", fontsize=9)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=6)
+        if not res["optimizers"]:  # e.g. medium MNIST: the optimiser comparison is not run at this size
+            ax.text(0.5, 0.5, "optimiser comparison\nnot run at this size", ha="center", va="center", fontsize=9)
+            ax.set_axis_off()
+        else:
+            ax.axhline(1.0, color="gray", lw=0.5)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=6)
         ax = axes[r][1]
         nfes = [int(k) for k in res["time_shift"]]
         ts = res["time_shift"]
