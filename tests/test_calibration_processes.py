@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -15,6 +16,12 @@ from test_calibration_helpers import GaussianEps, ddim, tiny_unet
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "test_calibration_worker.py")
 SRC = os.path.join(os.path.dirname(HERE), "src")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _env():
@@ -169,8 +176,10 @@ def test_two_process_accelerate_run_matches_one_process(tmp_path):
     one_dir.mkdir()
     two_dir.mkdir()
     dist_job(str(one_dir))  # one process, in this test process
+    # A free port rather than the default 29500, which another distributed job on the machine may hold.
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", WORKER, "dist", str(two_dir)]
+              "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+              WORKER, "dist", str(two_dir)]
     double = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=180)
     assert double.returncode == 0, double.stderr[-3000:]
 
