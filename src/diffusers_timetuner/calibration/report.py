@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..metrics import energy_distance
 from ..sampling import sample_trajectory
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,6 @@ def evaluate_heldout(rollout, tuned_scheduler, teacher, noise, cond, dist, batch
     samples and the teacher's (stochastic samplers: their per-sample MSE rewards shrinking the sample spread).
     """
     from ..denoiser import slice_conditioning
-    from ..metrics import energy_distance
 
     n = rollout.num_inference_steps
     grid = rollout.grid_list
@@ -123,24 +123,44 @@ def evaluate_heldout(rollout, tuned_scheduler, teacher, noise, cond, dist, batch
         "trajectory_mse_untuned": traj(untuned),
     }
     result["metric"] = metric
-    # Standard error of (tuned - untuned): both samplers start from the same x_T, so the difference is paired.
-    diff = dist.sum(ends)
-    diff = diff[0] - diff[1]
-    num = diff.numel()
-    result["endpoint_mse_change_se"] = float(diff.std() / num ** 0.5) if num > 1 else None
+    ends = dist.sum(ends)
+    result["endpoint_mse_change_se"] = paired_change("endpoint_mse", ends[0], ends[1])[1] if len(ends[0]) > 1 else None
     if finals is None:
         result["untuned"], result["tuned"] = result["endpoint_mse_untuned"], result["endpoint_mse_tuned"]
         result["change_se"] = result["endpoint_mse_change_se"]
     else:
         finals = dist.sum(finals)
-        result["energy_distance_untuned"] = energy_distance(finals[1], finals[2])
-        result["energy_distance_tuned"] = energy_distance(finals[0], finals[2])
+        result["energy_distance_untuned"] = metric_value(metric, finals[1], finals[2])
+        result["energy_distance_tuned"] = metric_value(metric, finals[0], finals[2])
         result["untuned"], result["tuned"] = result["energy_distance_untuned"], result["energy_distance_tuned"]
-        result["change_se"] = energy_distance_change_se(finals[0], finals[1], finals[2])
+        result["change_se"] = paired_change(metric, finals[0], finals[1], finals[2])[1]
     # Relative to |untuned|: an unbiased energy distance can be slightly negative.
     result["relative_change"] = (result["tuned"] - result["untuned"]) / max(abs(result["untuned"]), 1e-30)
     result["worse_than_untuned"] = result["tuned"] > result["untuned"]
     return result
+
+
+def metric_value(metric: str, outputs: torch.Tensor, reference: Optional[torch.Tensor] = None) -> float:
+    """One sampler's error under ``metric`` from its per-sample ``outputs``: for ``endpoint_mse`` the squared endpoint
+    errors (N,), whose mean it is; for ``energy_distance`` the final samples, against the ``reference`` samples."""
+    if metric == "endpoint_mse":
+        return float(outputs.mean())
+    return energy_distance(outputs, reference)
+
+
+def paired_change(metric: str, tuned: torch.Tensor, untuned: torch.Tensor,
+                  reference: Optional[torch.Tensor] = None) -> tuple:
+    """(error(tuned) - error(untuned), its standard error) under ``metric`` (outputs as in :func:`metric_value`).
+
+    Both samplers ran from the same x_T, so the difference is paired: the SE of the per-sample differences for
+    ``endpoint_mse``, a joint bootstrap over samples for ``energy_distance``. SE 0 with fewer than 2 samples.
+    """
+    change = metric_value(metric, tuned, reference) - metric_value(metric, untuned, reference)
+    if tuned.shape[0] < 2:
+        return change, 0.0
+    if metric == "endpoint_mse":
+        return change, float((tuned - untuned).std() / tuned.shape[0] ** 0.5)
+    return change, energy_distance_change_se(tuned, untuned, reference)
 
 
 def energy_distance_change_se(tuned: torch.Tensor, untuned: torch.Tensor, reference: torch.Tensor,

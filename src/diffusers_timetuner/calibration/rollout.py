@@ -14,6 +14,7 @@ Indices: ``j = 0 .. n-1`` in sampling order; step j integrates from grid[j] = t_
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -122,7 +123,6 @@ class Rollout:
                 "multistep solver, e.g. DDIM, DPM-Solver++ 2M, Euler)."
             )
         self.eta = eta
-        self._stochastic: Optional[bool] = None
 
     def set_grid(self, scheduler) -> None:
         """``set_timesteps`` for this rollout's grid: the scheduler's own for n steps, or the custom one."""
@@ -131,7 +131,7 @@ class Rollout:
         else:
             scheduler.set_timesteps(timesteps=self.custom_grid, device=self.device)
 
-    @property
+    @functools.cached_property
     def stochastic(self) -> bool:
         """Whether the solver's steps draw noise (DDPM, DDIM with eta > 0, SDE variants of DPM-Solver, ...).
 
@@ -139,18 +139,15 @@ class Rollout:
         no network call): a stochastic sampler's per-sample error to a deterministic teacher rewards shrinking the
         sample spread, so the guard and held-out report judge such samplers by a distribution distance instead.
         """
-        if self._stochastic is None:
-            x = torch.ones((1, 1, 2, 2), device=self.device)
-            outs = []
-            for seed in (0, 1):
-                sched = copy.deepcopy(self.stepper)
-                gen = torch.Generator(device=self.device).manual_seed(seed)
-                key = self.keys[0]
-                x_in = sched.scale_model_input(x, key)
-                kwargs = step_kwargs(sched, self.eta, gen)
-                outs.append(sched.step(torch.zeros_like(x_in), key, x, **kwargs).prev_sample)
-            self._stochastic = not torch.equal(outs[0], outs[1])
-        return self._stochastic
+        x = torch.ones((1, 1, 2, 2), device=self.device)
+        key = self.keys[0]
+        outs = []
+        for seed in (0, 1):
+            sched = copy.deepcopy(self.stepper)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            x_in = sched.scale_model_input(x, key)
+            outs.append(sched.step(torch.zeros_like(x_in), key, x, **step_kwargs(sched, self.eta, gen)).prev_sample)
+        return not torch.equal(outs[0], outs[1])
 
     # ------------------------------------------------------------------ states
     def initial_state(self, x_T: torch.Tensor, cond: Conditioning = None, seed: int = 0, **extras) -> ChunkState:

@@ -24,10 +24,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..denoiser import slice_conditioning
-from ..metrics import energy_distance
 from .distributed import Distributed
 from .objectives import Objective, Teacher, per_sample_sq
-from .report import StepRecord, energy_distance_change_se
+from .report import StepRecord, metric_value, paired_change
 from .rollout import ChunkState, Rollout
 
 STRATEGIES = ("sequential", "data_free", "parallel")
@@ -145,24 +144,6 @@ def _teacher_finals(job: StepCountJob, chunks, num_samples: int) -> torch.Tensor
     return job.dist.sum(out)
 
 
-def _validation_score(job: StepCountJob, outputs: torch.Tensor, teacher: Optional[torch.Tensor]) -> float:
-    """The guard's error of one table: mean endpoint MSE, or energy distance of the final samples to the teacher's
-    (stochastic samplers: their per-sample error rewards tables that shrink the spread of the samples)."""
-    if job.validation_metric == "endpoint_mse":
-        return float(outputs.mean())
-    return energy_distance(outputs, teacher)
-
-
-def _paired_change(job: StepCountJob, tuned: torch.Tensor, untuned: torch.Tensor,
-                   teacher: Optional[torch.Tensor]) -> tuple:
-    """(error(tuned) - error(untuned), its standard error); both tables ran from the same validation x_T."""
-    if job.validation_metric == "endpoint_mse":
-        diff = tuned - untuned
-        return float(diff.mean()), float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
-    change = energy_distance(tuned, teacher) - energy_distance(untuned, teacher)
-    return change, energy_distance_change_se(tuned, untuned, teacher)
-
-
 def _clearly_better(job: StepCountJob, change: float, se: float) -> bool:
     """The guard's rule: a table counts as better only when it beats untuned by more than ``guard_margin`` SE."""
     return change < 0 and -change > job.guard_margin * se
@@ -254,7 +235,8 @@ def _guard_prefix(job: StepCountJob, val, snaps, taus, grid, last) -> List[float
     Candidates: the prefix tables "tau_K .. tau_{k+1} tuned, the rest untuned" for k = 0 .. (all tuned). A prefix is
     judged as a whole (later tuned steps may compensate an earlier one, which a per-step check with the rest untuned
     would wrongly refuse: measured on the MNIST UNet, teacher_local's first step alone doubles the validation error,
-    the full table lowers it). The prefix with the lowest validation error is kept (the full table on ties).
+    the full table lowers it). Kept: the prefix with the lowest validation error among those that beat untuned by
+    more than ``guard_margin`` paired standard errors (the full table on ties), else none (tau = t).
     """
     num = len(job.validation)
     outputs = []
@@ -263,8 +245,8 @@ def _guard_prefix(job: StepCountJob, val, snaps, taus, grid, last) -> List[float
         states = snaps[k] if k < last else val  # val states are at the end already
         outputs.append(_validation_outputs(job, states, trial, num))
     teacher = None if job.validation_metric == "endpoint_mse" else _teacher_finals(job, val, num)
-    errors = [_validation_score(job, o, teacher) for o in outputs]
-    changes = [(0.0, 0.0)] + [_paired_change(job, o, outputs[0], teacher) for o in outputs[1:]]
+    errors = [metric_value(job.validation_metric, o, teacher) for o in outputs]
+    changes = [(0.0, 0.0)] + [paired_change(job.validation_metric, o, outputs[0], teacher) for o in outputs[1:]]
     # Keep the lowest-error prefix among those clearly better than untuned (the full table on ties), else none:
     # picking the minimum of n + 1 noisy estimates would otherwise ship tables that are better by chance.
     eligible = [k for k in range(1, last + 1) if _clearly_better(job, *changes[k])]
@@ -368,8 +350,9 @@ def _run_joint(job: StepCountJob, chunks, val, taus, last) -> List[float]:
         num = len(job.validation)
         before, after = _validation_outputs(job, val, taus, num), _validation_outputs(job, val, tuned, num)
         teacher = None if job.validation_metric == "endpoint_mse" else _teacher_finals(job, val, num)
-        before_val, after_val = _validation_score(job, before, teacher), _validation_score(job, after, teacher)
-        kept = _clearly_better(job, *_paired_change(job, after, before, teacher))
+        metric = job.validation_metric
+        before_val, after_val = metric_value(metric, before, teacher), metric_value(metric, after, teacher)
+        kept = _clearly_better(job, *paired_change(metric, after, before, teacher))
         if not kept:
             job.log(f"n={job.n}: the jointly tuned table does not beat untuned by > {job.guard_margin:g} SE on the "
                     f"validation {job.validation_metric} "
