@@ -363,10 +363,19 @@ def test_custom_grid_is_calibrated_and_sampled_with_the_same_timesteps():
     tuned = copy.deepcopy(res.scheduler)
     tuned.set_timesteps(timesteps=grid)
     assert tuned.grid_timesteps.tolist() == grid and tuned.timesteps.tolist() == pytest.approx(rep.taus)
-    # the held-out number is what sampling on that grid gives (the report's path is the inference path)
+    # sampling on that grid feeds the network the taus, and differs from the untuned sampler on the same grid
     noise = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(3))
-    out = sample_trajectory(Denoiser(model), tuned, noise, None)[-1]
-    assert torch.isfinite(out).all()
+    den, seen = Denoiser(model), []
+
+    def spy(x, t, cond=None):
+        seen.append(float(t))
+        return den(x, t, cond)
+
+    out = sample_trajectory(spy, tuned, noise, None)[-1]
+    assert seen == pytest.approx(rep.taus, abs=1e-4)
+    plain = ddim()
+    plain.set_timesteps(timesteps=grid)
+    assert not torch.equal(out, sample_trajectory(den, plain, noise, None)[-1])
     with pytest.raises(ValueError, match="was tuned on the grid"):
         copy.deepcopy(res.scheduler).set_timesteps(5)
     assert res.scheduler.config.tuning_info["5"]["custom_grid"] == grid
