@@ -390,9 +390,9 @@ def package_objectives() -> List[str]:
 
 
 def package_default_objective() -> str:
-    import inspect
+    from diffusers_timetuner.calibration import CalibrationConfig
 
-    return inspect.signature(calibrate_fn()).parameters["objective"].default
+    return CalibrationConfig().objective
 
 
 def _code_fingerprint() -> str:

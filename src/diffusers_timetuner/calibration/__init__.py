@@ -1,13 +1,14 @@
 """Calibration: learn TimeTuner's tau tables for a Diffusers model (the learning half of the package).
 
-Entry point: :func:`calibrate`. Layout: ``api`` (entry point), ``objectives`` (eq. 9, eq. 10, teacher objectives),
+Entry point: :func:`calibrate`. Layout: ``api`` (entry point), ``config`` (every setting, one set of defaults), ``objectives`` (eq. 9, eq. 10, teacher objectives),
 ``optimizers`` (local search, reference Adam), ``strategies`` (sequential / data-free / parallel), ``rollout``
 (cached step-by-step sampling), ``distributed`` (Accelerate), ``checkpoint``, ``report``.
 """
 
 from .api import CalibrationResult, calibrate
+from .config import CPU_QUICK_PRESET, CalibrationConfig
 from .objectives import OBJECTIVES
 from .optimizers import OPTIMIZERS, LocalSearch, ReferenceAdam
 from .strategies import STRATEGIES
 
-__all__ = ["CalibrationResult", "calibrate", "LocalSearch", "ReferenceAdam", "OBJECTIVES", "OPTIMIZERS", "STRATEGIES"]
+__all__ = ["CalibrationConfig", "CPU_QUICK_PRESET", "CalibrationResult", "calibrate", "LocalSearch", "ReferenceAdam", "OBJECTIVES", "OPTIMIZERS", "STRATEGIES"]

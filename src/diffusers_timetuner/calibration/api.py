@@ -14,6 +14,7 @@ import torch
 
 from ..denoiser import Denoiser
 from .checkpoint import CheckpointStore
+from .config import DEFAULT_OBJECTIVE, DEFAULT_OPTIMIZER, CalibrationConfig
 from .conditions import build_conditions, resolve_model
 from .distributed import Distributed
 from .objectives import Teacher, default_teacher_steps, get_objective
@@ -38,8 +39,7 @@ logger = logging.getLogger(__name__)
 # At published sizes on a GPU (benchmarks/results/gpu_full: 512 calibration samples, FD-MNIST on 5000 samples) all
 # four objectives improved MNIST DDIM@10 (paper -12.5 %, paper_x0 -9.3 %, teacher_local -6.4 %, endpoint -6.5 %):
 # with enough samples the paper's objective is competitive on a trained UNet; see the README's recommendation.
-DEFAULT_OBJECTIVE = "teacher_local"
-DEFAULT_OPTIMIZER = "local_search"
+# (DEFAULT_OBJECTIVE and DEFAULT_OPTIMIZER are defined with the other defaults in config.py.)
 
 
 @dataclass
@@ -87,32 +87,19 @@ def calibrate(
     model_or_pipeline,
     scheduler=None,
     num_inference_steps: Union[int, Sequence[int], None] = None,
+    config: Optional[CalibrationConfig] = None,
     *,
-    timesteps: Optional[Sequence[int]] = None,
-    objective: str = DEFAULT_OBJECTIVE,
-    strategy: Optional[str] = None,
-    optimizer: Union[str, Any] = DEFAULT_OPTIMIZER,
-    guidance_scale: float = 1.0,
     conditions=None,
     negative_conditions=None,
     null_class_label: Optional[int] = None,
     data: Optional[torch.Tensor] = None,
-    num_samples: int = 64,
-    batch_size: int = 64,
-    num_validation_samples: Optional[int] = 32,
-    num_heldout_samples: int = 64,
-    teacher_steps: Optional[int] = None,
-    guard: bool = True,
-    validation_metric: str = "auto",
-    guard_margin: float = 2.0,
-    eta: Optional[float] = None,
     sample_shape: Optional[Sequence[int]] = None,
     optimizer_kwargs: Optional[Dict[str, Any]] = None,
-    seed: int = 0,
     accelerator=None,
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
     model_id: Optional[str] = None,
+    **overrides,
 ) -> CalibrationResult:
     """Learn a tau table per step count (TimeTuner, Xia et al., CVPR 2024) and return the tuned scheduler.
 
@@ -123,7 +110,11 @@ def calibrate(
         scheduler: a TimeTuner scheduler, a plain Diffusers scheduler of a supported class (converted to its
             TimeTuner class), or a name (``"ddim"``, ``"ddpm"``, ``"dpmsolver"``, ``"dpmsolver_singlestep"``,
             ``"euler"`` or a class name). ``None``: the pipeline's scheduler.
-        num_inference_steps: one step count n or several; one table per n. ``None``: 10, or ``len(timesteps)``.
+        num_inference_steps: one step count n or several; one table per n. ``None``: the config's, else 10, or
+            ``len(timesteps)``.
+        config: a :class:`~diffusers_timetuner.calibration.config.CalibrationConfig` (``None``: its defaults). The
+            settings below from ``timesteps`` to ``seed`` (except the run-time objects) are its fields; pass them
+            as keyword overrides (``calibrate(pipe, "ddim", 10, num_samples=128)``) or in the config.
         timesteps: a custom grid t_K > ... > t_1 (descending integer training timesteps, as a pipeline's
             ``timesteps=`` argument) to calibrate one table on, e.g. the paper's quadratic or a log-SNR grid. The
             table records it: sample with ``pipe(..., timesteps=the same grid)``. Needs a scheduler whose
@@ -172,6 +163,16 @@ def calibrate(
         model_id: recorded in the table's info.
     """
     started = time.perf_counter()
+    config = (config if config is not None else CalibrationConfig()).replace(**overrides)
+    if num_inference_steps is None:
+        num_inference_steps = config.num_inference_steps
+    timesteps, objective, strategy, optimizer = config.timesteps, config.objective, config.strategy, config.optimizer
+    guidance_scale, num_samples, batch_size = config.guidance_scale, config.num_samples, config.batch_size
+    num_validation_samples, num_heldout_samples = config.num_validation_samples, config.num_heldout_samples
+    teacher_steps, guard, guard_margin = config.teacher_steps, config.guard, config.guard_margin
+    validation_metric, eta, seed = config.validation_metric, config.eta, config.seed
+    if config.adam_steps is not None and optimizer_kwargs is None and optimizer == "adam":
+        optimizer_kwargs = {"num_steps": int(config.adam_steps)}
     dist = Distributed(accelerator)
     if timesteps is not None:
         timesteps = [int(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]

@@ -13,78 +13,80 @@ and ``calibration.png`` to ``--output_dir`` (main process only), checkpoints aft
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
 import shlex
 import shutil
 import sys
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+
+from ..calibration.config import PRESETS, CalibrationConfig
 
 OUTPUT_FILES = ("scheduler_config.json", "report.json", "calibration.png")
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from ..calibration.api import DEFAULT_OBJECTIVE, DEFAULT_OPTIMIZER
-    from ..calibration.objectives import OBJECTIVES
-    from ..calibration.optimizers import OPTIMIZERS
-    from ..calibration.strategies import STRATEGIES
+@dataclass
+class ScriptArguments:
+    """The CLI's own options (model, inputs, output, Hub); every calibration setting is a ``CalibrationConfig``
+    field."""
 
-    p = argparse.ArgumentParser(description="Calibrate TimeTuner tau tables (Xia et al., CVPR 2024).")
-    p.add_argument("--pretrained_model_name_or_path", default=None,  # None / "mnist" / "gmm": bundled testbeds
-                   help="Diffusers pipeline folder or Hub id (default: the bundled class-conditional MNIST model).")
-    p.add_argument("--scheduler", default="ddim",
-                   help="ddim, ddpm, dpmsolver, dpmsolver_singlestep, euler, or a (TimeTuner) scheduler class name; "
-                        "built from the model's scheduler config.")
-    p.add_argument("--num_inference_steps", type=int, nargs="+", default=None,
-                   help="One or more step counts (default 10, or the length of --timesteps).")
-    p.add_argument("--timesteps", type=int, nargs="+", default=None,
-                   help="A custom grid t_K > ... > t_1 (descending integers) to calibrate one table on; sample "
-                        "with pipe(..., timesteps=<the same grid>).")
-    p.add_argument("--strategy", choices=STRATEGIES, default=None,
-                   help="Default: sequential with --data_dir, else data_free.")
-    p.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER)
-    p.add_argument("--adam_steps", type=int, default=500, help="Adam mini-batches per step (reference: 500).")
-    p.add_argument("--guidance_scale", type=float, default=1.0)
-    p.add_argument("--labels", type=int, nargs="+", default=None, help="Class labels to calibrate on (cycled).")
-    p.add_argument("--prompts_file", default=None, help="Text file, one prompt per line (text-to-image pipelines).")
-    p.add_argument("--negative_prompt", default="", help="Negative prompt for guidance with prompts.")
-    p.add_argument("--data_dir", default=None,
-                   help="Images for the data-based strategies: a folder of images, a .pt/.npy/.npz array "
-                        "(N, C, H, W) in the model's input range, or 'mnist' (the bundled MNIST digits).")
-    # Defaults sized for the no-argument run (bundled MNIST, DDIM 10) to take a few minutes on 2 CPU cores;
-    # raise them on a GPU.
-    p.add_argument("--num_samples", type=int, default=32, help="Calibration samples.")
-    p.add_argument("--batch_size", type=int, default=32, help="Samples per network call and process.")
-    p.add_argument("--num_heldout_samples", type=int, default=32, help="Held-out x_T the report is computed on.")
-    p.add_argument("--num_validation_samples", type=int, default=16, help="Samples of the step guard.")
-    p.add_argument("--no_guard", action="store_true",
-                   help="Ship the full tuned table even if a shorter prefix (or none) is better on validation.")
-    p.add_argument("--guard_margin", type=float, default=2.0,
-                   help="Keep tuned steps only if they beat untuned on validation by more than this many standard "
-                        "errors (0: any improvement).")
-    p.add_argument("--validation_metric", default="auto", choices=["auto", "endpoint_mse", "energy_distance"],
-                   help="What the guard and the held-out verdict compare (auto: energy distance for stochastic "
-                        "samplers such as DDPM, endpoint MSE otherwise).")
-    p.add_argument("--teacher_steps", type=int, default=None,
-                   help="Teacher step count (default about 5 n; more is a more accurate reference).")
-    p.add_argument("--eta", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default="timetuner-calibration")
-    p.add_argument("--overwrite_output_dir", action="store_true")
-    p.add_argument("--resume_from_checkpoint", nargs="?", const="latest", default=None,
-                   help="Continue from <output_dir>/checkpoints ('latest', the default) or a checkpoint folder.")
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
-    p.add_argument("--hub_private", action="store_true")
-    p.add_argument("--cpu", action="store_true", help="Run on CPU even if a GPU is available.")
-    p.add_argument("--no_progress", action="store_true")
-    args = p.parse_args(argv)
-    args.command = "timetuner-calibrate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    pretrained_model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Diffusers pipeline folder or Hub id (default: the bundled class-conditional MNIST model; "
+                "'gmm': the bundled exact-score mixture)."})
+    scheduler: str = field(default="ddim", metadata={
+        "help": "ddim, ddpm, dpmsolver, dpmsolver_singlestep, euler, or a (TimeTuner) scheduler class name; built "
+                "from the model's scheduler config."})
+    preset: str = field(default="cpu", metadata={
+        "help": "Default sizes: 'cpu' (32 calibration / 16 validation / 32 held-out samples, a few CPU minutes for "
+                "the bundled MNIST model) or 'none' (the library's defaults). Explicit options override it.",
+        "choices": list(PRESETS)})
+    labels: Optional[List[int]] = field(default=None, metadata={"help": "Class labels to calibrate on (cycled)."})
+    prompts_file: Optional[str] = field(default=None, metadata={
+        "help": "Text file, one prompt per line (text-to-image pipelines)."})
+    negative_prompt: str = field(default="", metadata={"help": "Negative prompt for guidance with prompts."})
+    data_dir: Optional[str] = field(default=None, metadata={
+        "help": "Images for the data-based strategies: a folder of images, a .pt/.npy/.npz array (N, C, H, W) in "
+                "the model's input range, or 'mnist' (the bundled MNIST digits)."})
+    output_dir: str = field(default="timetuner-calibration", metadata={"help": "Where the results are written."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "Continue from <output_dir>/checkpoints ('latest', the default) or a checkpoint folder.",
+        "nargs": "?", "const": "latest"})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the tables to --hub_model_id."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "The Hub repo to push to."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+    cpu: bool = field(default=False, metadata={"help": "Run on CPU even if a GPU is available."})
+    no_progress: bool = field(default=False, metadata={"help": "No progress bars."})
+
+
+def build_parser(preset: str = "cpu"):
+    """The CLI's parser: one option per ``CalibrationConfig`` / ``ScriptArguments`` field, the preset's sizes as
+    defaults."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((CalibrationConfig, ScriptArguments),
+                              description="Calibrate TimeTuner tau tables (Xia et al., CVPR 2024).")
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}: choose one of {', '.join(PRESETS)}.")
+    parser.set_defaults(**PRESETS[preset])
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse the command line: ``args.config`` is the ``CalibrationConfig``, the rest are ``ScriptArguments``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=ScriptArguments.preset)
+    preset = pre.parse_known_args(argv)[0].preset
+    config, script = build_parser(preset).parse_args_into_dataclasses(args=argv)
+    args = argparse.Namespace(**dataclasses.asdict(script), config=config)
+    args.command = "timetuner-calibrate " + " ".join(shlex.quote(a) for a in argv)
     return args
 
 
@@ -111,25 +113,18 @@ def main(args: argparse.Namespace):
     pipeline, model_id = load_model(args.pretrained_model_name_or_path)
     conditions, negative = _conditions(args)
     data = load_data(args.data_dir) if args.data_dir else None
+    config = args.config
     logger.info(
         f"timetuner-calibrate on {accelerator.num_processes} process(es), device {accelerator.device} "
         f"({accelerator.distributed_type}); model {model_id}; scheduler {args.scheduler}; steps "
-        f"{args.timesteps or args.num_inference_steps or [10]}; objective {args.objective}; "
-        f"optimizer {args.optimizer}; "
-        f"strategy {args.strategy or ('sequential' if data is not None else 'data_free')}; "
-        f"guidance {args.guidance_scale}; {args.num_samples} samples", main_process_only=True)
+        f"{config.timesteps or config.num_inference_steps or [10]}; objective {config.objective}; "
+        f"optimizer {config.optimizer}; "
+        f"strategy {config.strategy or ('sequential' if data is not None else 'data_free')}; "
+        f"guidance {config.guidance_scale}; {config.num_samples} samples", main_process_only=True)
 
-    optimizer_kwargs = {"num_steps": args.adam_steps} if args.optimizer == "adam" else {}
     result = calibrate(
-        pipeline, args.scheduler, args.num_inference_steps, timesteps=args.timesteps, objective=args.objective,
-        strategy=args.strategy,
-        optimizer=args.optimizer, optimizer_kwargs=optimizer_kwargs, guidance_scale=args.guidance_scale,
-        conditions=conditions, negative_conditions=negative, data=data, num_samples=args.num_samples,
-        batch_size=args.batch_size, num_validation_samples=args.num_validation_samples,
-        num_heldout_samples=args.num_heldout_samples, teacher_steps=args.teacher_steps, guard=not args.no_guard,
-        validation_metric=args.validation_metric, guard_margin=args.guard_margin,
-        eta=args.eta, seed=args.seed, accelerator=accelerator, checkpoint_dir=checkpoint_dir,
-        progress=not args.no_progress, model_id=model_id,
+        pipeline, args.scheduler, config=config, conditions=conditions, negative_conditions=negative, data=data,
+        accelerator=accelerator, checkpoint_dir=checkpoint_dir, progress=not args.no_progress, model_id=model_id,
     )
     if accelerator.is_main_process:
         result.save(args.output_dir, extra={"command": args.command, "versions": versions(),

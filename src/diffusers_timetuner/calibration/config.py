@@ -1,0 +1,76 @@
+""":class:`CalibrationConfig`: the one spelling (and the one set of defaults) of every calibration setting.
+
+:func:`~diffusers_timetuner.calibration.calibrate` takes it (plus keyword overrides), the CLI is generated from its
+fields (``transformers.HfArgumentParser``), and the benchmarks build one. A new setting is added here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .objectives import OBJECTIVES
+from .optimizers import OPTIMIZERS
+from .strategies import STRATEGIES, VALIDATION_METRICS
+
+# Defaults chosen by measurement: see calibration/api.py (DEFAULT_OBJECTIVE) for the figures.
+DEFAULT_OBJECTIVE = "teacher_local"
+DEFAULT_OPTIMIZER = "local_search"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Every setting of a calibration run. ``dataclasses.asdict(config)`` is JSON-able."""
+
+    num_inference_steps: Optional[List[int]] = field(
+        default=None, metadata={"help": "One or more step counts (default 10, or the length of --timesteps)."})
+    timesteps: Optional[List[int]] = field(
+        default=None, metadata={"help": "A custom grid t_K > ... > t_1 (descending integers) to calibrate one table "
+                                        "on; sample with pipe(..., timesteps=<the same grid>)."})
+    objective: str = field(default=DEFAULT_OBJECTIVE, metadata={
+        "help": "teacher_local, endpoint, paper (eq. 9) or paper_x0 (eq. 10).",
+        "choices": list(OBJECTIVES)})
+    strategy: Optional[str] = field(default=None, metadata={
+        "help": "sequential, parallel or data_free (default: sequential with data, else data_free).",
+        "choices": list(STRATEGIES)})
+    optimizer: str = field(default=DEFAULT_OPTIMIZER, metadata={
+        "help": "local_search (derivative-free), adam (the reference code's Adam) or adam_joint.",
+        "choices": list(OPTIMIZERS)})
+    adam_steps: Optional[int] = field(default=None, metadata={
+        "help": "Adam mini-batches per step (default: the optimizer's, 500 as in the reference code)."})
+    guidance_scale: float = field(default=1.0, metadata={"help": "Classifier-free guidance scale."})
+    num_samples: int = field(default=64, metadata={"help": "Calibration samples."})
+    batch_size: int = field(default=64, metadata={"help": "Samples per network call and process."})
+    num_validation_samples: Optional[int] = field(default=32, metadata={"help": "Samples of the validation guard."})
+    num_heldout_samples: int = field(default=64, metadata={"help": "Held-out x_T the report is computed on."})
+    teacher_steps: Optional[int] = field(default=None, metadata={
+        "help": "Teacher step count (default about 5 n; more is a more accurate reference)."})
+    guard: bool = field(default=True, metadata={
+        "help": "Keep only the tuned prefix that beats untuned on the validation set (--no_guard: the full table)."})
+    guard_margin: float = field(default=2.0, metadata={
+        "help": "Keep tuned steps only if they beat untuned on validation by more than this many standard errors "
+                "(0: any improvement)."})
+    validation_metric: str = field(default="auto", metadata={
+        "help": "What the guard and the held-out verdict compare (auto: energy distance for stochastic samplers "
+                "such as DDPM, endpoint MSE otherwise).", "choices": ["auto", *VALIDATION_METRICS]})
+    eta: Optional[float] = field(default=None, metadata={"help": "DDIM's eta for the coarse sampler."})
+    seed: int = field(default=0, metadata={"help": "Seeds every random draw."})
+
+    def replace(self, **overrides) -> "CalibrationConfig":
+        """A copy with ``overrides``; an unknown name is refused."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"Unknown calibration setting(s) {', '.join(unknown)}: choose from "
+                             f"{', '.join(f.name for f in dataclasses.fields(self))}.")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Sizes for the no-argument CLI run (bundled MNIST, DDIM 10) to finish in a few minutes on 2 CPU cores; the CLI
+# applies it by default (``--preset cpu``); ``--preset none`` keeps the API defaults above. Raise them on a GPU.
+CPU_QUICK_PRESET: Dict[str, Any] = dict(num_samples=32, batch_size=32, num_heldout_samples=32,
+                                        num_validation_samples=16)
+PRESETS: Dict[str, Dict[str, Any]] = {"cpu": CPU_QUICK_PRESET, "none": {}}
