@@ -163,3 +163,63 @@ def test_loading_a_bad_table_fails_clearly(tmp_path):
     (tmp_path / "scheduler_config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="has 3 values but 4 inference steps"):
         TimeTunerDDIMScheduler.from_pretrained(tmp_path)
+
+
+# --- CalibrationConfig: the one spelling of every calibration setting -------------------------------------------
+
+
+def test_cli_exposes_every_calibration_config_field():
+    import dataclasses
+
+    from diffusers_timetuner.calibration import CalibrationConfig
+    from diffusers_timetuner.cli.calibrate import build_parser
+
+    options = {s for a in build_parser()._actions for s in a.option_strings}
+    missing = [f.name for f in dataclasses.fields(CalibrationConfig) if f"--{f.name}" not in options]
+    assert not missing, f"CalibrationConfig fields without a CLI option: {missing}"
+
+
+def test_cli_args_give_the_api_config_with_the_same_overrides():
+    from diffusers_timetuner.calibration import CPU_QUICK_PRESET, CalibrationConfig
+    from diffusers_timetuner.cli.calibrate import parse_args
+
+    argv = ["--num_inference_steps", "5", "10", "--objective", "endpoint", "--optimizer", "adam", "--adam_steps",
+            "7", "--guidance_scale", "2.5", "--num_samples", "12", "--no_guard", "--guard_margin", "0",
+            "--validation_metric", "energy_distance", "--eta", "0.5", "--seed", "3", "--teacher_steps", "40"]
+    overrides = dict(num_inference_steps=[5, 10], objective="endpoint", optimizer="adam", adam_steps=7,
+                     guidance_scale=2.5, num_samples=12, guard=False, guard_margin=0.0,
+                     validation_metric="energy_distance", eta=0.5, seed=3, teacher_steps=40)
+    # the CLI's default preset is the CPU sizes; explicit options win over it
+    assert parse_args(argv).config == CalibrationConfig().replace(**{**CPU_QUICK_PRESET, **overrides})
+    # --preset none: the library's own defaults
+    assert parse_args(argv + ["--preset", "none"]).config == CalibrationConfig(**overrides)
+
+
+def test_no_argument_cli_keeps_the_cpu_sizes():
+    """The README's no-argument run calibrates on 32 / 32 / 16 / 32 samples (calibration, batch, validation,
+    held-out), half the library's defaults (64 / 64 / 32 / 64)."""
+    from diffusers_timetuner.calibration import CalibrationConfig
+    from diffusers_timetuner.cli.calibrate import parse_args
+
+    cfg = parse_args([]).config
+    assert (cfg.num_samples, cfg.batch_size, cfg.num_validation_samples, cfg.num_heldout_samples) == (32, 32, 16, 32)
+    api = CalibrationConfig()
+    assert (api.num_samples, api.batch_size, api.num_validation_samples, api.num_heldout_samples) == (64, 64, 32, 64)
+    assert dataclasses_equal_except(cfg, api, {"num_samples", "batch_size", "num_validation_samples",
+                                               "num_heldout_samples"})
+
+
+def dataclasses_equal_except(a, b, names) -> bool:
+    import dataclasses
+
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    return {k: v for k, v in da.items() if k not in names} == {k: v for k, v in db.items() if k not in names}
+
+
+def test_calibration_config_refuses_an_unknown_setting():
+    import pytest
+
+    from diffusers_timetuner.calibration import CalibrationConfig
+
+    with pytest.raises(ValueError, match="num_sample"):
+        CalibrationConfig().replace(num_sample=3)
