@@ -516,14 +516,17 @@ def try_calibration(testbed: Testbed, family: str, nfe: int, device, **kwargs):
 def _run_calibration(testbed: Testbed, family: str, nfe: int, device, s: Dict[str, Any]):
     calibrate = calibrate_fn()
     scheduler = _base_scheduler(testbed, family, s)
-    kwargs = dict(objective=s["objective"], strategy=s["strategy"], guidance_scale=s["guidance_scale"],
-                  num_samples=s["num_samples"], batch_size=s["batch_size"], seed=s["seed"], progress=False,
-                  num_validation_samples=s["validation_samples"], num_heldout_samples=s["heldout_samples"],
-                  accelerator=_single_process_state(device))
+    from diffusers_timetuner.calibration import CalibrationConfig
+
+    config = CalibrationConfig(objective=s["objective"], strategy=s["strategy"], guidance_scale=s["guidance_scale"],
+                               num_samples=s["num_samples"], batch_size=s["batch_size"], seed=s["seed"],
+                               num_validation_samples=s["validation_samples"],
+                               num_heldout_samples=s["heldout_samples"])
     if s["optimizer"] != DEFAULT_OPTIMIZER:
-        kwargs["optimizer"] = s["optimizer"]
+        config = config.replace(optimizer=s["optimizer"])
         if s["optimizer"] == REFERENCE_OPTIMIZER:
-            kwargs["optimizer_kwargs"] = {"num_steps": s["adam_steps"]}
+            config = config.replace(adam_steps=s["adam_steps"])
+    kwargs = dict(config=config, progress=False, accelerator=_single_process_state(device))
     # Data for the strategies that start from x_0 (sequential Alg. 1, parallel eq. 11): (images, labels) so that a
     # class-conditional model's data trajectories carry their own labels.
     kwargs["data"] = (testbed.data, testbed.labels) if testbed.labels is not None else testbed.data
