@@ -21,7 +21,7 @@ from .objectives import Teacher, default_teacher_steps, get_objective
 from .optimizers import get_optimizer
 from .report import StepCountReport, evaluate_heldout, plot_report, write_report
 from .rollout import Rollout
-from .schedulers import resolve_scheduler, untuned_copy
+from .families import resolve_scheduler, untuned_copy
 from .strategies import VALIDATION_METRICS, CalibrationSet, StepCountJob, get_strategy
 
 logger = logging.getLogger(__name__)
