@@ -38,7 +38,7 @@ class ConditionSet:
     uncond: Optional[Dict[str, Any]]
     description: Dict[str, Any]
 
-    def take(self, indices, data_index=None) -> Optional[Dict[str, Any]]:
+    def take(self, indices) -> Optional[Dict[str, Any]]:
         if self.values is None:
             return None
         idx = torch.as_tensor(list(indices), dtype=torch.long)

@@ -9,7 +9,7 @@ that float round-off can never split the processes. Without an accelerator every
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -57,14 +57,3 @@ class Distributed:
 
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         return float(broadcast(t, from_process=0).cpu()[0])
-
-    def gather_floats(self, values: List[float], count: Optional[int] = None) -> List[float]:
-        """Concatenate equal-length float lists from all processes (rank order)."""
-        if self.world_size == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        return [float(v) for v in self.accelerator.gather(t).cpu()]
-
-    def wait(self) -> None:
-        if self.world_size > 1:
-            self.accelerator.wait_for_everyone()

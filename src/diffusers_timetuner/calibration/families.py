@@ -33,11 +33,11 @@ def scheduler_class(name: str):
     return cls
 
 
-def resolve_scheduler(scheduler, pipeline=None, base_config=None):
+def resolve_scheduler(scheduler, pipeline=None):
     """A TimeTuner scheduler from ``scheduler`` (instance, class, or name) or the pipeline's scheduler.
 
-    A name or class is instantiated from ``base_config`` (or the pipeline's scheduler config, so the betas match the
-    model); a plain Diffusers scheduler is converted with ``from_config`` (same config, TimeTuner class).
+    A name or class is instantiated from the pipeline's scheduler config (so the betas
+    match the model); a plain Diffusers scheduler is converted with ``from_config`` (same config, TimeTuner class).
     """
     if scheduler is None:
         if pipeline is None or getattr(pipeline, "scheduler", None) is None:
@@ -45,8 +45,8 @@ def resolve_scheduler(scheduler, pipeline=None, base_config=None):
         scheduler = pipeline.scheduler
     if isinstance(scheduler, (str, type)):
         cls = scheduler_class(scheduler if isinstance(scheduler, str) else scheduler.__name__)
-        config = base_config
-        if config is None and pipeline is not None and getattr(pipeline, "scheduler", None) is not None:
+        config = None
+        if pipeline is not None and getattr(pipeline, "scheduler", None) is not None:
             config = pipeline.scheduler.config
         return cls.from_config(config) if config is not None else cls()
     if hasattr(scheduler, "with_tuned_timesteps"):

@@ -151,7 +151,8 @@ def _clearly_better(job: StepCountJob, change: float, se: float) -> bool:
 
 def _forward_backward(job: StepCountJob) -> tuple:
     d = job.rollout.denoiser
-    return int(job.dist.sum(torch.tensor(float(d.num_forward_samples)))), int(getattr(d, "_backward_samples", 0))
+    # (forward samples over all processes, 0): nothing sets a backward count on the denoiser; the Adam loops count theirs
+    return int(job.dist.sum(torch.tensor(float(d.num_forward_samples)))), 0
 
 
 # ---------------------------------------------------------------------------------------------------- strategies
