@@ -451,6 +451,6 @@ def _calibration_set(num, shape, cond_set, data, seed, data_labels=None) -> Cali
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
