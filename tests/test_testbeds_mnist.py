@@ -22,7 +22,7 @@ def test_bundled_model_layout(pipe):
     assert pipe.unet.config.num_class_embeds == 11 and pipe.null_class_label == 10
     assert pipe.unet.config.sample_size == 28 and pipe.unet.dtype == torch.float32
     assert isinstance(pipe.scheduler, DDIMScheduler)
-    assert pipe.scheduler.config.clip_sample is False  # REFERENCE.md 4: clipping breaks guidance
+    assert pipe.scheduler.config.clip_sample is False  # clipping breaks guidance (docs/facts.md, 5)
     assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.num_train_timesteps == 1000
 
 
