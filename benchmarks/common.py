@@ -359,7 +359,7 @@ METRIC_DEVICE = {"device": "cpu"}  # set by setup(): where the FD-MNIST classifi
 
 def mnist_metrics(samples: torch.Tensor, labels: Optional[torch.Tensor]) -> Dict[str, float]:
     """FD-MNIST (vs the 1000 held-out digits) and class accuracy from one pass of the third-party classifier."""
-    m = metrics_module()
+    from diffusers_timetuner.testbeds.mnist import classifier as m
     feats, preds = m.classifier_outputs(samples, device=METRIC_DEVICE["device"])
     fd = m.frechet_distance(*m.feature_statistics(feats), *m.heldout_mnist_statistics())
     out = {"fd": float(fd)}

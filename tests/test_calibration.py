@@ -107,7 +107,7 @@ def test_paper_sequential_never_tunes_the_last_step_and_lowers_each_loss():
 
 
 def test_reference_adam_lands_where_the_local_search_lands_on_the_exact_model():
-    """REFERENCE.md 1: on an exact model the 1-D search and Adam (r = tau / t) agree, the search far cheaper.
+    """docs/facts.md, 1: on an exact model the 1-D search and Adam (r = tau / t) agree, the search far cheaper.
     (Trailing spacing: with "leading" the last tuned step targets eps at t = 0, where eq. 9 degenerates.)"""
     sched = ddim(timestep_spacing="trailing")
     model = GaussianEps(sched.alphas_cumprod)

@@ -166,7 +166,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ two processes
 def test_two_process_accelerate_run_matches_one_process(tmp_path):
-    """REFERENCE.md 3: this launch line really starts two CPU processes (gloo). Each process holds the same table,
+    """docs/facts.md, 3: this launch line really starts two CPU processes (gloo). Each process holds the same table,
     equal to a one-process run within the search tolerance (0.5 timestep); only the main process writes."""
     from test_calibration_worker import DIST_STEPS, dist_job
 

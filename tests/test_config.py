@@ -22,8 +22,8 @@ from diffusers_timetuner.schedulers import (
     TimeTunerEulerDiscreteScheduler,
 )
 
-# Non-default values for parent keys: if a subclass dropped a parent key (the `**kwargs` signature trap of
-# REFERENCE.md section 2), from_config would silently rebuild it with the default and the comparison would fail.
+# Non-default values for parent keys: if a subclass dropped a parent key (the `**kwargs` signature trap,
+# docs/facts.md, 2), from_config would silently rebuild it with the default and the comparison would fail.
 CASES = {
     "ddim": (
         TimeTunerDDIMScheduler,

@@ -202,8 +202,9 @@ def test_only_main_process_uploads(hub_servers, hub_env, tmp_path):
 
 
 def test_pull_errors_are_clear(hub_servers, hub_env, tmp_path):
-    """covers: hf_hub_download of a missing repo and of a missing subfolder (olah answers 401 for both, mapped via
-    HfApi.list_repo_files), and a step count without a table (the scheduler raises)."""
+    """covers: hf_hub_download of a missing repo (RepositoryNotFound) and of a missing subfolder (EntryNotFound, the
+    hint listing the repo's configs via HfApi.list_repo_files), and a step count without a table (the scheduler
+    raises)."""
     out = make_calibration_output(str(tmp_path / "out"))
     repo_id = _new_repo_id()
     _push(hub_servers, hub_env, out, repo_id)

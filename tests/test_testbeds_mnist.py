@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from diffusers_timetuner import metrics
+from diffusers_timetuner.testbeds.mnist import classifier
 from diffusers_timetuner.testbeds import MNIST_MODEL_DIR, load_mnist_pipeline
 from diffusers_timetuner.testbeds.data import load_mnist, load_sklearn_digits, mnist_split_indices
 
@@ -22,7 +22,7 @@ def test_bundled_model_layout(pipe):
     assert pipe.unet.config.num_class_embeds == 11 and pipe.null_class_label == 10
     assert pipe.unet.config.sample_size == 28 and pipe.unet.dtype == torch.float32
     assert isinstance(pipe.scheduler, DDIMScheduler)
-    assert pipe.scheduler.config.clip_sample is False  # REFERENCE.md 4: clipping breaks guidance
+    assert pipe.scheduler.config.clip_sample is False  # clipping breaks guidance (docs/facts.md, 5)
     assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.num_train_timesteps == 1000
 
 
@@ -33,7 +33,7 @@ def test_fast_quality_check(pipe):
     assert images.shape == (50, 1, 28, 28)
     # Full evaluation (PROVENANCE.md): 96.5% at 20 and 96.1% at 100 DDIM steps over 1000 samples; with 50
     # samples a binomial(50, 0.96) falls below 40 (80%) with probability < 1e-6.
-    assert metrics.classifier_accuracy(images, labels) >= 0.80
+    assert classifier.classifier_accuracy(images, labels) >= 0.80
 
 
 def test_guidance_and_reproducibility(pipe):

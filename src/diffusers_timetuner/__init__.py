@@ -18,7 +18,7 @@ from .schedulers import (
 )
 from .table import TauTable, TunedTimestepsWarning
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "CalibrationResult",

@@ -1,6 +1,6 @@
 """TEST DOUBLE of the Hugging Face Hub *upload* API. Not a Hub implementation; used only by the tests.
 
-No installable server accepts uploads (REFERENCE.md section 4), so the tests drive the real `huggingface_hub`
+No installable server accepts uploads (docs/facts.md, 4), so the tests drive the real `huggingface_hub`
 client (`HfApi.create_repo`, `create_branch`, `create_commit`, `repo_exists`) against this minimal stdlib
 `http.server`. It implements exactly the endpoints that client uses for a regular (non-LFS, non-Xet) commit:
 

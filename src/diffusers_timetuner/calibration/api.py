@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 #   bundled MNIST UNet, 32 calibration samples: paper eq. 9 diverges at the step into t = 0 (+70 % held-out); no
 #       objective beat the untuned sampler beyond noise on 96 fresh x_T (the metric is heavy-tailed: a few samples
 #       that end in another mode dominate it), and the validation guard correctly kept tau = t.
-# endpoint is the most accurate objective where the evidence is clear (the exact model; REFERENCE.md section 1 on a
+# endpoint is the most accurate objective where the evidence is clear (the exact model; docs/facts.md, 1;
 # trained UNet), but costs ~3-4x; teacher_local is the default because the no-argument CLI run must finish in a few
 # CPU minutes. Use objective="endpoint" with more samples where compute allows.
 # At published sizes on a GPU (benchmarks/results/gpu_full: 512 calibration samples, FD-MNIST on 5000 samples) all
@@ -452,6 +452,6 @@ def _calibration_set(num, shape, cond_set, data, seed, data_labels=None) -> Cali
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__

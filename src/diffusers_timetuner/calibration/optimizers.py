@@ -4,7 +4,7 @@
   states, conditions and step noise for every candidate) start at tau = t_i (r = 1), open a bracket by an expanding
   search (a trust region: at most ``max_shift`` grid spacings away), then refine it with Brent's bounded method
   (``scipy.optimize.minimize_scalar``) to ``xtol`` timestep units. It returns the best point it evaluated, so the
-  calibration loss never ends above its value at t_i. Local on purpose: REFERENCE.md section 1 measured that a wide
+  calibration loss never ends above its value at t_i. Local on purpose (docs/facts.md, 1): a wide
   (global) search lands in other, worse minima on trained networks, whose loss in tau is not unimodal.
 - :class:`JointAdam` (beyond the paper): every tau_i at once, by gradient of the endpoint error through the sampler.
 - :class:`ReferenceAdam` (the authors' procedure): tau_i = r_i * t_i in continuous time t = (t_disc + 1) / N, i.e.

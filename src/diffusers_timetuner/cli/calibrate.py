@@ -241,7 +241,7 @@ def versions() -> dict:
     import accelerate
     import diffusers
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"diffusers_timetuner": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "accelerate": accelerate.__version__, "python": platform.python_version()}

@@ -13,7 +13,7 @@ from typing import Iterable, List
 import torch
 from tqdm.auto import tqdm
 
-from ... import metrics
+from . import classifier
 
 
 @torch.no_grad()
@@ -48,8 +48,8 @@ def evaluate(pipe, steps: Iterable[int] = (10, 20, 100), guidance_scales: Iterab
         for n in steps:
             t0 = time.time()
             x, y = sample_per_class(pipe, n_per_class, n, g, seed, batch_size, progress)
-            feats, preds = metrics.classifier_outputs(x)
-            fd = metrics.frechet_distance(*metrics.feature_statistics(feats), *metrics.heldout_mnist_statistics())
+            feats, preds = classifier.classifier_outputs(x)
+            fd = classifier.frechet_distance(*classifier.feature_statistics(feats), *classifier.heldout_mnist_statistics())
             rows.append({"steps": n, "guidance_scale": g, "n_samples": len(y),
                          "accuracy": float((preds == y).double().mean()), "fd_mnist": fd,
                          "seconds": time.time() - t0})
