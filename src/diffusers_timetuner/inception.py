@@ -231,9 +231,24 @@ class InceptionFeatures:
 def fid(features_a: ArrayLike, features_b: ArrayLike) -> float:
     """FID (or sFID, given spatial features): the squared Frechet distance of Gaussians fitted to two feature sets.
 
-    Like every FID it is biased upwards at small sample sizes; compare values only at equal sample counts.
+    With at least as many samples as dimensions this is `metrics.frechet_distance_from_features`. With fewer (CPU-sized
+    sets: N < 2048), the same value is computed exactly in sample space: with centred, 1/sqrt(N - 1)-scaled features
+    A (N1, D) and B (N2, D), the covariances are A^T A and B^T B, the nonzero eigenvalues of C1^1/2 C2 C1^1/2 are the
+    squared singular values of A B^T, so the trace term is the nuclear norm of the N1 x N2 matrix A B^T (seconds
+    faster than two D x D eigendecompositions). Like every FID it is biased upwards at small sample sizes; compare
+    values only at equal sample counts.
     """
-    return frechet_distance_from_features(features_a, features_b)
+    a, b = _as_features(features_a, "features_a"), _as_features(features_b, "features_b")
+    if a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"fid needs two (N, D) feature sets with one D and N >= 2, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}.")
+    if max(a.shape[0], b.shape[0]) >= a.shape[1]:
+        return frechet_distance_from_features(a, b)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca = (a - mu_a) / (a.shape[0] - 1) ** 0.5
+    cb = (b - mu_b) / (b.shape[0] - 1) ** 0.5
+    nuclear = torch.linalg.svdvals(ca @ cb.T).sum()
+    return float((mu_a - mu_b).square().sum() + ca.square().sum() + cb.square().sum() - 2 * nuclear)
 
 
 def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
