@@ -156,9 +156,9 @@ class InceptionFeatures:
     """Batched InceptionV3 features: 2048-d pool features (FID, precision / recall) and sFID's spatial features.
 
     The network is loaded on first use. Call the instance on a tensor of images (N, C, H, W) with C = 1 (grayscale,
-    repeated to RGB) or 3, any size (resized to 299 x 299), float values in `data_range`: (-1, 1) by default, the
-    range diffusers pipelines produce with ``output_type="pt"`` before their final rescale, or (0, 1); uint8 images
-    use (0, 255).
+    repeated to RGB) or 3, any size (resized to 299 x 299), float values in `data_range`: (-1, 1) by default (the
+    model-space range of diffusion samples), or pass (0, 1) for what diffusers pipelines return with
+    ``output_type="pt"``; uint8 images default to (0, 255).
 
     Args:
         device: where the network runs ("cpu", "cuda", ...). Features are returned on the CPU as float64.
@@ -207,7 +207,8 @@ class InceptionFeatures:
     def __call__(self, images: torch.Tensor, data_range: Optional[Tuple[float, float]] = None, spatial: bool = False):
         """Features of `images`: a (N, 2048) float64 tensor, or (pool, spatial) with spatial (N, 2023) if `spatial`."""
         if data_range is None:
-            data_range = (0.0, 255.0) if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 else (-1.0, 1.0)
+            is_uint8 = isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+            data_range = (0.0, 255.0) if is_uint8 else (-1.0, 1.0)
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
             raise ValueError(f"Inception features need an image tensor of shape (N, 1 or 3, H, W), got {shape}.")
