@@ -14,7 +14,9 @@ from .schedulers import (
     TimeTunerDPMSolverScheduler,
     TimeTunerDPMSolverSinglestepScheduler,
     TimeTunerEulerDiscreteScheduler,
+    TimeTunerFlowMatchEulerDiscreteScheduler,
     TimeTunerMixin,
+    TimeTunerUniPCMultistepScheduler,
 )
 from .table import TauTable, TunedTimestepsWarning
 
@@ -30,7 +32,9 @@ __all__ = [
     "TimeTunerDPMSolverScheduler",
     "TimeTunerDPMSolverSinglestepScheduler",
     "TimeTunerEulerDiscreteScheduler",
+    "TimeTunerFlowMatchEulerDiscreteScheduler",
     "TimeTunerMixin",
+    "TimeTunerUniPCMultistepScheduler",
     "TunedTimestepsWarning",
     "sample",
     "sample_trajectory",

@@ -5,7 +5,9 @@ from .ddpm import TimeTunerDDPMScheduler
 from .dpmsolver_multistep import TimeTunerDPMSolverScheduler
 from .dpmsolver_singlestep import TimeTunerDPMSolverSinglestepScheduler
 from .euler_discrete import TimeTunerEulerDiscreteScheduler
+from .flow_match_euler_discrete import TimeTunerFlowMatchEulerDiscreteScheduler
 from .mixin import TimeTunerMixin, quadratic_timesteps
+from .unipc_multistep import TimeTunerUniPCMultistepScheduler
 
 __all__ = [
     "TimeTunerDDIMScheduler",
@@ -13,6 +15,8 @@ __all__ = [
     "TimeTunerDPMSolverScheduler",
     "TimeTunerDPMSolverSinglestepScheduler",
     "TimeTunerEulerDiscreteScheduler",
+    "TimeTunerFlowMatchEulerDiscreteScheduler",
     "TimeTunerMixin",
+    "TimeTunerUniPCMultistepScheduler",
     "quadratic_timesteps",
 ]

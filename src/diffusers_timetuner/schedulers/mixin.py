@@ -205,7 +205,7 @@ class TimeTunerMixin:
 
     def _init_tau_tables(self, tuned_timesteps, tuned_grids, tuning_info) -> None:
         tables, taus, grids, info = normalize_tuning_config(
-            tuned_timesteps, tuned_grids, tuning_info, num_train_timesteps=self.config.num_train_timesteps
+            tuned_timesteps, tuned_grids, tuning_info, num_train_timesteps=self._table_timestep_bound()
         )
         # The config stores the normalised JSON form (string keys, float lists), so that it equals what
         # save_pretrained -> from_pretrained gives back.
@@ -214,6 +214,10 @@ class TimeTunerMixin:
         self._active_table: TauTable | None = None
         self.grid_timesteps = self.timesteps.clone()
         self._timestep_lookups: dict[int, _TimestepLookup] = {}  # id(schedule tensor) -> prepared lookup
+
+    def _table_timestep_bound(self) -> int:
+        """Taus above ``bound - 1`` get a `TunedTimestepsWarning` (outside the training range)."""
+        return self.config.num_train_timesteps
 
     # ---- read-only views -------------------------------------------------------------------------------------
     @property
