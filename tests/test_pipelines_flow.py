@@ -172,7 +172,7 @@ def test_flux_img2img_transformer_receives_tau_over_1000(flux):
     run = lambda p: p(generator=gen(), **kw).images  # noqa: E731
     probe = make(FluxImg2ImgPipeline, comps, FM(**FLUX_CONFIG))
     run(probe)
-    full = probe.scheduler.timesteps.tolist()  # after the pipeline's slicing: the 3 steps strength 0.75 keeps
+    full = probe.scheduler.timesteps.tolist()  # the whole grid (the pipeline slices a copy, strength 0.75 keeps 3)
     assert len(full) == 4
     taus = shifted(full)
     spy = TimestepSpy(comps["transformer"])

@@ -15,6 +15,7 @@ from .schedulers import (
     TimeTunerDPMSolverSinglestepScheduler,
     TimeTunerEulerDiscreteScheduler,
     TimeTunerFlowMatchEulerDiscreteScheduler,
+    TimeTunerHeunDiscreteScheduler,
     TimeTunerMixin,
     TimeTunerUniPCMultistepScheduler,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "TimeTunerDPMSolverSinglestepScheduler",
     "TimeTunerEulerDiscreteScheduler",
     "TimeTunerFlowMatchEulerDiscreteScheduler",
+    "TimeTunerHeunDiscreteScheduler",
     "TimeTunerMixin",
     "TimeTunerUniPCMultistepScheduler",
     "TunedTimestepsWarning",

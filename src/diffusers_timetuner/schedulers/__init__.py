@@ -6,6 +6,7 @@ from .dpmsolver_multistep import TimeTunerDPMSolverScheduler
 from .dpmsolver_singlestep import TimeTunerDPMSolverSinglestepScheduler
 from .euler_discrete import TimeTunerEulerDiscreteScheduler
 from .flow_match_euler_discrete import TimeTunerFlowMatchEulerDiscreteScheduler
+from .heun_discrete import TimeTunerHeunDiscreteScheduler
 from .mixin import TimeTunerMixin, quadratic_timesteps
 from .unipc_multistep import TimeTunerUniPCMultistepScheduler
 
@@ -16,6 +17,7 @@ __all__ = [
     "TimeTunerDPMSolverSinglestepScheduler",
     "TimeTunerEulerDiscreteScheduler",
     "TimeTunerFlowMatchEulerDiscreteScheduler",
+    "TimeTunerHeunDiscreteScheduler",
     "TimeTunerMixin",
     "TimeTunerUniPCMultistepScheduler",
     "quadratic_timesteps",

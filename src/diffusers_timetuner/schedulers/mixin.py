@@ -205,7 +205,8 @@ class TimeTunerMixin:
 
     def _init_tau_tables(self, tuned_timesteps, tuned_grids, tuning_info) -> None:
         tables, taus, grids, info = normalize_tuning_config(
-            tuned_timesteps, tuned_grids, tuning_info, num_train_timesteps=self._table_timestep_bound()
+            tuned_timesteps, tuned_grids, tuning_info, num_train_timesteps=self._table_timestep_bound(),
+            num_evaluations=self._num_evaluations,
         )
         # The config stores the normalised JSON form (string keys, float lists), so that it equals what
         # save_pretrained -> from_pretrained gives back.
@@ -218,6 +219,14 @@ class TimeTunerMixin:
     def _table_timestep_bound(self) -> int:
         """Taus above ``bound - 1`` get a `TunedTimestepsWarning` (outside the training range)."""
         return self.config.num_train_timesteps
+
+    def _num_evaluations(self, num_inference_steps: int) -> int:
+        """Model evaluations (taus of a table, entries of `timesteps`) for n steps: n here, 2n - 1 for Heun."""
+        return num_inference_steps
+
+    def _steps_for_evaluations(self, num_evaluations: int) -> int:
+        """Inverse of `_num_evaluations`: the step count n whose table applies to `len(timesteps)` evaluations."""
+        return num_evaluations
 
     # ---- read-only views -------------------------------------------------------------------------------------
     @property
@@ -282,7 +291,7 @@ class TimeTunerMixin:
         self._active_table = None
         if not self._tau_tables:
             return  # untuned: exactly the parent
-        n = len(grid)
+        n = self._steps_for_evaluations(len(grid))
         self._check_table_available(n)
         table = self._tau_tables[n]
         if table.grid is not None:
