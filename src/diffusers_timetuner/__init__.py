@@ -9,6 +9,7 @@ from .calibration import CalibrationResult, calibrate
 from .denoiser import Denoiser
 from .sampling import sample, sample_trajectory
 from .schedulers import (
+    TimeTunerCMStochasticIterativeScheduler,
     TimeTunerDDIMScheduler,
     TimeTunerDDPMScheduler,
     TimeTunerDPMSolverScheduler,
@@ -28,6 +29,7 @@ __all__ = [
     "calibrate",
     "Denoiser",
     "TauTable",
+    "TimeTunerCMStochasticIterativeScheduler",
     "TimeTunerDDIMScheduler",
     "TimeTunerDDPMScheduler",
     "TimeTunerDPMSolverScheduler",

@@ -1,5 +1,6 @@
 """TimeTuner schedulers: drop-in subclasses of the Diffusers schedulers that feed the network tuned timesteps."""
 
+from .consistency_models import TimeTunerCMStochasticIterativeScheduler
 from .ddim import TimeTunerDDIMScheduler
 from .ddpm import TimeTunerDDPMScheduler
 from .dpmsolver_multistep import TimeTunerDPMSolverScheduler
@@ -11,6 +12,7 @@ from .mixin import TimeTunerMixin, quadratic_timesteps
 from .unipc_multistep import TimeTunerUniPCMultistepScheduler
 
 __all__ = [
+    "TimeTunerCMStochasticIterativeScheduler",
     "TimeTunerDDIMScheduler",
     "TimeTunerDDPMScheduler",
     "TimeTunerDPMSolverScheduler",

@@ -228,6 +228,10 @@ class TimeTunerMixin:
         """Inverse of `_num_evaluations`: the step count n whose table applies to `len(timesteps)` evaluations."""
         return num_evaluations
 
+    def _tau_dtype(self, grid: torch.Tensor) -> torch.dtype:
+        """dtype of the tau tensor put in `timesteps` (float32; a class may keep its grid's floating dtype)."""
+        return torch.float32
+
     # ---- read-only views -------------------------------------------------------------------------------------
     @property
     def tau_tables(self) -> dict[int, TauTable]:
@@ -309,7 +313,7 @@ class TimeTunerMixin:
                     f"scheduler config ({settings}) produces the grid {produced}. Use the scheduler config the table "
                     f"was tuned with, or calibrate a table for this grid (`{CALIBRATE_HINT.format(n=n)}`)."
                 )
-        self.timesteps = torch.tensor(table.taus, dtype=torch.float32, device=grid.device)
+        self.timesteps = torch.tensor(table.taus, dtype=self._tau_dtype(grid), device=grid.device)
         self._active_table = table
 
     # ---- step-index lookup -----------------------------------------------------------------------------------
