@@ -58,7 +58,7 @@ def test_untuned_and_identity_are_the_parent(steps, config):
 
 
 def test_round_trip_and_errors(tmp_path):
-    taus = [t - 7.5 for t in grid(2)]
+    taus = [t - 7.5 for t in grid(2, sigma_max=40.0)]
     sched = CM(sigma_max=40.0, tuned_timesteps={2: taus}, tuning_info={2: {"objective": "test"}})
     sched.save_pretrained(tmp_path)
     for again in (CM.from_pretrained(tmp_path), CM.from_config(sched.config)):
