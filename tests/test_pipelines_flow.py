@@ -11,6 +11,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     FluxImg2ImgPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -21,7 +22,11 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from diffusers_timetuner import TimeTunerFlowMatchEulerDiscreteScheduler, TimeTunerUniPCMultistepScheduler
+from diffusers_timetuner import (
+    TimeTunerFlowMatchEulerDiscreteScheduler,
+    TimeTunerHeunDiscreteScheduler,
+    TimeTunerUniPCMultistepScheduler,
+)
 from test_pipelines import SD_CONFIG, TimestepSpy, sd_components, vae  # noqa: F401  (fixtures)
 
 FM = TimeTunerFlowMatchEulerDiscreteScheduler
@@ -203,4 +208,23 @@ def test_stable_diffusion_unipc(sd_components, guidance_scale, solver_type):  # 
     untuned = pipe("a cat", generator=gen(), **kw).images
     assert not np.array_equal(tuned, untuned)
     pipe.scheduler = TimeTunerUniPCMultistepScheduler(**config, tuned_timesteps={n: grid})
+    assert np.array_equal(pipe("a cat", generator=gen(), **kw).images, untuned)
+
+
+def test_stable_diffusion_heun_one_tau_per_evaluation(sd_components):  # noqa: F811
+    n = 3
+    parent = HeunDiscreteScheduler(**SD_CONFIG)
+    parent.set_timesteps(n)
+    grid = parent.timesteps.tolist()  # 2n - 1 evaluations, grid times repeated
+    taus = [t + 0.5 * (j + 1) if t < 990 else t - 0.5 * (j + 1) for j, t in enumerate(grid)]
+    pipe = make(StableDiffusionPipeline, sd_components,
+                TimeTunerHeunDiscreteScheduler(**SD_CONFIG, tuned_timesteps={n: taus}))
+    kw = dict(num_inference_steps=n, height=16, width=16, guidance_scale=5.0, output_type="np")
+    spy = TimestepSpy(sd_components["unet"])
+    tuned = pipe("a cat", generator=gen(), **kw).images
+    assert torch.equal(spy.timesteps(), torch.tensor(taus, dtype=torch.float32)) and len(taus) == 2 * n - 1
+    pipe.scheduler = HeunDiscreteScheduler(**SD_CONFIG)
+    untuned = pipe("a cat", generator=gen(), **kw).images
+    assert not np.array_equal(tuned, untuned)
+    pipe.scheduler = TimeTunerHeunDiscreteScheduler(**SD_CONFIG)
     assert np.array_equal(pipe("a cat", generator=gen(), **kw).images, untuned)

@@ -66,6 +66,6 @@ def test_round_trip_keeps_parent_keys_and_table(tmp_path):
         assert {k for k in parent.config if not k.startswith("_")} <= set(again.config)
         assert again.config.prediction_type == "v_prediction"
         assert torch.equal(sample(again, n), sample(sched, n))
-    other = sched.with_tuned_timesteps(n, [t + 1.0 for t in taus])
+    other = sched.with_tuned_timesteps(n, [t - 1.0 for t in taus])
     other.set_timesteps(n)
-    assert other.timesteps.tolist() == pytest.approx([t + 1.0 for t in taus], abs=1e-4)
+    assert other.timesteps.tolist() == pytest.approx([t - 1.0 for t in taus], abs=1e-4)
