@@ -9,12 +9,16 @@ from .calibration import CalibrationResult, calibrate
 from .denoiser import Denoiser
 from .sampling import sample, sample_trajectory
 from .schedulers import (
+    TimeTunerCMStochasticIterativeScheduler,
     TimeTunerDDIMScheduler,
     TimeTunerDDPMScheduler,
     TimeTunerDPMSolverScheduler,
     TimeTunerDPMSolverSinglestepScheduler,
     TimeTunerEulerDiscreteScheduler,
+    TimeTunerFlowMatchEulerDiscreteScheduler,
+    TimeTunerHeunDiscreteScheduler,
     TimeTunerMixin,
+    TimeTunerUniPCMultistepScheduler,
 )
 from .table import TauTable, TunedTimestepsWarning
 
@@ -25,12 +29,16 @@ __all__ = [
     "calibrate",
     "Denoiser",
     "TauTable",
+    "TimeTunerCMStochasticIterativeScheduler",
     "TimeTunerDDIMScheduler",
     "TimeTunerDDPMScheduler",
     "TimeTunerDPMSolverScheduler",
     "TimeTunerDPMSolverSinglestepScheduler",
     "TimeTunerEulerDiscreteScheduler",
+    "TimeTunerFlowMatchEulerDiscreteScheduler",
+    "TimeTunerHeunDiscreteScheduler",
     "TimeTunerMixin",
+    "TimeTunerUniPCMultistepScheduler",
     "TunedTimestepsWarning",
     "sample",
     "sample_trajectory",

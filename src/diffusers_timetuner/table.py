@@ -20,7 +20,7 @@ import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
     "TAU_ATOL",
@@ -126,11 +126,12 @@ def _as_number_list(values: Any, *, what: str) -> list[float]:
     return out
 
 
-def _validate_taus(n: int, taus: list[float], *, num_train_timesteps: int | None) -> None:
+def _validate_taus(n: int, taus: list[float], *, num_train_timesteps: int | None, num_evaluations=None) -> None:
     key = f"`tuned_timesteps[\"{n}\"]`"
-    if len(taus) != n:
+    m = n if num_evaluations is None else num_evaluations(n)
+    if len(taus) != m:
         raise ValueError(
-            f"{key} has {len(taus)} values but {n} inference steps make {n} model evaluations: give exactly one tau "
+            f"{key} has {len(taus)} values but {n} inference steps make {m} model evaluations: give exactly one tau "
             "per model evaluation, in sampling order (or store the table under the step count it was tuned for)."
         )
     bad = [(j, v) for j, v in enumerate(taus) if not math.isfinite(v)]
@@ -189,6 +190,7 @@ def parse_tau_tables(
     tuning_info: Mapping | None = None,
     *,
     num_train_timesteps: int | None = None,
+    num_evaluations: Callable[[int], int] | None = None,
 ) -> dict[int, TauTable]:
     """Validate the three config values and return one `TauTable` per step count.
 
@@ -197,6 +199,7 @@ def parse_tau_tables(
         tuned_grids: ``{n: [grid timestep per model evaluation]}``, only for step counts that have a table.
         tuning_info: ``{n: {provenance}}``, JSON-serialisable dicts, only for step counts that have a table.
         num_train_timesteps: if given, taus above ``num_train_timesteps - 1`` trigger a `TunedTimestepsWarning`.
+        num_evaluations: model evaluations (taus) per table of n steps; default n (Heun: 2n - 1).
 
     Raises:
         ValueError: one message per problem (bad key, length, non-finite, negative or duplicate tau, grid length or
@@ -217,7 +220,7 @@ def parse_tau_tables(
     for key in sorted(tables_in, key=int):
         n = int(key)
         taus = _as_number_list(tables_in[key], what=f"`tuned_timesteps[\"{key}\"]`")
-        _validate_taus(n, taus, num_train_timesteps=num_train_timesteps)
+        _validate_taus(n, taus, num_train_timesteps=num_train_timesteps, num_evaluations=num_evaluations)
         grid = None
         if grids_in.get(key) is not None:
             grid = _as_number_list(grids_in[key], what=f"`tuned_grids[\"{key}\"]`")
@@ -251,6 +254,7 @@ def normalize_tuning_config(
     tuning_info: Mapping | None = None,
     *,
     num_train_timesteps: int | None = None,
+    num_evaluations: Callable[[int], int] | None = None,
 ) -> tuple[dict[int, TauTable], dict | None, dict | None, dict | None]:
     """Validate the three config values and return ``(tables, tuned_timesteps, tuned_grids, tuning_info)``.
 
@@ -258,7 +262,10 @@ def normalize_tuning_config(
     integral values as ints). `None` stays `None` and an empty dict stays empty, so an untuned config round-trips
     unchanged.
     """
-    tables = parse_tau_tables(tuned_timesteps, tuned_grids, tuning_info, num_train_timesteps=num_train_timesteps)
+    tables = parse_tau_tables(
+        tuned_timesteps, tuned_grids, tuning_info, num_train_timesteps=num_train_timesteps,
+        num_evaluations=num_evaluations,
+    )
     norm_taus = None if tuned_timesteps is None else {t.key: list(t.taus) for t in tables.values()}
     norm_grids = None
     if tuned_grids is not None:

@@ -205,7 +205,8 @@ class TimeTunerMixin:
 
     def _init_tau_tables(self, tuned_timesteps, tuned_grids, tuning_info) -> None:
         tables, taus, grids, info = normalize_tuning_config(
-            tuned_timesteps, tuned_grids, tuning_info, num_train_timesteps=self.config.num_train_timesteps
+            tuned_timesteps, tuned_grids, tuning_info, num_train_timesteps=self._table_timestep_bound(),
+            num_evaluations=self._num_evaluations,
         )
         # The config stores the normalised JSON form (string keys, float lists), so that it equals what
         # save_pretrained -> from_pretrained gives back.
@@ -214,6 +215,22 @@ class TimeTunerMixin:
         self._active_table: TauTable | None = None
         self.grid_timesteps = self.timesteps.clone()
         self._timestep_lookups: dict[int, _TimestepLookup] = {}  # id(schedule tensor) -> prepared lookup
+
+    def _table_timestep_bound(self) -> int:
+        """Taus above ``bound - 1`` get a `TunedTimestepsWarning` (outside the training range)."""
+        return self.config.num_train_timesteps
+
+    def _num_evaluations(self, num_inference_steps: int) -> int:
+        """Model evaluations (taus of a table, entries of `timesteps`) for n steps: n here, 2n - 1 for Heun."""
+        return num_inference_steps
+
+    def _steps_for_evaluations(self, num_evaluations: int) -> int:
+        """Inverse of `_num_evaluations`: the step count n whose table applies to `len(timesteps)` evaluations."""
+        return num_evaluations
+
+    def _tau_dtype(self, grid: torch.Tensor) -> torch.dtype:
+        """dtype of the tau tensor put in `timesteps` (float32; a class may keep its grid's floating dtype)."""
+        return torch.float32
 
     # ---- read-only views -------------------------------------------------------------------------------------
     @property
@@ -278,7 +295,7 @@ class TimeTunerMixin:
         self._active_table = None
         if not self._tau_tables:
             return  # untuned: exactly the parent
-        n = len(grid)
+        n = self._steps_for_evaluations(len(grid))
         self._check_table_available(n)
         table = self._tau_tables[n]
         if table.grid is not None:
@@ -296,7 +313,7 @@ class TimeTunerMixin:
                     f"scheduler config ({settings}) produces the grid {produced}. Use the scheduler config the table "
                     f"was tuned with, or calibrate a table for this grid (`{CALIBRATE_HINT.format(n=n)}`)."
                 )
-        self.timesteps = torch.tensor(table.taus, dtype=torch.float32, device=grid.device)
+        self.timesteps = torch.tensor(table.taus, dtype=self._tau_dtype(grid), device=grid.device)
         self._active_table = table
 
     # ---- step-index lookup -----------------------------------------------------------------------------------
