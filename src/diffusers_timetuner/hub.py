@@ -52,6 +52,8 @@ def read_tuned_config(path: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); re-run the calibration to rewrite it.") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object: it is not a scheduler config.")
     if not config.get("_class_name"):
         raise ValueError(f"{path} has no `_class_name`: it is not a diffusers scheduler config.")
     if not config.get("tuned_timesteps"):
@@ -293,6 +295,14 @@ def load_tuned_scheduler(
         raise ValueError(
             f"{name!r} is not a bundled tuned schedule ({', '.join(bundled) or 'none bundled'}), not an existing "
             "folder and not a Hub repo id of the form 'ORG/NAME'."
+        )
+    from .schedulers.mixin import TimeTunerMixin
+
+    if not isinstance(scheduler, TimeTunerMixin):
+        raise ValueError(
+            f"{name!r} builds a {type(scheduler).__name__}, which is not a TimeTuner scheduler and would ignore the "
+            "tau table: set `_class_name` to the matching TimeTuner*Scheduler (e.g. TimeTunerDDIMScheduler) or pass "
+            "`scheduler_class=`."
         )
     if pipeline is not None:
         check_scheduler_fits_pipeline(scheduler, pipeline, check_model_id=check_model_id, source=name)
