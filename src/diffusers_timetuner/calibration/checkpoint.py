@@ -58,8 +58,19 @@ class CheckpointStore:
         path = self.path(num_inference_steps)
         if not os.path.exists(path):
             return None
-        with open(path) as f:
-            payload = json.load(f)
+        try:
+            with open(path) as f:
+                payload = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"The checkpoint {path} is corrupt ({err}). Delete that file to redo step count "
+                f"{int(num_inference_steps)} from its start, or run without --resume_from_checkpoint."
+            ) from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("state"), dict):
+            raise ValueError(
+                f"The checkpoint {path} is not a calibration checkpoint (expected an object with \"fingerprint\" and "
+                f"\"state\"). Delete that file, or run without --resume_from_checkpoint."
+            )
         saved = payload.get("fingerprint")
         if saved != self.fingerprint:
             diff = sorted(k for k in set(saved or {}) | set(self.fingerprint)
