@@ -22,6 +22,7 @@ from .report import StepCountReport, evaluate_heldout, plot_report, write_report
 from .rollout import Rollout
 from .schedulers import resolve_scheduler, untuned_copy
 from .strategies import VALIDATION_METRICS, CalibrationSet, StepCountJob, get_strategy
+from .validate import VALIDATED_ARGS as _VALIDATED_ARGS, validate_calibration_args
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def calibrate(
         progress: tqdm bars (main process only).
         model_id: recorded in the table's info.
     """
+    validate_calibration_args(**{k: v for k, v in locals().items() if k in _VALIDATED_ARGS})
     started = time.perf_counter()
     dist = Distributed(accelerator)
     if timesteps is not None:
