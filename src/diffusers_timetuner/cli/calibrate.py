@@ -203,7 +203,16 @@ def load_data(source: str):
         return load_mnist("train")
     if os.path.isfile(source):
         if source.endswith(".pt"):
-            obj = torch.load(source, map_location="cpu")
+            import pickle
+
+            try:  # tensors only: a pickle with code in it must not run (torch < 2.6 defaults to weights_only=False)
+                obj = torch.load(source, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise ValueError(
+                    f"--data_dir {source} holds more than tensors (refused to run the pickled code it contains: "
+                    f"{str(err).splitlines()[0]}). Save a tensor or a dict of tensors {{'images': ..., 'labels': ...}} "
+                    "with torch.save."
+                ) from None
             return (obj["images"], obj.get("labels")) if isinstance(obj, dict) else obj
         import numpy as np
 
