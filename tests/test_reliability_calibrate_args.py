@@ -68,7 +68,8 @@ class NaNBelow(GaussianEps):
 def test_network_returning_nan_stops_at_the_probe():
     sched = ddim()
     net = NaNBelow(sched.alphas_cumprod, threshold=2000.0)  # NaN everywhere
-    with pytest.raises(ValueError, match=r"NaNBelow returned non-finite values \(NaN or inf\) at timestep\(s\) \[500.0\]"):  # the probe: T // 2
+    # the probe evaluates the network at num_train_timesteps // 2 = 500 first
+    with pytest.raises(ValueError, match=r"NaNBelow returned non-finite values \(NaN or inf\) at timestep\(s\) \[500.0\]"):
         calibrate(net, sched, **_kw())
     assert net.calls <= 1
 
