@@ -264,7 +264,11 @@ def test_with_tuned_timesteps_returns_a_new_scheduler():
     assert type(new) is TimeTunerDPMSolverScheduler and new is not base
     assert new.config.tuned_timesteps == {"2": [900.5, 400.5], "4": TAUS4}
     assert new.config.tuned_grids == {"4": [999, 749, 500, 250]}
-    assert new.config.tuning_info == {"4": {"objective": "paper"}}
+    info = dict(new.config.tuning_info["4"])
+    made_for = info.pop("made_for")  # what the table was made for, recorded by with_tuned_timesteps
+    assert info == {"objective": "paper"}
+    assert made_for["class_name"] == "TimeTunerDPMSolverScheduler" and made_for["beta_schedule"] == "scaled_linear"
+    assert made_for["prediction_type"] == "epsilon" and made_for["num_train_timesteps"] == 1000
     assert base.config.tuned_timesteps == {"2": [900.5, 400.5]}  # the original is untouched
     keys = set(base.config) - {"tuned_timesteps", "tuned_grids", "tuning_info", "_use_default_values"}
     assert all(new.config[k] == base.config[k] for k in keys)

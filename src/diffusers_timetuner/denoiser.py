@@ -94,6 +94,13 @@ class Denoiser:
         out = self.model(sample, t, **cond)
         out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, (tuple, list)) else out)
         self.num_forward_samples += sample.shape[0]
+        if not bool(torch.isfinite(out.detach()).all()):
+            times = sorted({round(float(v), 4) for v in t.detach().reshape(-1).tolist()})
+            raise ValueError(
+                f"{type(self.model).__name__} returned non-finite values (NaN or inf) at timestep(s) {times} for an "
+                f"input with {'non-finite' if not bool(torch.isfinite(sample).all()) else 'finite'} values; "
+                "check the network (weights, dtype overflow in float16) and the data before calibrating."
+            )
         channels = sample.shape[1]
         if out.shape[1] == 2 * channels and not self.keep_learned_variance:
             out = out[:, :channels]

@@ -27,9 +27,11 @@ __all__ = [
     "TAU_RTOL",
     "TauTable",
     "TunedTimestepsWarning",
+    "check_made_for",
     "normalize_step_key",
     "normalize_tuning_config",
     "parse_tau_tables",
+    "scheduler_fingerprint",
     "timestep_tolerance",
     "timesteps_close",
 ]
@@ -41,6 +43,8 @@ TAU_RTOL = 1e-6
 TAU_ATOL = 1e-5
 
 _CONFIG_KEYS = ("tuned_timesteps", "tuned_grids", "tuning_info")
+# The largest finite float32: `scheduler.timesteps` holds the taus in float32, so a larger value would become inf.
+FLOAT32_MAX = 3.4028234663852886e38
 _STEP_KEY_RE = re.compile(r"^[1-9][0-9]*$")
 
 
@@ -134,9 +138,12 @@ def _validate_taus(n: int, taus: list[float], *, num_train_timesteps: int | None
             f"{key} has {len(taus)} values but {n} inference steps make {m} model evaluations: give exactly one tau "
             "per model evaluation, in sampling order (or store the table under the step count it was tuned for)."
         )
-    bad = [(j, v) for j, v in enumerate(taus) if not math.isfinite(v)]
+    bad = [(j, v) for j, v in enumerate(taus) if not math.isfinite(v) or abs(v) > FLOAT32_MAX]
     if bad:
-        raise ValueError(f"{key} has non-finite values at (index, value) {bad}: every tau must be a finite number.")
+        raise ValueError(
+            f"{key} has non-finite values at (index, value) {bad}: every tau must be a finite number that float32 "
+            "(the dtype of `scheduler.timesteps`) can hold."
+        )
     neg = [(j, v) for j, v in enumerate(taus) if v < 0]
     if neg:
         raise ValueError(
@@ -155,12 +162,28 @@ def _validate_taus(n: int, taus: list[float], *, num_train_timesteps: int | None
         hi = num_train_timesteps - 1
         out = [(j, v) for j, v in enumerate(taus) if v > hi]
         if out:
-            warnings.warn(
+            raise ValueError(
                 f"{key} has values outside the training range [0, {hi}] at (index, value) {out}; the network was "
-                "never trained on these timesteps. The table is used as given (not clamped).",
-                TunedTimestepsWarning,
-                stacklevel=3,
+                "never trained on these timesteps. Keep every tau within [0, num_train_timesteps - 1]."
             )
+    # Tuned taus of neighbouring steps may cross (a calibrated table can hold [..., 400.0, 417.7, ...]), so only a
+    # table that runs from small to large timesteps as a whole (first tau <= last) is refused as out of order.
+    if len(taus) > 1 and taus[0] <= taus[-1]:
+        raise ValueError(
+            f"{key} is not in sampling order: the first tau ({taus[0]!r}) is not above the last ({taus[-1]!r}). Give "
+            "the taus from the first model evaluation (noisiest, largest timestep) to the last."
+        )
+
+
+def _validate_grid(key: str, grid: list[float], *, num_train_timesteps: int | None) -> None:
+    what = f"`tuned_grids[\"{key}\"]`"
+    if not all(math.isfinite(v) for v in grid):
+        raise ValueError(f"{what} has non-finite values: {grid}.")
+    if any(grid[j] <= grid[j + 1] for j in range(len(grid) - 1)):
+        raise ValueError(f"{what} must be strictly descending (t_K > ... > t_1), got {grid}.")
+    hi = None if num_train_timesteps is None else num_train_timesteps - 1
+    if grid and (grid[-1] < 0 or (hi is not None and grid[0] > hi)):
+        raise ValueError(f"{what} must lie in [0, {hi if hi is not None else 'num_train_timesteps - 1'}], got {grid}.")
 
 
 def _as_step_dict(value: Any, config_key: str) -> dict[str, Any] | None:
@@ -230,8 +253,7 @@ def parse_tau_tables(
                     f"{len(taus)}: "
                     "record the grid the table was tuned on, one grid timestep per tau."
                 )
-            if not all(math.isfinite(v) for v in grid):
-                raise ValueError(f"`tuned_grids[\"{key}\"]` has non-finite values: {grid}.")
+            _validate_grid(key, grid, num_train_timesteps=num_train_timesteps)
             grid = tuple(_number_or_int(v) for v in grid)
         info = infos_in.get(key)
         if info is not None:
@@ -274,3 +296,56 @@ def normalize_tuning_config(
     if tuning_info is not None:
         norm_info = {t.key: t.info for t in tables.values() if t.info is not None}
     return tables, norm_taus, norm_grids, norm_info
+
+
+# ---- provenance: which scheduler a table was made for ----------------------------------------------------------------
+# Recorded in ``tuning_info["<n>"]["made_for"]`` when a table is created with provenance (calibration does this):
+# the scheduler class, its noise schedule, its prediction type and the settings that shape its grid. A table read
+# back into a scheduler that differs in any recorded value is refused; a table without the record (hand-written,
+# or made before it existed) is not checked.
+MADE_FOR_KEY = "made_for"
+MADE_FOR_CONFIG_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "rescale_betas_zero_snr",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+)
+
+
+def scheduler_fingerprint(class_name: str, config: Mapping) -> dict:
+    """What a table records about the scheduler it was made for (class name + the config keys that it has)."""
+    out: dict[str, Any] = {"class_name": class_name}
+    for k in MADE_FOR_CONFIG_KEYS:
+        if k in config:
+            v = config[k]
+            out[k] = v.tolist() if hasattr(v, "tolist") else (list(v) if isinstance(v, tuple) else v)
+    return json.loads(json.dumps(out))
+
+
+def check_made_for(tables: Mapping[int, TauTable], class_name: str, config: Mapping) -> None:
+    """Raise ValueError naming every recorded value that differs from the scheduler the tables are loaded into."""
+    here = scheduler_fingerprint(class_name, config)
+    for n, table in sorted(tables.items()):
+        recorded = (table.info or {}).get(MADE_FOR_KEY)
+        if recorded is None:
+            continue  # unknown provenance: not checked
+        if not isinstance(recorded, Mapping):
+            raise ValueError(f"`tuning_info[\"{n}\"][\"{MADE_FOR_KEY}\"]` must be a dict, got {type(recorded).__name__}.")
+        diffs = [
+            f"{k}: table {recorded[k]!r}, scheduler {here.get(k)!r}"
+            for k in sorted(recorded)
+            if k in here and recorded[k] != here[k]
+        ]
+        missing = [k for k in sorted(recorded) if k not in here]
+        diffs += [f"{k}: table {recorded[k]!r}, scheduler has no such setting" for k in missing]
+        if diffs:
+            raise ValueError(
+                f"The tau table for num_inference_steps={n} was made for another scheduler than {class_name} with "
+                f"this config ({'; '.join(diffs)}). Load it with the scheduler class and config it was calibrated "
+                "for, or calibrate a table for this scheduler."
+            )

@@ -23,6 +23,7 @@ from .report import StepCountReport, evaluate_heldout, plot_report, write_report
 from .rollout import Rollout
 from .families import resolve_scheduler, untuned_copy
 from .strategies import VALIDATION_METRICS, CalibrationSet, StepCountJob, get_strategy
+from .validate import VALIDATED_ARGS as _VALIDATED_ARGS, validate_calibration_args
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +74,21 @@ class CalibrationResult:
         }
 
     def save(self, output_dir: str, extra: Optional[Dict[str, Any]] = None) -> None:
-        """Write ``scheduler_config.json``, ``report.json`` and ``calibration.png`` to ``output_dir``."""
-        self.scheduler.save_pretrained(output_dir)
-        payload = self.to_dict()
-        payload.update(extra or {})
+        """Write ``scheduler_config.json``, ``report.json`` and ``calibration.png`` to ``output_dir``.
+
+        All three appear together or not at all: they are written to a temporary folder beside ``output_dir`` that
+        replaces it when complete (other files already in ``output_dir`` are kept), so a failure leaves the old result.
+        """
         import os
 
-        write_report(os.path.join(output_dir, "report.json"), payload)
-        plot_report(os.path.join(output_dir, "calibration.png"), [self.reports[n] for n in sorted(self.reports)])
+        from .checkpoint import atomic_output_dir
+
+        payload = self.to_dict()
+        payload.update(extra or {})
+        with atomic_output_dir(output_dir) as tmp:
+            self.scheduler.save_pretrained(tmp)
+            write_report(os.path.join(tmp, "report.json"), payload)
+            plot_report(os.path.join(tmp, "calibration.png"), [self.reports[n] for n in sorted(self.reports)])
 
 
 def calibrate(
@@ -162,6 +170,7 @@ def calibrate(
         progress: tqdm bars (main process only).
         model_id: recorded in the table's info.
     """
+    validate_calibration_args(**{k: v for k, v in locals().items() if k in _VALIDATED_ARGS})
     started = time.perf_counter()
     config = (config if config is not None else CalibrationConfig()).replace(**overrides)
     if num_inference_steps is None:

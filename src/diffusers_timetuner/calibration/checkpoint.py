@@ -8,10 +8,13 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 
 def atomic_write_json(path: str, payload: Any) -> None:
@@ -29,6 +32,68 @@ def atomic_write_json(path: str, payload: Any) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
+    """Build a result folder in a temporary folder beside `path` and move it into place only when complete.
+
+    Yields the temporary folder to write into. If the block raises (or the process dies), `path` is untouched: it
+    still holds the previous result, or does not exist. On success the new folder replaces `path` in one step where
+    the OS allows it (Linux: an atomic exchange), else by two renames.
+
+    Args:
+        path: the output folder.
+        overwrite: `False` keeps what an existing `path` holds besides the files the block writes (those replace their
+            old versions); `True` replaces the folder by exactly what the block wrote.
+
+    Raises:
+        ValueError: if `path` exists and is not a folder (checked before anything is written).
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"The output folder {path} exists and is a file; choose a folder path or remove the file.")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result gets the mode a plain makedirs gives
+    try:
+        yield tmp
+        if os.path.isdir(path) and not overwrite:
+            for entry in os.listdir(path):
+                src, dst = os.path.join(path, entry), os.path.join(tmp, entry)
+                if os.path.lexists(dst):
+                    continue  # the new result's version wins
+                if os.path.isdir(src) and not os.path.islink(src):
+                    shutil.copytree(src, dst, symlinks=True)
+                else:
+                    shutil.copy2(src, dst, follow_symlinks=False)
+        if not os.path.isdir(path):
+            os.rename(tmp, path)
+        elif _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous result
+        else:
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class CheckpointStore:
@@ -58,8 +123,19 @@ class CheckpointStore:
         path = self.path(num_inference_steps)
         if not os.path.exists(path):
             return None
-        with open(path) as f:
-            payload = json.load(f)
+        try:
+            with open(path) as f:
+                payload = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"The checkpoint {path} is corrupt ({err}). Delete that file to redo step count "
+                f"{int(num_inference_steps)} from its start, or run without --resume_from_checkpoint."
+            ) from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("state"), dict):
+            raise ValueError(
+                f"The checkpoint {path} is not a calibration checkpoint (expected an object with \"fingerprint\" and "
+                f"\"state\"). Delete that file, or run without --resume_from_checkpoint."
+            )
         saved = payload.get("fingerprint")
         if saved != self.fingerprint:
             diff = sorted(k for k in set(saved or {}) | set(self.fingerprint)

@@ -158,6 +158,8 @@ def _prepare_output_dir(args, accelerator) -> str:
         checkpoint_dir = args.resume_from_checkpoint
         if not os.path.isdir(checkpoint_dir):
             raise ValueError(f"--resume_from_checkpoint {checkpoint_dir} is not a folder.")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output_dir {out} is a file; pass a folder path (it is created if missing).")
     ours = OUTPUT_FILES + (CHECKPOINT_SUBDIR,)
     occupied = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in ours)
     if occupied and args.resume_from_checkpoint is None:
@@ -166,10 +168,9 @@ def _prepare_output_dir(args, accelerator) -> str:
                 f"--output_dir {out} already holds a calibration run. Pass --overwrite_output_dir to replace it, "
                 "--resume_from_checkpoint to continue it, or choose another --output_dir."
             )
+        # the old result stays until the new one replaces it whole (CalibrationResult.save writes atomically);
+        # only the old run's checkpoints go, so that this run cannot pick them up
         if accelerator.is_main_process:
-            for f in OUTPUT_FILES:
-                if os.path.exists(os.path.join(out, f)):
-                    os.remove(os.path.join(out, f))
             shutil.rmtree(os.path.join(out, CHECKPOINT_SUBDIR), ignore_errors=True)
     accelerator.wait_for_everyone()
     return checkpoint_dir
@@ -197,7 +198,16 @@ def load_data(source: str):
         return load_mnist("train")
     if os.path.isfile(source):
         if source.endswith(".pt"):
-            obj = torch.load(source, map_location="cpu")
+            import pickle
+
+            try:  # tensors only: a pickle with code in it must not run (torch < 2.6 defaults to weights_only=False)
+                obj = torch.load(source, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise ValueError(
+                    f"--data_dir {source} holds more than tensors (refused to run the pickled code it contains: "
+                    f"{str(err).splitlines()[0]}). Save a tensor or a dict of tensors {{'images': ..., 'labels': ...}} "
+                    "with torch.save."
+                ) from None
             return (obj["images"], obj.get("labels")) if isinstance(obj, dict) else obj
         import numpy as np
 

@@ -37,6 +37,8 @@ def read_tuned_config(path: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); re-run the calibration to rewrite it.") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object: it is not a scheduler config.")
     if not config.get("_class_name"):
         raise ValueError(f"{path} has no `_class_name`: it is not a diffusers scheduler config.")
     if not config.get("tuned_timesteps"):

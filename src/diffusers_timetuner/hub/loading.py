@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .bundled import _safe_bundled, bundled_schedules_dir
 from .config import _REPO_ID_RE, SCHEDULER_CONFIG_NAME, SCHEDULER_SUBFOLDER, read_tuned_config, resolve_scheduler_class
+from ..schedulers.mixin import TimeTunerMixin
 from .fit import check_scheduler_fits_pipeline
 
 
@@ -100,6 +101,12 @@ def load_tuned_scheduler(
         raise ValueError(
             f"{name!r} is not a bundled tuned schedule ({', '.join(bundled) or 'none bundled'}), not an existing "
             "folder and not a Hub repo id of the form 'ORG/NAME'."
+        )
+    if not isinstance(scheduler, TimeTunerMixin):
+        raise ValueError(
+            f"{name!r} builds a {type(scheduler).__name__}, which is not a TimeTuner scheduler and would ignore the "
+            "tau table: set `_class_name` to the matching TimeTuner*Scheduler (e.g. TimeTunerDDIMScheduler) or pass "
+            "`scheduler_class=`."
         )
     if pipeline is not None:
         check_scheduler_fits_pipeline(scheduler, pipeline, check_model_id=check_model_id, source=name)

@@ -20,7 +20,17 @@ from typing import Any, NoReturn, Sequence
 import numpy as np
 import torch
 
-from ..table import TAU_ATOL, TAU_RTOL, TauTable, normalize_step_key, normalize_tuning_config, timesteps_close
+from ..table import (
+    MADE_FOR_KEY,
+    TAU_ATOL,
+    TAU_RTOL,
+    TauTable,
+    check_made_for,
+    normalize_step_key,
+    normalize_tuning_config,
+    scheduler_fingerprint,
+    timesteps_close,
+)
 
 __all__ = ["TimeTunerMixin", "quadratic_timesteps", "validate_custom_timesteps"]
 
@@ -208,6 +218,9 @@ class TimeTunerMixin:
             tuned_timesteps, tuned_grids, tuning_info, num_train_timesteps=self._table_timestep_bound(),
             num_evaluations=self._num_evaluations,
         )
+        # a table that records the scheduler it was made for is refused by any other (class, betas, prediction type,
+        # grid settings); this runs on every load path (from_pretrained, from_config, the constructor)
+        check_made_for(tables, type(self).__name__, self.config)
         # The config stores the normalised JSON form (string keys, float lists), so that it equals what
         # save_pretrained -> from_pretrained gives back.
         self.register_to_config(tuned_timesteps=taus, tuned_grids=grids, tuning_info=info)
@@ -256,7 +269,23 @@ class TimeTunerMixin:
     # ---- set_timesteps helpers -------------------------------------------------------------------------------
     @staticmethod
     def _count_evaluations(num_inference_steps=None, timesteps=None, sigmas=None) -> int | None:
-        """Number of model evaluations set_timesteps will produce (n for every scheduler here)."""
+        """Number of model evaluations set_timesteps will produce (n for every scheduler here).
+
+        Raises:
+            ValueError: if `num_inference_steps` (used when neither `timesteps` nor `sigmas` is given) is not a
+                positive integer.
+        """
+        if timesteps is None and sigmas is None and num_inference_steps is not None:
+            if (
+                isinstance(num_inference_steps, bool)
+                or not isinstance(num_inference_steps, numbers.Integral)
+                or int(num_inference_steps) < 1
+            ):
+                raise ValueError(
+                    f"`num_inference_steps` must be a positive integer (the number of model evaluations), got "
+                    f"{num_inference_steps!r}."
+                )
+            num_inference_steps = int(num_inference_steps)
         if timesteps is not None:
             return len(timesteps)
         if sigmas is not None:
@@ -404,6 +433,8 @@ class TimeTunerMixin:
             grids[key] = list(grid.tolist() if hasattr(grid, "tolist") else grid)
         if info is not None:
             infos[key] = dict(info)
+            # record what the table was made for, so that every load path can refuse another scheduler
+            infos[key].setdefault(MADE_FOR_KEY, scheduler_fingerprint(type(self).__name__, self.config))
         return type(self).from_config(
             self.config, tuned_timesteps=tables, tuned_grids=grids or None, tuning_info=infos or None
         )

@@ -1,0 +1,82 @@
+"""calibrate() refuses impossible arguments before any network evaluation, and stops at the first non-finite output."""
+
+import math
+
+import pytest
+import torch
+
+from diffusers_timetuner.calibration import calibrate
+from test_calibration_helpers import GaussianEps, ddim, gaussian_data
+
+SHAPE = (1, 4, 4)
+
+
+class NeverCalled(torch.nn.Module):
+    """A network whose evaluation fails the test: the argument checks must come first."""
+
+    def forward(self, x, t, **kw):
+        pytest.fail("the network was evaluated before the arguments were checked")
+
+
+def _kw(**overrides):
+    kw = dict(num_inference_steps=4, num_samples=4, batch_size=4, num_validation_samples=4, num_heldout_samples=4,
+              sample_shape=SHAPE, progress=False)
+    kw.update(overrides)
+    return kw
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"num_validation_samples": -1}, r"num_validation_samples must be an integer >= 0, got -1"),
+        ({"num_heldout_samples": -2}, r"num_heldout_samples must be an integer >= 1, got -2"),
+        ({"num_heldout_samples": 0}, r"num_heldout_samples must be an integer >= 1, got 0"),
+        ({"eta": math.nan}, r"eta must be a finite number, got nan"),
+        ({"guard_margin": math.inf}, r"guard_margin must be a finite number, got inf"),
+        ({"teacher_steps": -5}, r"teacher_steps must be an integer above every step count calibrated \(4\)"),
+        ({"teacher_steps": 3}, r"teacher_steps must be an integer above every step count calibrated \(4\)"),
+        ({"teacher_steps": 4}, r"teacher_steps must be an integer above every step count calibrated \(4\)"),
+        ({"num_inference_steps": 10.7}, r"num_inference_steps must be positive integers, got 10.7"),
+        ({"num_inference_steps": [4, 0]}, r"num_inference_steps must be positive integers"),
+        ({"data": torch.zeros(0, *SHAPE), "strategy": "sequential"}, r"data must hold at least one sample"),
+        ({"data": torch.zeros(8, 1, 8, 8), "strategy": "sequential"},
+         r"data has samples of shape \(1, 8, 8\) but sample_shape=\(1, 4, 4\)"),
+        ({"data": torch.full((8, *SHAPE), math.nan), "strategy": "sequential"},
+         r"data has non-finite values \(NaN or inf\) in 8 of its 8 samples"),
+        ({"sample_shape": (1, -4, 4)}, r"sample_shape must be positive integers"),
+    ],
+)
+def test_bad_arguments_fail_before_the_network_runs(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        calibrate(NeverCalled(), ddim(), **_kw(**overrides))
+
+
+class NaNBelow(GaussianEps):
+    """The exact Gaussian model, but NaN for every timestep below `threshold` (finite at the probe, t ~ 500)."""
+
+    def __init__(self, abar, threshold):
+        super().__init__(abar)
+        self.threshold = threshold
+
+    def forward(self, x, t, **kw):
+        out = super().forward(x, t, **kw)
+        if float(t.reshape(-1)[0]) < self.threshold:
+            out = out * math.nan
+        return out
+
+
+def test_network_returning_nan_stops_at_the_probe():
+    sched = ddim()
+    net = NaNBelow(sched.alphas_cumprod, threshold=2000.0)  # NaN everywhere
+    # the probe evaluates the network at num_train_timesteps // 2 = 500 first
+    with pytest.raises(ValueError, match=r"NaNBelow returned non-finite values \(NaN or inf\) at timestep\(s\) \[500.0\]"):
+        calibrate(net, sched, **_kw())
+    assert net.calls <= 1
+
+
+def test_network_returning_nan_mid_trajectory_names_the_timestep():
+    sched = ddim()
+    # DDIM "leading" 4-step grid for T = 1000: [750, 500, 250, 0]; NaN below 300 hits the step at t = 250 first.
+    net = NaNBelow(sched.alphas_cumprod, threshold=300.0)
+    with pytest.raises(ValueError, match=r"NaNBelow returned non-finite values \(NaN or inf\) at timestep\(s\) \[2"):
+        calibrate(net, sched, **_kw(data=gaussian_data(8), strategy="sequential"))
