@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 import diffusers_timetuner.testbeds.mnist as mnist_testbed
 
-BUNDLE = os.path.join(os.path.dirname(mnist_testbed.__file__), "classifier")
+BUNDLE = os.path.join(os.path.dirname(mnist_testbed.__file__), "classifier_weights")
 WEIGHTS = os.path.join(BUNDLE, "handwriting_model.safetensors")
-# The SHA-256 recorded in classifier/PROVENANCE.md.
+# The SHA-256 recorded in classifier_weights/PROVENANCE.md.
 SHA256 = "c5929d75dc1e6304579e0a5758162a5ea06ee645c545b368769137bbc2e6ef52"
 
 

