@@ -4,7 +4,7 @@ For DDIM on each testbed: model evaluations (forward and backward counted separa
 and wall time per objective x optimiser x strategy, with the quality (FD) of each resulting table on the same
 samples. Combinations that `calibrate` rejects are listed with its error message. Then the throughput of the
 parallel strategy's unit of work with 1 vs 2 processes (``torchrun --standalone --nproc_per_node N``, CPU, gloo;
-REFERENCE.md section 3), measured by `benchmarks/_dist_worker.py`.
+docs/facts.md, 3), measured by `benchmarks/_dist_worker.py`.
 
 Usage: PYTHONPATH=src python benchmarks/calibration_cost.py --quick|--medium|--full [--device auto|cpu|cuda]
 """

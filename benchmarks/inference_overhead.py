@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 NAME = "inference_overhead"
-TARGET = 1.01  # issue 5: tuned / untuned pipeline call <= 1.01
+TARGET = 1.01  # target: tuned / untuned pipeline call <= 1.01
 # reps: interleaved pipeline repetitions, one tuned and one untuned call each (even, so both orders count equally);
 # sched_rounds x sched_reps: sampling loops per scheduler in the scheduler-only timing, interleaved by round;
 # bootstrap: resamples of the repetitions.

@@ -78,7 +78,7 @@ class Evaluator:
 JOINT = "endpoint+adam_joint"  # the variant key of the jointly tuned endpoint tables
 
 
-# Measured first, so that a run that hits its time budget still has the targets of issue 5.
+# Measured first, so that a run that hits its time budget still has the headline targets.
 PRIORITY = [("mnist", 1.0, "ddim", 10), ("mnist", 1.0, "dpm2", 5), ("mnist", 1.0, "dpmpp", 5),
             ("gmm", 1.0, "ddim", 10)]
 

@@ -1,6 +1,6 @@
 """Run every benchmark, then write benchmarks/results/SUMMARY.md (+ summary.json) from their JSON.
 
-The headline table and the verdict on each target of issue 5 are computed from the scripts' JSON files, never typed.
+The headline table and the verdict on each target are computed from the scripts' JSON files, never typed.
 
 Usage (the published run, one GPU, a few minutes):
     PYTHONPATH=src python benchmarks/run_all.py --full --device cuda
@@ -328,7 +328,7 @@ def summary_markdown(s: dict) -> str:
                                           else ""), r["cells"], r["better"], r["worse"], r["failed"],
           None if r["median_change"] is None else f"{100 * r['median_change']:+.1f}%",
           None if r["best_change"] is None else f"{100 * r['best_change']:+.1f}%"] for r in s["objectives"]]))
-    out.append("\n## Targets (issue 5)\n\n")
+    out.append("\n## Targets\n\n")
     out.append(common.markdown_table(
         ["target", "goal", "met", "measured", "note"],
         [[t["target"], t["goal"], verdict_text(t) if verdict_text(t) == "n/a" else f"**{verdict_text(t)}**",
@@ -371,7 +371,7 @@ def readme_section(s: dict) -> str:
     out.append("\n![error along the trajectory](benchmarks/results/trajectory_error.png)\n\n"
                "![FD vs NFE](benchmarks/results/quality_vs_nfe.png)\n\n")
     out += [f"- {x}\n" for x in recommendation(s)]
-    out.append("\nTargets of issue 5: " + "; ".join(
+    out.append("\nTargets: " + "; ".join(
         f"{t['target']}: {verdict_text(t)}" for t in s["targets"])
         + ".\n")
     return "".join(out)

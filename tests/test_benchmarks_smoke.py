@@ -92,7 +92,7 @@ def test_time_shift_with_window_zero_is_plain_ddim(quick_run):
 def test_summary_is_computed_from_the_json(quick_run):
     out, summary = quick_run
     text = (out / "SUMMARY.md").read_text()
-    assert "## Targets (issue 5)" in text and "## Headline" in text
+    assert "## Targets" in text and "## Headline" in text
     assert (out / "README_SECTION.md").read_text().count("benchmarks/results/") >= 2  # both plots linked
     assert set(summary["runs"]) == set(EXPECTED)
     assert {r["objective"] for r in summary["objectives"]} >= {"paper"}  # scoreboard from the quality JSON
