@@ -18,17 +18,13 @@ from diffusers_timetuner.calibration import calibrate
 from diffusers_timetuner.cli.calibrate import (
     CHECKPOINT_SUBDIR, _conditions, _prepare_output_dir, load_data, load_model, parse_args, versions,
 )
-from diffusers_timetuner.hub import check_can_push, push_tuned_schedule
+from diffusers_timetuner.hub import push_tuned_schedule
 
 
 def main(args):
     # Samples are split over the processes `accelerate launch` starts; every process returns the same table.
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
     accelerator.print(f"Calibrating on {accelerator.num_processes} process(es), device {accelerator.device}")
-    if args.push_to_hub:
-        if not args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/mnist-ddim-timetuner).")
-        check_can_push(args.hub_model_id)  # repo id and login, before minutes of calibration
     checkpoint_dir = _prepare_output_dir(args, accelerator)  # refuses to overwrite another run; resumes one
 
     # The pipeline (the bundled MNIST testbed by default), its conditions, and images for the data-based strategies

@@ -97,8 +97,20 @@ def test_cli_errors(tiny_pipeline_dir, tmp_path):
     with pytest.raises(ValueError, match="no `data` was given"):
         main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "c", "--strategy", "parallel",
                                   "--objective", "paper")))
-    with pytest.raises(ValueError, match="--hub_model_id"):
-        main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "d", "--push_to_hub")))
+
+
+def test_cli_user_errors_are_one_line_and_exit_2_before_the_model_loads(tiny_pipeline_dir, tmp_path, capsys):
+    from diffusers_timetuner.cli.calibrate import parse_args
+
+    for extra, message in [(["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+                           (["--push_to_hub", "--hub_model_id", "org/.."], "not a valid Hub repo id"),
+                           (["--num_inference_steps", "-3"], "num_inference_steps must be positive integers"),
+                           (["--guard_margin", "inf"], "guard_margin must be a finite number")]:
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "d", *extra))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_python_dash_m_entry_point_runs(tiny_pipeline_dir, tmp_path):

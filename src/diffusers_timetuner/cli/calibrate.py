@@ -84,10 +84,28 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=ScriptArguments.preset)
     preset = pre.parse_known_args(argv)[0].preset
-    config, script = build_parser(preset).parse_args_into_dataclasses(args=argv)
+    parser = build_parser(preset)
+    config, script = parser.parse_args_into_dataclasses(args=argv)
     args = argparse.Namespace(**dataclasses.asdict(script), config=config)
     args.command = "timetuner-calibrate " + " ".join(shlex.quote(a) for a in argv)
+    try:  # user errors: one line and exit code 2, before the model loads or the accelerator starts
+        _check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from ..calibration.validate import VALIDATED_ARGS, validate_calibration_args
+
+    config = args.config
+    validate_calibration_args(**{name: getattr(config, name) for name in VALIDATED_ARGS if hasattr(config, name)})
+    if args.push_to_hub:
+        if not args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/mnist-ddim-timetuner).")
+        from ..hub import check_can_push
+
+        check_can_push(args.hub_model_id)  # repo id + login, before minutes of calibration
 
 
 def main(args: argparse.Namespace):
@@ -102,12 +120,6 @@ def main(args: argparse.Namespace):
                         level=level, force=True)
     logging.getLogger("diffusers_timetuner").setLevel(level)  # the library's per-step lines and warnings
     logger = get_logger(__name__)
-    if args.push_to_hub:
-        if not args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/mnist-ddim-timetuner).")
-        from ..hub import check_can_push
-
-        check_can_push(args.hub_model_id)  # repo id + login, before minutes of calibration
     checkpoint_dir = _prepare_output_dir(args, accelerator)
 
     pipeline, model_id = load_model(args.pretrained_model_name_or_path)

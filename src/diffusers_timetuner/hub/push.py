@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 # The HTTP client huggingface_hub (>= 2) is built on: its TransportError is what a connection failure raises.
 import httpx2
 
@@ -38,6 +40,10 @@ def check_can_push(repo_id: str, token: str | None = None) -> str:
     """
     if not isinstance(repo_id, str) or not _REPO_ID_RE.match(repo_id):
         raise ValueError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}.")
+    try:  # the Hub's own rules: no '..', no trailing newline, at most 96 characters, ...
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repo id: {err}") from None
     from huggingface_hub import get_token
 
     token = token or get_token()
