@@ -170,11 +170,13 @@ def calibrate(
         progress: tqdm bars (main process only).
         model_id: recorded in the table's info.
     """
-    validate_calibration_args(**{k: v for k, v in locals().items() if k in _VALIDATED_ARGS})
     started = time.perf_counter()
     config = (config if config is not None else CalibrationConfig()).replace(**overrides)
     if num_inference_steps is None:
         num_inference_steps = config.num_inference_steps
+    # every argument check that needs no model, before any network evaluation
+    given = {**config.to_dict(), "num_inference_steps": num_inference_steps, "data": data, "sample_shape": sample_shape}
+    validate_calibration_args(**{k: v for k, v in given.items() if k in _VALIDATED_ARGS})
     timesteps, objective, strategy, optimizer = config.timesteps, config.objective, config.strategy, config.optimizer
     guidance_scale, num_samples, batch_size = config.guidance_scale, config.num_samples, config.batch_size
     num_validation_samples, num_heldout_samples = config.num_validation_samples, config.num_heldout_samples
