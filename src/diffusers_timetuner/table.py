@@ -179,8 +179,14 @@ def _validate_grid(key: str, grid: list[float], *, num_train_timesteps: int | No
     what = f"`tuned_grids[\"{key}\"]`"
     if not all(math.isfinite(v) for v in grid):
         raise ValueError(f"{what} has non-finite values: {grid}.")
-    if any(grid[j] <= grid[j + 1] for j in range(len(grid) - 1)):
-        raise ValueError(f"{what} must be strictly descending (t_K > ... > t_1), got {grid}.")
+    # Heun-type samplers evaluate twice at a grid point, so their grid repeats a time once; nothing may go upwards.
+    rises = any(grid[j] < grid[j + 1] for j in range(len(grid) - 1))
+    triples = any(grid[j] == grid[j + 1] == grid[j + 2] for j in range(len(grid) - 2))
+    if rises or triples or (len(grid) > 1 and grid[0] == grid[-1]):
+        raise ValueError(
+            f"{what} must be strictly descending (t_K > ... > t_1; a sampler with two evaluations per step may repeat "
+            f"a time once), got {grid}."
+        )
     hi = None if num_train_timesteps is None else num_train_timesteps - 1
     if grid and (grid[-1] < 0 or (hi is not None and grid[0] > hi)):
         raise ValueError(f"{what} must lie in [0, {hi if hi is not None else 'num_train_timesteps - 1'}], got {grid}.")
