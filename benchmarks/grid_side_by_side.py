@@ -1,0 +1,600 @@
+"""Grid learning side by side: untuned, best hand grid, tau only, grid only, grid + tau, GITS and LD3.
+
+Same model, x_T (and class labels), sample count and NFE for every column; every method ends as an integer grid (and,
+for tau only / grid + tau / LD3, a tau table) sampled by the package's TimeTuner schedulers, so all columns run the
+same solver code. Per cell (testbed, sampler, NFE):
+
+- untuned: the scheduler's default spacing (DDIM "trailing", DPM-Solver++ log-SNR uniform);
+- best hand grid: quadratic, log-SNR or Karras, whichever has the lowest endpoint L2 to the teacher on a separate
+  calibration x_T set (never the evaluation set);
+- tau only: ``calibrate(...)`` with the package defaults (the paper's method on the default grid);
+- grid only / grid + tau: ``calibrate(..., tune="grid" | "grid+tau")`` where the installed package has it;
+- GITS (ICML 2024, ``peers_grid/gits.py``): DP over a 61-timestamp iPNDM teacher trajectory (one grid per testbed
+  and NFE, shared by both samplers);
+- LD3 (ICLR 2025, ``peers_grid/ld3.py``): learned grid + decoupled model time (a tau table), trained through a
+  continuous-time copy of the sampler against the teacher's final samples, then rounded to integer timesteps.
+
+Quality: exact GMM: FD against exact samples and endpoint L2 to the many-step floor from the same x_T; MNIST UNet:
+FD-MNIST and class accuracy. The floor (many-step DDIM from the same x_T) gives each cell's gap; "closed" is the share
+of the gap (untuned -> floor) a method closes. Calibration cost: network sample-evaluations forward / backward
+and wall time (teacher samples a method needs included).
+
+Headline cells run first (MNIST DDIM@10, DPM-Solver++@5, GMM DDIM@10); with ``--budget-s`` the rest is listed as
+not measured. Finished cells are cached in ``results/grid_side_by_side_cache/`` (one JSON per cell and method), so
+separate processes (``--testbeds gmm`` / ``--testbeds mnist``) can run in parallel and a last run assembles them.
+
+Usage: PYTHONPATH=src python benchmarks/grid_side_by_side.py --quick|--medium|--full [--testbeds gmm mnist]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from benchmarks.peers_grid import gits, ld3  # noqa: E402
+from benchmarks.peers_grid.continuous import ContinuousSchedule  # noqa: E402
+
+NAME = "grid_side_by_side"
+METHODS = ("untuned", "hand_grid", "tau", "grid", "grid+tau", "gits", "ld3")
+LABELS = {"untuned": "untuned", "hand_grid": "best hand grid", "tau": "tau only", "grid": "grid only",
+          "grid+tau": "grid + tau", "gits": "GITS", "ld3": "LD3"}
+HAND_GRIDS = ("quadratic", "logsnr", "karras")
+HEADLINE = [("mnist", "ddim", 10), ("mnist", "dpmpp", 5), ("gmm", "ddim", 10)]
+NFES = [4, 5, 6, 8, 10]
+FAMILIES = ["ddim", "dpmpp"]
+
+SIZES = {
+    # CI smoke run: the exact model only, one cell, tiny peers
+    "quick": dict(
+        gmm=dict(n=64, families=["ddim"], nfes=[5], floor_steps=50, select_n=16,
+                 gits=dict(num_steps_tea=13, num_warmup=16), ld3=dict(num_train=4, num_valid=4, rounds_v1=1,
+                                                                       rounds_v2=1)),
+        batch=256),
+    # CPU: the exact model in full with the published peer settings; the MNIST UNet (~30 ms per sample and evaluation
+    # on one shared CPU thread) on 200 samples, GITS on 16 warm-up samples, LD3 on 10 / 10 samples, 1 + 1 rounds
+    "medium": dict(
+        gmm=dict(n=2000, families=FAMILIES, nfes=NFES, floor_steps=1000, select_n=256,
+                 gits=dict(num_steps_tea=61, num_warmup=256), ld3=dict(num_train=50, num_valid=50)),
+        mnist=dict(n=200, families=FAMILIES, nfes=NFES, floor_steps=100, select_n=32,
+                   gits=dict(num_steps_tea=61, num_warmup=16),
+                   ld3=dict(num_train=10, num_valid=10, rounds_v1=1, rounds_v2=2, max_seconds=600)),
+        batch=500),
+    # The published sizes (a GPU): >= 2000 FD-MNIST samples, the peers' own sample counts
+    "full": dict(
+        gmm=dict(n=10000, families=FAMILIES, nfes=NFES, floor_steps=1000, select_n=256,
+                 gits=dict(num_steps_tea=61, num_warmup=256), ld3=dict(num_train=50, num_valid=50)),
+        mnist=dict(n=2000, families=FAMILIES, nfes=NFES, floor_steps=200, select_n=128,
+                   gits=dict(num_steps_tea=61, num_warmup=256), ld3=dict(num_train=50, num_valid=50)),
+        batch=2000),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(parser)
+    parser.add_argument("--testbeds", nargs="+", default=["gmm", "mnist"], choices=("gmm", "mnist"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--cache-dir", default=None, help="per-cell result cache (default <out-dir>/"
+                                                          "grid_side_by_side_cache)")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# schedulers: every method ends here
+# --------------------------------------------------------------------------------------------------------------
+def build_scheduler(family: str, noise_config: Dict, nfe: int, grid: Optional[List[int]] = None,
+                    taus: Optional[List[float]] = None, source: str = ""):
+    """The package's TimeTuner scheduler for `family` on `grid` (None: its default spacing) with tau table `taus`."""
+    if grid is None:
+        sched = common.make_scheduler(family, noise_config)
+    else:
+        extra = {"use_lu_lambdas": False} if family == "dpmpp" else {}  # diffusers refuses timesteps= with it
+        sched = common.make_fixed_grid_scheduler(family, noise_config, grid, **extra)
+    if taus is not None:
+        if grid is None:
+            grid = [int(t) for t in common.scheduler_grid(sched, nfe)]
+        sched = sched.with_tuned_timesteps(nfe, [float(t) for t in taus], grid=[int(t) for t in grid],
+                                           info={"source": source or "benchmarks"})
+    return sched
+
+
+def karras_grid(noise_config: Dict, nfe: int) -> List[int]:
+    """diffusers' Karras spacing (rho = 7 in sigma, mapped to the nearest training timestep) for this schedule."""
+    sched = common.make_scheduler("dpmpp", noise_config, use_lu_lambdas=False, use_karras_sigmas=True)
+    return [int(t) for t in common.scheduler_grid(sched, nfe)]
+
+
+def hand_grid(kind: str, noise_config: Dict, nfe: int) -> List[int]:
+    from benchmarks import grids
+
+    if kind == "quadratic":
+        return grids.quadratic_grid(nfe, int(noise_config.get("num_train_timesteps", 1000)))
+    if kind == "logsnr":
+        return grids.logsnr_grid(noise_config, nfe)
+    return karras_grid(noise_config, nfe)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one testbed: evaluation set, floor, calibration set with teacher targets
+# --------------------------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, testbed, cfg, args, device, batch):
+        self.tb, self.cfg, self.args, self.device, self.batch = testbed, cfg, args, device, batch
+        self.n = cfg["n"]
+        self.labels = None if testbed.num_classes is None else testbed.labels_for(self.n, "cpu")["class_labels"]
+        self.exact = testbed.exact_sampler(self.n, args.seed + 7) if testbed.exact_sampler is not None else None
+        self.schedule = ContinuousSchedule.from_scheduler(common.make_scheduler("ddim", testbed.noise_config))
+        self._floor = None
+        self._calib = None
+
+    # network as (x, tau) -> eps for given labels, counted
+    def model_fn(self, labels=None):
+        den = self.tb.denoiser(1.0)
+        cond = None if labels is None else {"class_labels": labels}
+
+        def fn(x, tau):
+            return den(x, torch.as_tensor(tau, dtype=torch.float32), cond)
+
+        fn.denoiser = den
+        return fn
+
+    def generate(self, sched, nfe, family, n=None, seed=None):
+        return common.generate(self.tb, sched, nfe, n or self.n, self.args.seed if seed is None else seed,
+                               self.device, batch_size=self.batch, family=family)
+
+    def metrics(self, samples):
+        out = {"fd": common.fd_pixels(samples, self.exact)} if self.exact is not None else \
+            common.mnist_metrics(samples, self.labels)
+        out["endpoint_l2"] = common.endpoint_l2(samples, self.floor()["samples"])
+        return out
+
+    def floor(self):
+        """Many-step DDIM from the evaluation x_T: the reference of every cell."""
+        if self._floor is None:
+            steps = self.cfg["floor_steps"]
+            common.log(f"{NAME}: {self.tb.name} floor, DDIM {steps} steps, {self.n} samples")
+            t0 = time.perf_counter()
+            x = self.generate(common.make_scheduler("ddim", self.tb.noise_config), steps, "ddim")
+            q = common.fd_pixels(x, self.exact) if self.exact is not None else None
+            m = {"fd": q} if q is not None else common.mnist_metrics(x, self.labels)
+            self._floor = {"samples": x, "metrics": m, "steps": steps, "seconds": time.perf_counter() - t0}
+        return self._floor
+
+    def calibration_set(self):
+        """Calibration x_T (a seed disjoint from the evaluation one), labels and the teacher's final samples."""
+        if self._calib is None:
+            ld3_cfg = self.cfg["ld3"]
+            m = max(self.cfg["select_n"], ld3_cfg["num_train"] + ld3_cfg["num_valid"])
+            seed = self.args.seed + 1000
+            x_T = common.seeded_noise(m, self.tb.sample_shape, seed)
+            labels = None if self.tb.num_classes is None else self.tb.labels_for(m, "cpu")["class_labels"]
+            steps = self.cfg["floor_steps"]
+            common.log(f"{NAME}: {self.tb.name} teacher (DDIM {steps} steps) on {m} calibration samples")
+            t0 = time.perf_counter()
+            y = self.generate(common.make_scheduler("ddim", self.tb.noise_config), steps, "ddim", n=m, seed=seed)
+            self._calib = {"x_T": x_T, "labels": labels, "target": y, "teacher_steps": steps,
+                           "seconds": time.perf_counter() - t0}
+        return self._calib
+
+    def teacher_cost(self, count):
+        c = self.calibration_set()
+        return {"forward": count * c["teacher_steps"], "backward": 0,
+                "wall_time_s": c["seconds"] * count / c["x_T"].shape[0]}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# methods: each returns {"grid", "taus", "cost": {...}, "notes"} (grid None = default spacing)
+# --------------------------------------------------------------------------------------------------------------
+def method_untuned(bench, family, nfe, shared):
+    return {"grid": None, "taus": None, "cost": {"forward": 0, "backward": 0, "wall_time_s": 0.0}}
+
+
+def method_hand_grid(bench, family, nfe, shared):
+    calib = bench.calibration_set()
+    k = bench.cfg["select_n"]
+    t0 = time.perf_counter()
+    scores = {}
+    for kind in HAND_GRIDS:
+        try:
+            grid = hand_grid(kind, bench.tb.noise_config, nfe)
+            sched = build_scheduler(family, bench.tb.noise_config, nfe, grid)
+        except ValueError as err:  # e.g. a spacing with duplicate timesteps at this NFE
+            scores[kind] = {"error": str(err).splitlines()[0]}
+            continue
+        x = bench.generate(sched, nfe, family, n=k, seed=bench.args.seed + 1000)
+        scores[kind] = {"grid": grid, "calibration_endpoint_l2": common.endpoint_l2(x, calib["target"][:k])}
+    ok = {kk: v for kk, v in scores.items() if "grid" in v}
+    best = min(ok, key=lambda kk: ok[kk]["calibration_endpoint_l2"])
+    cost = bench.teacher_cost(k)
+    cost["forward"] += len(ok) * k * nfe
+    cost["wall_time_s"] += time.perf_counter() - t0
+    return {"grid": ok[best]["grid"], "taus": None, "cost": cost, "chosen": best, "selection": scores}
+
+
+def _tau_calibration(bench, family, nfe):
+    cal, err = common.try_calibration(bench.tb, family, nfe, bench.device, tables_dir=bench.args.tables_dir_resolved,
+                                      use_cache=not bench.args.no_cache, objective=common.package_default_objective(),
+                                      calib=common.calib_for(bench.args.size, bench.tb.name), seed=bench.args.seed)
+    return cal, err
+
+
+def method_tau(bench, family, nfe, shared):
+    cal, err = _tau_calibration(bench, family, nfe)
+    if cal is None:
+        return {"error": err}
+    rep = cal.report
+    return {"grid": None, "taus": cal.taus, "cost": {
+        "forward": common.report_count(rep, "forward_samples"), "backward": common.report_count(rep,
+                                                                                                "backward_samples"),
+        "wall_time_s": common.report_count(rep, "wall_time_s")}, "cached_table": cal.cached,
+        "calibrate_settings": {"objective": cal.settings["objective"], "num_samples": cal.settings["num_samples"]}}
+
+
+def tune_supported() -> bool:
+    """Whether the installed calibrate() learns grids (``tune="grid" | "grid+tau"``)."""
+    from diffusers_timetuner.calibration import CalibrationConfig, calibrate
+
+    fields = getattr(CalibrationConfig, "__dataclass_fields__", {})
+    return "tune" in fields or "tune" in inspect.signature(calibrate).parameters
+
+
+def _method_tune(mode):
+    def run(bench, family, nfe, shared):
+        if not tune_supported():
+            return {"not_measured": "calibrate() of this package version has no tune= option"}
+        from accelerate import PartialState
+
+        from diffusers_timetuner.calibration import CalibrationConfig, calibrate
+
+        c = common.calib_for(bench.args.size, bench.tb.name)
+        config = CalibrationConfig(num_samples=c["num_samples"], batch_size=c["batch_size"], seed=bench.args.seed,
+                                   num_validation_samples=c["validation_samples"],
+                                   num_heldout_samples=c["heldout_samples"])
+        kwargs = dict(config=config, progress=False, accelerator=PartialState(cpu=bench.device.type == "cpu"))
+        if "tune" in getattr(CalibrationConfig, "__dataclass_fields__", {}):
+            kwargs["config"] = config.replace(tune=mode)
+        else:
+            kwargs["tune"] = mode
+        kwargs["data"] = (bench.tb.data, bench.tb.labels) if bench.tb.labels is not None else bench.tb.data
+        t0 = time.perf_counter()
+        try:
+            result = calibrate(bench.tb.model, common.make_scheduler(family, bench.tb.noise_config), nfe, **kwargs)
+        except (ValueError, NotImplementedError) as err:
+            return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+        wall = time.perf_counter() - t0
+        sched = result.scheduler
+        grid = [int(t) for t in common.scheduler_grid(sched, nfe)]
+        rep = result.reports[nfe]
+        return {"scheduler": sched, "grid": grid, "taus": common.tuned_taus(sched, nfe),
+                "cost": {"forward": int(rep.forward_samples), "backward": int(rep.backward_samples),
+                         "wall_time_s": wall}}
+
+    return run
+
+
+def method_gits(bench, family, nfe, shared):
+    key = ("gits", nfe)
+    if key not in shared:  # one DP grid per testbed and NFE: GITS's grid does not depend on the student solver
+        g = bench.cfg["gits"]
+        x = common.seeded_noise(g["num_warmup"], bench.tb.sample_shape, bench.args.seed + 2000)
+        labels = None if bench.tb.num_classes is None else bench.tb.labels_for(g["num_warmup"], "cpu")[
+            "class_labels"]
+        t0 = time.perf_counter()
+        out = gits.gits_grid(bench.model_fn(labels), x, nfe, bench.schedule, num_steps_tea=g["num_steps_tea"],
+                             batch_size=bench.batch)
+        out["cost"] = {"forward": out["teacher_evaluations"], "backward": 0,
+                       "wall_time_s": time.perf_counter() - t0}
+        out["settings"] = dict(g, coeff=1.15, teacher="iPNDM (order 4)", metric="L2")
+        shared[key] = out
+    out = shared[key]
+    return {"grid": out["grid"], "taus": None, "cost": out["cost"], "cost_shared_with_other_sampler": True,
+            "settings": out["settings"], "path": out["path"]}
+
+
+def method_ld3(bench, family, nfe, shared):
+    calib = bench.calibration_set()
+    c = dict(bench.cfg["ld3"])
+    cfg = ld3.LD3Config(**c)
+    ntr, nva = cfg.num_train, cfg.num_valid
+    x, y, lab = calib["x_T"], calib["target"], calib["labels"]
+    sl = (lambda a, s: None if a is None else a[s])
+    res = ld3.train_ld3(bench.model_fn, x[:ntr], y[:ntr], x[ntr:ntr + nva], y[ntr:ntr + nva],
+                        nfe, family, bench.schedule, cfg, labels_train=sl(lab, slice(0, ntr)),
+                        labels_valid=sl(lab, slice(ntr, ntr + nva)))
+    rounded = ld3.round_grid(res.times, bench.schedule.T)
+    cost = bench.teacher_cost(ntr + nva)
+    cost["forward"] += res.forward_samples
+    cost["backward"] += res.backward_samples
+    cost["wall_time_s"] += res.seconds
+    # how much rounding the grid changed the sampler: validation loss of the continuous vs the rounded grid
+    sched = build_scheduler(family, bench.tb.noise_config, nfe, rounded["grid"], res.taus, source="LD3")
+    rounded_loss = _rounded_valid_loss(bench, sched, family, nfe, x[ntr:ntr + nva], sl(lab, slice(ntr, ntr + nva)),
+                                       y[ntr:ntr + nva])
+    return {"grid": rounded["grid"], "taus": res.taus, "cost": cost, "scheduler": sched,
+            "continuous_times": res.times, "rounding": dict(rounded, valid_loss_continuous=res.valid_loss,
+                                                            valid_loss_rounded=rounded_loss),
+            "valid_loss_init": res.valid_loss_init, "iterations": res.iterations,
+            "stopped_early_for_time": res.stopped_early, "settings": c}
+
+
+@torch.no_grad()
+def _rounded_valid_loss(bench, sched, family, nfe, x_T, labels, target):
+    """LD3's validation loss (per-sample pixel MSE to the teacher) of the rounded grid through the package sampler."""
+    sampling = common.sampling_module()
+    fam = common.FAMILIES[family]
+    cond = None if labels is None else {"class_labels": labels}
+    out = sampling.sample(bench.tb.denoiser(1.0), sched, x_T.to(bench.device), nfe, cond, eta=fam.eta)
+    return float((out.float().cpu() - target).pow(2).flatten(1).mean(dim=1).mean())
+
+
+RUNNERS = {"untuned": method_untuned, "hand_grid": method_hand_grid, "tau": method_tau,
+           "grid": _method_tune("grid"), "grid+tau": _method_tune("grid+tau"), "gits": method_gits,
+           "ld3": method_ld3}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cells, cache, assembly
+# --------------------------------------------------------------------------------------------------------------
+def cell_order(args, sizes):
+    cells = [c for c in HEADLINE if c[0] in args.testbeds and c[0] in sizes]
+    for tb in args.testbeds:
+        if tb not in sizes:
+            continue
+        for fam in sizes[tb]["families"]:
+            for nfe in sorted(sizes[tb]["nfes"], reverse=True):
+                if (tb, fam, nfe) not in cells:
+                    cells.append((tb, fam, nfe))
+    return [c for c in cells if c[1] in sizes[c[0]]["families"] and c[2] in sizes[c[0]]["nfes"]]
+
+
+def _peer_fingerprint() -> str:
+    h = hashlib.sha1()
+    for f in sorted((Path(__file__).parent / "peers_grid").glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def cache_path(cache_dir: Path, args, cell, method) -> Path:
+    tb, fam, nfe = cell
+    key = json.dumps({"size": args.size, "seed": args.seed, "cell": cell, "method": method,
+                      "package": common._code_fingerprint(), "peers": _peer_fingerprint()}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return cache_dir / f"{args.size}_{tb}_{fam}_n{nfe}_{method.replace('+', '_')}_{digest}.json"
+
+
+def run_method(bench, cell, method, shared):
+    _, family, nfe = cell
+    out = RUNNERS[method](bench, family, nfe, shared)
+    if "error" in out or "not_measured" in out:
+        return {k: v for k, v in out.items() if k in ("error", "not_measured")}
+    sched = out.pop("scheduler", None) or build_scheduler(family, bench.tb.noise_config, nfe, out["grid"],
+                                                          out["taus"], source=method)
+    t0 = time.perf_counter()
+    x = bench.generate(sched, nfe, family)
+    out["sampling_seconds"] = time.perf_counter() - t0
+    out["metrics"] = bench.metrics(x)
+    out["grid_used"] = [int(t) for t in common.scheduler_grid(sched, nfe)]
+    out["taus_used"] = common.tuned_taus(sched, nfe)
+    return out
+
+
+def gap_share(value, untuned, floor):
+    if value is None or untuned is None or floor is None or untuned == floor:
+        return None
+    return (untuned - value) / (untuned - floor)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.setup(args)
+    run = common.Run(NAME, args, device)
+    args.tables_dir_resolved = run.tables_dir
+    sizes = SIZES[args.size]
+    cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.out_dir) / f"{NAME}_cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    benches, shared, floors = {}, {}, {}
+    results = {}
+    for cell in cell_order(args, sizes):
+        tb_name, family, nfe = cell
+        cfg = sizes[tb_name]
+        for method in args.methods:
+            path = cache_path(cache_dir, args, cell, method)
+            entry = json.loads(path.read_text()) if path.exists() and not args.no_cache else None
+            if entry is None:
+                if run.out_of_time(f"{tb_name} {family}@{nfe} {LABELS[method]}"):
+                    results.setdefault(tb_name, {}).setdefault(f"{family}@{nfe}", {})[method] = {
+                        "not_measured": "time budget spent"}
+                    continue
+                if tb_name not in benches:
+                    benches[tb_name] = Bench(common.load_testbed(tb_name, device), cfg, args, device,
+                                             sizes["batch"])
+                bench = benches[tb_name]
+                common.log(f"{NAME}: {tb_name} {family}@{nfe} {LABELS[method]}")
+                t0 = time.perf_counter()
+                try:
+                    entry = run_method(bench, cell, method, shared.setdefault(tb_name, {}))
+                except Exception as err:  # noqa: BLE001 - a failed method is a result to report, not a lost run
+                    entry = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+                entry["seconds_total"] = time.perf_counter() - t0
+                if "metrics" in entry:  # only finished figures are cached; errors are re-run next time
+                    f = bench.floor()
+                    entry["floor"] = {"metrics": f["metrics"], "steps": f["steps"]}
+                    path.write_text(json.dumps(entry, indent=1, default=common._json_default))
+            results.setdefault(tb_name, {}).setdefault(f"{family}@{nfe}", {})[method] = entry
+            if "floor" in entry:
+                floors[tb_name] = entry["floor"]
+    # the gap each method closes, per cell
+    for tb_name, cells in results.items():
+        for cell_key, methods in cells.items():
+            floor = floors.get(tb_name)
+            base = methods.get("untuned", {}).get("metrics")
+            for m, e in methods.items():
+                if "metrics" not in e or base is None or floor is None:
+                    continue
+                e["gap_closed_fd"] = gap_share(e["metrics"]["fd"], base["fd"], floor["metrics"]["fd"])
+                e["gap_closed_endpoint_l2"] = gap_share(e["metrics"]["endpoint_l2"], base["endpoint_l2"], 0.0)
+    summary = {"sizes": {k: v for k, v in sizes.items() if k in args.testbeds or k == "batch"},
+               "floors": floors, "cells": results, "targets": targets(results, floors),
+               "grid_tuning_available": tune_supported()}
+    run.write(summary, markdown(summary, args), make_figure(results, floors))
+
+
+def _fd(results, tb, cell, method):
+    e = results.get(tb, {}).get(cell, {}).get(method, {})
+    return e.get("metrics", {}).get("fd"), e.get("gap_closed_fd")
+
+
+def targets(results, floors):
+    out = {}
+    for cell in ("dpmpp@5", "ddim@10"):
+        fd, share = _fd(results, "mnist", cell, "grid+tau")
+        out[f"mnist_{cell}_grid+tau_closes_60pct"] = None if share is None else bool(share >= 0.6)
+        out[f"mnist_{cell}_grid+tau_gap_closed"] = share
+    fd, _ = _fd(results, "gmm", "ddim@10", "grid+tau")
+    base, _ = _fd(results, "gmm", "ddim@10", "untuned")
+    out["gmm_ddim@10_grid+tau_fd_change"] = common.rel_change(fd, base)
+    out["gmm_ddim@10_grid+tau_fd_50pct_lower"] = None if fd is None or base is None else bool(fd <= 0.5 * base)
+    never_worse, wins, ratios = [], [], []
+    for tb, cells in results.items():
+        for cell, m in cells.items():
+            gt = m.get("grid+tau", {}).get("metrics", {}).get("fd")
+            un = m.get("untuned", {}).get("metrics", {}).get("fd")
+            if gt is None or un is None:
+                continue
+            never_worse.append(gt <= un)
+            others = [m[k]["metrics"]["fd"] for k in ("grid", "gits", "ld3") if "metrics" in m.get(k, {})]
+            wins.append(all(gt < o for o in others))
+            tc = m.get("tau", {}).get("cost", {})
+            gc = m.get("grid+tau", {}).get("cost", {})
+            if tc.get("forward") and gc.get("forward"):
+                ratios.append(((gc["forward"] or 0) + 2 * (gc.get("backward") or 0))
+                              / ((tc["forward"] or 0) + 2 * (tc.get("backward") or 0)))
+    out["grid+tau_never_worse_than_untuned"] = all(never_worse) if never_worse else None
+    out["grid+tau_best_of_grid_and_peers_share_of_cells"] = (sum(wins) / len(wins)) if wins else None
+    out["grid+tau_over_tau_cost_ratio_max"] = max(ratios) if ratios else None
+    return out
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "-"
+    return f"{100 * v:.0f}%" if pct else f"{v:.4g}"
+
+
+def markdown(summary, args) -> str:
+    res, floors = summary["cells"], summary["floors"]
+    lines = ["# Grid learning side by side\n",
+             "Every column samples through the package's TimeTuner schedulers from the same x_T (and labels). "
+             "Cell = FD (share of the untuned -> floor gap closed). 'n/m' = not measured (reason below).\n"]
+    notes = []
+    for tb in res:
+        fl = floors.get(tb)
+        metric = "FD (pixels, vs exact samples)" if tb == "gmm" else "FD-MNIST"
+        size = summary["sizes"].get(tb, {})
+        lines.append(f"\n## {tb}: {metric}, {size.get('n')} samples; floor = DDIM {size.get('floor_steps')} steps"
+                     + (f", FD {fl['metrics']['fd']:.4g}" if fl else "") + "\n")
+        header = ["cell"] + [LABELS[m] for m in args.methods]
+        rows = []
+        for cell, ms in res[tb].items():
+            row = [cell]
+            for m in args.methods:
+                e = ms.get(m, {})
+                if "metrics" in e:
+                    row.append(f"{e['metrics']['fd']:.4g} ({_fmt(e.get('gap_closed_fd'), True)})")
+                else:
+                    why = e.get("not_measured") or e.get("error") or "not run"
+                    notes.append(f"{tb} {cell} {LABELS[m]}: {why}")
+                    row.append("n/m")
+            rows.append(row)
+        lines.append(common.markdown_table(header, rows))
+        lines.append(f"\nEndpoint L2 to the floor sample (share of the untuned distance removed):\n")
+        rows = []
+        for cell, ms in res[tb].items():
+            rows.append([cell] + [f"{ms[m]['metrics']['endpoint_l2']:.4g} "
+                                  f"({_fmt(ms[m].get('gap_closed_endpoint_l2'), True)})"
+                                  if "metrics" in ms.get(m, {}) else "n/m" for m in args.methods])
+        lines.append(common.markdown_table(header, rows))
+        lines.append("\nCalibration cost: forward / backward sample-evaluations of the network, wall seconds "
+                     "(teacher samples included; GITS's grid is shared by both samplers of one NFE):\n")
+        rows = []
+        for cell, ms in res[tb].items():
+            row = [cell]
+            for m in args.methods:
+                c = ms.get(m, {}).get("cost")
+                row.append("-" if not c else f"{_fmt(c.get('forward'))} / {_fmt(c.get('backward'))} / "
+                                             f"{_fmt(c.get('wall_time_s'))} s")
+            rows.append(row)
+        lines.append(common.markdown_table(header, rows))
+        rows = []
+        for cell, ms in res[tb].items():
+            e = ms.get("ld3", {})
+            if "rounding" in e:
+                r = e["rounding"]
+                rows.append([cell, _fmt(r["max_abs_change"]), _fmt(r["valid_loss_continuous"]),
+                             _fmt(r["valid_loss_rounded"]), _fmt(e.get("valid_loss_init"))])
+        if rows:
+            lines.append("\nLD3 rounding to integer timesteps (validation MSE to the teacher):\n")
+            lines.append(common.markdown_table(["cell", "max grid change", "continuous grid", "rounded grid",
+                                                "initial (uniform) grid"], rows))
+        rows = [[cell, ms["hand_grid"].get("chosen")] for cell, ms in res[tb].items() if "chosen" in
+                ms.get("hand_grid", {})]
+        if rows:
+            lines.append("\nHand grid chosen on the calibration x_T (endpoint L2 to the teacher):\n")
+            lines.append(common.markdown_table(["cell", "grid"], rows))
+    lines.append("\n## Targets\n")
+    lines.append(common.markdown_table(["target", "value"], [[k, v] for k, v in summary["targets"].items()]))
+    if notes:
+        lines.append("\n**Not measured / failed:**\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    lines.append("\nLD3 uses the pixel MSE to the teacher (its repository's `L2`); its default LPIPS needs VGG weights "
+                 "that cannot be downloaded here. GITS uses the L2 cost of the paper (the repository also offers a "
+                 "trajectory-deviation cost).\n")
+    return "\n".join(lines)
+
+
+def make_figure(results, floors):
+    panels = []
+    for tb, cells in results.items():
+        for fam in FAMILIES:
+            pts = {}
+            for cell, ms in cells.items():
+                f, n = cell.split("@")
+                if f != fam:
+                    continue
+                for m, e in ms.items():
+                    if "metrics" in e:
+                        pts.setdefault(m, []).append((int(n), e["metrics"]["fd"]))
+            if pts:
+                panels.append((tb, fam, pts))
+    if not panels:
+        return None
+    fig, axes = common.figure(ncols=len(panels))
+    for ax, (tb, fam, pts) in zip(axes[0], panels):
+        for m in METHODS:
+            if m in pts:
+                xs, ys = zip(*sorted(pts[m]))
+                ax.plot(xs, ys, marker="o", label=LABELS[m])
+        if tb in floors:
+            ax.axhline(floors[tb]["metrics"]["fd"], color="k", ls=":", label="floor")
+        ax.set_title(f"{tb}: {common.FAMILIES[fam].label}")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("FD" if tb == "gmm" else "FD-MNIST")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    return fig
+
+
+if __name__ == "__main__":
+    main()

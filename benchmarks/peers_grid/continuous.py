@@ -1,0 +1,96 @@
+"""Differentiable few-step samplers in continuous diffusers time, for the grid-learning peers.
+
+Time is in the units of ``scheduler.timesteps`` (0 .. T-1) extended by one point below: ``k = -1`` is the state the
+package's samplers end in (``alpha_bar = 1``: DDIM's ``final_alpha_cumprod`` with ``set_alpha_to_one=True``,
+DPM-Solver++'s ``final_sigmas_type="zero"``). ``log alpha_bar`` is interpolated linearly between integer timesteps,
+so a grid of integers reproduces the package schedulers' arithmetic (checked in tests/test_grid_side_by_side.py) and
+a fractional grid can be differentiated.
+
+A grid here is ``times = [t_K, ..., t_1, t_0]`` (K + 1 points, the model evaluated at the first K) and the model
+input times ``taus = [tau_K, ..., tau_1]`` (TimeTuner's table; ``taus = times[:-1]`` when not decoupled).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+FINAL_TIME = -1.0  # the end state of the package samplers: alpha_bar = 1, sigma = 0
+
+
+class ContinuousSchedule:
+    """``alpha_bar(k)`` of a diffusers noise schedule at fractional k in [-1, T-1] (log-linear interpolation)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, final_alpha_cumprod: float = 1.0):
+        if float(final_alpha_cumprod) != 1.0:
+            raise ValueError("the continuous samplers end at alpha_bar = 1 (set_alpha_to_one=True / "
+                             "final_sigmas_type='zero'); got final_alpha_cumprod != 1.")
+        ab = alphas_cumprod.detach().to(torch.float64)
+        self.log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), ab.log()])  # index j <-> k = j - 1
+        self.T = int(ab.numel())
+
+    @classmethod
+    def from_scheduler(cls, scheduler) -> "ContinuousSchedule":
+        return cls(scheduler.alphas_cumprod)
+
+    def log_alpha_bar(self, k: torch.Tensor) -> torch.Tensor:
+        k = torch.as_tensor(k, dtype=torch.float64)
+        pos = (k + 1.0).clamp(0.0, float(self.T))
+        lo = pos.detach().floor().clamp(max=self.T - 1).long()
+        w = pos - lo.to(pos.dtype)
+        return self.log_ab[lo] * (1.0 - w) + self.log_ab[lo + 1] * w
+
+    def alpha_sigma(self, k):
+        """(alpha_k, sigma_k) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)), float64, differentiable in k."""
+        lab = self.log_alpha_bar(k)
+        alpha = (0.5 * lab).exp()
+        sigma = (-torch.expm1(lab)).clamp(min=0.0).sqrt()
+        return alpha, sigma
+
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, tau) -> eps prediction
+
+
+def _data_prediction(x, eps, alpha, sigma):
+    return (x - sigma * eps) / alpha
+
+
+def sample(model: Model, x_T: torch.Tensor, times: torch.Tensor, taus: Optional[torch.Tensor], solver: str,
+           schedule: ContinuousSchedule) -> torch.Tensor:
+    """Run ``solver`` ("ddim" or "dpmpp": DPM-Solver++(2M), midpoint, first order at the first and last step, as
+    diffusers' multistep scheduler with ``lower_order_final``) from x_T over ``times``; the model sees ``taus``.
+
+    The update uses only the grid's alpha / sigma (TimeTuner's rule); everything is differentiable in x_T, times
+    and taus. The last step into ``k = -1`` returns the data prediction, as both package samplers do.
+    """
+    if solver not in ("ddim", "dpmpp"):
+        raise ValueError(f"solver must be 'ddim' or 'dpmpp', got {solver!r}.")
+    K = times.shape[0] - 1
+    if taus is None:
+        taus = times[:-1]
+    if taus.shape[0] != K:
+        raise ValueError(f"{K} steps need {K} model times, got {taus.shape[0]}.")
+    x = x_T.to(torch.float64)
+    prev_x0, prev_lambda = None, None
+    for i in range(K):
+        a_s, s_s = schedule.alpha_sigma(times[i])
+        a_t, s_t = schedule.alpha_sigma(times[i + 1])
+        eps = model(x.to(x_T.dtype), taus[i]).to(torch.float64)
+        x0 = _data_prediction(x, eps, a_s, s_s)
+        if i == K - 1 and float(times[i + 1].detach()) <= FINAL_TIME:
+            x = x0
+            break
+        if solver == "ddim":
+            x = a_t * x0 + s_t * eps
+        else:
+            lam_s = a_s.log() - s_s.log()
+            lam_t = a_t.log() - s_t.log()
+            h = lam_t - lam_s
+            x = (s_t / s_s) * x - a_t * torch.expm1(-h) * x0
+            if prev_x0 is not None and i < K - 1:  # second order: the multistep correction
+                r0 = (lam_s - prev_lambda) / h
+                d1 = (x0 - prev_x0) / r0
+                x = x - 0.5 * a_t * torch.expm1(-h) * d1
+            prev_x0, prev_lambda = x0, lam_s
+    return x.to(x_T.dtype)
