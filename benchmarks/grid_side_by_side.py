@@ -63,14 +63,15 @@ SIZES = {
                  gits=dict(num_steps_tea=13, num_warmup=16), ld3=dict(num_train=4, num_valid=4, rounds_v1=1,
                                                                        rounds_v2=1)),
         batch=256),
-    # CPU: the exact model in full with the published peer settings; the MNIST UNet (~30 ms per sample and evaluation
-    # on one shared CPU thread) on 200 samples, GITS on 16 warm-up samples, LD3 on 10 / 10 samples, 1 + 1 rounds
+    # CPU: the exact model in full with the published peer settings; the MNIST UNet only at the two headline cells,
+    # on 64 samples, GITS on 8 warm-up samples, LD3 on 6 / 6 samples and 1 + 1 rounds
     "medium": dict(
         gmm=dict(n=2000, families=FAMILIES, nfes=NFES, floor_steps=1000, select_n=256,
                  gits=dict(num_steps_tea=61, num_warmup=256), ld3=dict(num_train=50, num_valid=50)),
-        mnist=dict(n=200, families=FAMILIES, nfes=NFES, floor_steps=100, select_n=32,
-                   gits=dict(num_steps_tea=61, num_warmup=16),
-                   ld3=dict(num_train=10, num_valid=10, rounds_v1=1, rounds_v2=2, max_seconds=600)),
+        # (measured here: ~30 ms per sample and evaluation with the machine to itself, ~10x more when shared)
+        mnist=dict(n=64, families=FAMILIES, nfes=NFES, cells=[("ddim", 10), ("dpmpp", 5)], floor_steps=50,
+                   select_n=16, gits=dict(num_steps_tea=61, num_warmup=8),
+                   ld3=dict(num_train=6, num_valid=6, rounds_v1=1, rounds_v2=1, max_seconds=400)),
         batch=500),
     # The published sizes (a GPU): >= 2000 FD-MNIST samples, the peers' own sample counts
     "full": dict(
@@ -87,6 +88,9 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     parser.add_argument("--testbeds", nargs="+", default=["gmm", "mnist"], choices=("gmm", "mnist"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--reuse-tables-of-older-code", action="store_true",
+                        help="tau only: use a cached calibrate() table with the same settings made by an older package "
+                             "code when the current code has none (recorded in the results)")
     parser.add_argument("--cache-dir", default=None, help="per-cell result cache (default <out-dir>/"
                                                           "grid_side_by_side_cache)")
     return parser.parse_args(argv)
@@ -165,13 +169,24 @@ class Bench:
         """Many-step DDIM from the evaluation x_T: the reference of every cell."""
         if self._floor is None:
             steps = self.cfg["floor_steps"]
+            path = self._sample_cache(f"floor{steps}_n{self.n}")
+            if path.exists():
+                self._floor = torch.load(path)
+                return self._floor
             common.log(f"{NAME}: {self.tb.name} floor, DDIM {steps} steps, {self.n} samples")
             t0 = time.perf_counter()
             x = self.generate(common.make_scheduler("ddim", self.tb.noise_config), steps, "ddim")
             q = common.fd_pixels(x, self.exact) if self.exact is not None else None
             m = {"fd": q} if q is not None else common.mnist_metrics(x, self.labels)
             self._floor = {"samples": x, "metrics": m, "steps": steps, "seconds": time.perf_counter() - t0}
+            torch.save(self._floor, path)
         return self._floor
+
+    def _sample_cache(self, what):
+        """Floor and teacher samples are kept (a restart must not pay for them again); not committed."""
+        d = Path(self.args.cache_dir_resolved) / "samples"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"{self.args.size}_{self.tb.name}_seed{self.args.seed}_{what}.pt"
 
     def calibration_set(self):
         """Calibration x_T (a seed disjoint from the evaluation one), labels and the teacher's final samples."""
@@ -182,11 +197,16 @@ class Bench:
             x_T = common.seeded_noise(m, self.tb.sample_shape, seed)
             labels = None if self.tb.num_classes is None else self.tb.labels_for(m, "cpu")["class_labels"]
             steps = self.cfg["floor_steps"]
+            path = self._sample_cache(f"teacher{steps}_m{m}")
+            if path.exists():
+                self._calib = torch.load(path)
+                return self._calib
             common.log(f"{NAME}: {self.tb.name} teacher (DDIM {steps} steps) on {m} calibration samples")
             t0 = time.perf_counter()
             y = self.generate(common.make_scheduler("ddim", self.tb.noise_config), steps, "ddim", n=m, seed=seed)
             self._calib = {"x_T": x_T, "labels": labels, "target": y, "teacher_steps": steps,
                            "seconds": time.perf_counter() - t0}
+            torch.save(self._calib, path)
         return self._calib
 
     def teacher_cost(self, count):
@@ -225,10 +245,37 @@ def method_hand_grid(bench, family, nfe, shared):
 
 
 def _tau_calibration(bench, family, nfe):
-    cal, err = common.try_calibration(bench.tb, family, nfe, bench.device, tables_dir=bench.args.tables_dir_resolved,
-                                      use_cache=not bench.args.no_cache, objective=common.package_default_objective(),
-                                      calib=common.calib_for(bench.args.size, bench.tb.name), seed=bench.args.seed)
-    return cal, err
+    kwargs = dict(objective=common.package_default_objective(), calib=common.calib_for(bench.args.size, bench.tb.name),
+                  seed=bench.args.seed)
+    if bench.args.reuse_tables_of_older_code:
+        stale = _older_table(bench, family, nfe, kwargs)
+        if stale is not None:
+            return stale, None
+    return common.try_calibration(bench.tb, family, nfe, bench.device, tables_dir=bench.args.tables_dir_resolved,
+                                  use_cache=not bench.args.no_cache, **kwargs)
+
+
+def _older_table(bench, family, nfe, kwargs):
+    """The newest cached calibrate() table with these exact settings made by an older package code (the result says
+    so); None when the current code has its own table or none exists."""
+    settings = common.calibration_settings(bench.tb, family, nfe, **kwargs)
+    tables = Path(bench.args.tables_dir_resolved)
+    found = []
+    for path in tables.glob(f"{bench.tb.name}_{family}_n{nfe}_{settings['objective']}_*.json"):
+        entry = json.loads(path.read_text())
+        old = dict(entry.get("settings", {}))
+        if "taus" not in entry or old.get("code") is None:
+            continue
+        if old["code"] == settings["code"]:
+            return None  # the current code's own table: use it through the normal path
+        if {k: v for k, v in old.items() if k != "code"} == {k: v for k, v in settings.items() if k != "code"}:
+            found.append((entry.get("created_utc", ""), path, entry))
+    if not found:
+        return None
+    _, path, entry = max(found)
+    common.log(f"{NAME}: using {path.name} (calibrate() table of package code {entry['settings']['code']})")
+    return common.Calibration(entry["taus"], entry["grid"], entry["report"], entry["settings"], True, str(path),
+                              entry.get("device", ""), entry.get("created_utc", ""))
 
 
 def method_tau(bench, family, nfe, shared):
@@ -240,7 +287,8 @@ def method_tau(bench, family, nfe, shared):
         "forward": common.report_count(rep, "forward_samples"), "backward": common.report_count(rep,
                                                                                                 "backward_samples"),
         "wall_time_s": common.report_count(rep, "wall_time_s")}, "cached_table": cal.cached,
-        "calibrate_settings": {"objective": cal.settings["objective"], "num_samples": cal.settings["num_samples"]}}
+        "calibrate_settings": {"objective": cal.settings["objective"], "num_samples": cal.settings["num_samples"]},
+        "table_file": Path(cal.path).name, "table_package_code": cal.settings.get("code")}
 
 
 def tune_supported() -> bool:
@@ -360,6 +408,12 @@ def cell_order(args, sizes):
     return [c for c in cells if c[1] in sizes[c[0]]["families"] and c[2] in sizes[c[0]]["nfes"]]
 
 
+def in_size(sizes, cell) -> bool:
+    """Whether this size measures `cell` at all (the CPU size runs the MNIST UNet at the headline cells only)."""
+    allowed = sizes[cell[0]].get("cells")
+    return allowed is None or (cell[1], cell[2]) in allowed
+
+
 def _peer_fingerprint() -> str:
     h = hashlib.sha1()
     for f in sorted((Path(__file__).parent / "peers_grid").glob("*.py")):
@@ -367,12 +421,30 @@ def _peer_fingerprint() -> str:
     return h.hexdigest()[:10]
 
 
-def cache_path(cache_dir: Path, args, cell, method) -> Path:
+def _cell_prefix(args, cell, method) -> str:
     tb, fam, nfe = cell
-    key = json.dumps({"size": args.size, "seed": args.seed, "cell": cell, "method": method,
-                      "package": common._code_fingerprint(), "peers": _peer_fingerprint()}, sort_keys=True)
-    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return cache_dir / f"{args.size}_{tb}_{fam}_n{nfe}_{method.replace('+', '_')}_{digest}.json"
+    return f"{args.size}_{tb}_{fam}_n{nfe}_{method.replace('+', '_')}_"
+
+
+def cache_path(cache_dir: Path, args, cell, method) -> Path:
+    """Where a new result of this cell and method goes (the digest names the code that made it)."""
+    key = json.dumps({"package": common._code_fingerprint(), "peers": _peer_fingerprint()}, sort_keys=True)
+    return cache_dir / f"{_cell_prefix(args, cell, method)}{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
+
+
+def cached_entry(cache_dir: Path, args, cell, method):
+    """The newest cached result of this size, seed, cell and method, whatever code made it: each entry records its
+    package and peer code fingerprints, shown in the results (``--no-cache`` recomputes)."""
+    prefix = _cell_prefix(args, cell, method)
+    found = []
+    for path in cache_dir.glob(f"{prefix}*.json"):
+        digest = path.name[len(prefix):-len(".json")]
+        if len(digest) != 10 or not all(ch in "0123456789abcdef" for ch in digest):
+            continue  # e.g. "grid_tau_..." when looking for "grid_..."
+        entry = json.loads(path.read_text())
+        if entry.get("seed", 0) == args.seed:
+            found.append((path.stat().st_mtime, path.name, entry))
+    return max(found)[2] if found else None
 
 
 def run_method(bench, cell, method, shared):
@@ -405,14 +477,18 @@ def main(argv=None):
     sizes = SIZES[args.size]
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.out_dir) / f"{NAME}_cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
+    args.cache_dir_resolved = str(cache_dir)
     benches, shared, floors = {}, {}, {}
     results = {}
     for cell in cell_order(args, sizes):
         tb_name, family, nfe = cell
         cfg = sizes[tb_name]
         for method in args.methods:
-            path = cache_path(cache_dir, args, cell, method)
-            entry = json.loads(path.read_text()) if path.exists() and not args.no_cache else None
+            if not in_size(sizes, cell):
+                results.setdefault(tb_name, {}).setdefault(f"{family}@{nfe}", {})[method] = {
+                    "not_measured": f"not in the --{args.size} size (CPU time)"}
+                continue
+            entry = None if args.no_cache else cached_entry(cache_dir, args, cell, method)
             if entry is None:
                 if run.out_of_time(f"{tb_name} {family}@{nfe} {LABELS[method]}"):
                     results.setdefault(tb_name, {}).setdefault(f"{family}@{nfe}", {})[method] = {
@@ -432,7 +508,11 @@ def main(argv=None):
                 if "metrics" in entry:  # only finished figures are cached; errors are re-run next time
                     f = bench.floor()
                     entry["floor"] = {"metrics": f["metrics"], "steps": f["steps"]}
-                    path.write_text(json.dumps(entry, indent=1, default=common._json_default))
+                    entry["seed"] = args.seed
+                    entry["code"] = {"package": common._code_fingerprint(), "peers": _peer_fingerprint(),
+                                     "git_commit": common.git_commit(), "created_utc": common._utc_now()}
+                    cache_path(cache_dir, args, cell, method).write_text(
+                        json.dumps(entry, indent=1, default=common._json_default))
             results.setdefault(tb_name, {}).setdefault(f"{family}@{nfe}", {})[method] = entry
             if "floor" in entry:
                 floors[tb_name] = entry["floor"]

@@ -16,8 +16,9 @@ copied); what follows its published settings, and where this benchmark departs:
   ``rounds_v2`` rounds (5) with both; validation after every update, best parameters kept, patience 5, learning
   rates x0.8 on a plateau. Soft teacher forcing: each training / validation x_T may move (SGD, lr 12 / K) within an L2
   ball of radius 0.001 * pixels / K^2 around its original, accepted per sample when it lowers that sample's loss.
-- The sampler is the package's solver re-implemented in continuous time (``continuous.sample``); t_max = T - 1 and
-  t_min = -1 (alpha_bar = 1, the package samplers' end state). The learned grid is then rounded to integer
+- Time: LD3's continuous VP time s = (k + 1) / T in [0, 1] (its learning rates and clip window are in those units),
+  s = 1 the first training timestep k = T - 1, s = 0 the package samplers' end state (k = -1, alpha_bar = 1). The
+  sampler is the package's solver re-implemented in continuous time (``continuous.sample``). The learned grid is then rounded to integer
   timesteps for the package schedulers (their custom ``timesteps=``), the decoupled times kept as the tau table;
   :func:`round_grid` reports how much the rounding moved the grid.
 """
@@ -30,7 +31,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .continuous import FINAL_TIME, ContinuousSchedule, sample
+from .continuous import ContinuousSchedule, sample
 
 
 def ld3_times(xi: torch.Tensor, eta: torch.Tensor, t_max: float, t_min: float, win_rate: float = 0.5):
@@ -102,7 +103,13 @@ def train_ld3(cond_model: Callable, x_train: torch.Tensor, y_train: torch.Tensor
     """
     t0 = time.perf_counter()
     K = nfe
-    t_max, t_min = float(schedule.T - 1), FINAL_TIME
+    # LD3 works in continuous VP time s in [0, 1] (its learning rates and clip window are in those units):
+    # s = (k + 1) / T maps the diffusers timestep k, s = 0 the end state k = -1, s = 1 the first timestep T - 1
+    T = float(schedule.T)
+
+    def ld3_timesteps():
+        s_times, s_taus = ld3_times(xi, eta, 1.0, 0.0, config.win_rate)
+        return s_times * T - 1.0, s_taus * T - 1.0
     pixels = x_train[0].numel()
     shift_lr = config.shift_lr if config.shift_lr is not None else 12.0 / K
     prior_bound = config.prior_bound if config.prior_bound is not None else 0.001 * pixels / K ** 2
@@ -116,7 +123,7 @@ def train_ld3(cond_model: Callable, x_train: torch.Tensor, y_train: torch.Tensor
         nonlocal forward
         counter = _Counter(cond_model(labels))
         with torch.set_grad_enabled(train_params or x.requires_grad):
-            times, taus = ld3_times(xi, eta, t_max, t_min, config.win_rate)
+            times, taus = ld3_timesteps()
             if not train_params:
                 times, taus = times.detach(), taus.detach()
             out = sample(counter, x, times, taus[:-1], solver, schedule)
@@ -173,7 +180,7 @@ def train_ld3(cond_model: Callable, x_train: torch.Tensor, y_train: torch.Tensor
             out2, _ = solve(moved, lab, False)
             better = per_sample_loss(out2, targets[idx]) < vec.detach()
             x_cur[idx[better]] = moved[better].to(x_cur.dtype)
-        return float(vec.mean())
+        return float(vec.detach().mean())
 
     def out_of_time():
         return config.max_seconds is not None and time.perf_counter() - t0 > config.max_seconds
@@ -230,7 +237,7 @@ def train_ld3(cond_model: Callable, x_train: torch.Tensor, y_train: torch.Tensor
     with torch.no_grad():
         xi.data.copy_(best["xi"])
         eta.data.copy_(best["eta"])
-        times, taus = ld3_times(xi, eta, t_max, t_min, config.win_rate)
+        times, taus = ld3_timesteps()
     return LD3Result(times=[float(t) for t in times], taus=[float(t) for t in taus[:-1]], valid_loss=best["loss"],
                      valid_loss_init=init_loss, forward_samples=forward, backward_samples=backward,
                      seconds=time.perf_counter() - t0, iterations=iterations, stopped_early=stopped_early, log=log)
