@@ -34,7 +34,9 @@ from .report import metric_value, paired_change
 from .rollout import to_epsilon
 
 TUNE_MODES = ("tau", "grid", "grid+tau")
-LEARNED_GRID_INFO_KEY = "learned_grid"  # tuning_info[n][key] = True: set_timesteps(n) samples on tuned_grids[n]
+# The fine teacher's steps when none are given: DPM-Solver++ 2M at 100 steps is within ~5e-5 of a 400-step run
+# (relative squared endpoint distance) on the exact GMM; see FineTeacher.self_error, reported with every run.
+DEFAULT_FINE_TEACHER_STEPS = 100
 
 
 def check_grid_tunable(scheduler) -> None:
@@ -160,7 +162,7 @@ class FineTeacher:
         return x_vp / float(self.alphas[int(round(t))].sqrt())
 
     @torch.no_grad()
-    def self_error(self, noise: torch.Tensor, cond=None, factor: int = 4) -> Dict[str, float]:
+    def self_error(self, noise: torch.Tensor, cond=None, factor: int = 2) -> Dict[str, float]:
         """Mean squared endpoint distance (sum over pixels) of this teacher to the same solver at ``factor`` times
         the steps, from the same noise, beside the typical squared norm of a sample: the yardstick's own error."""
         mine = self.fine_trajectory(noise, cond).states[-1]
@@ -396,3 +398,105 @@ def guarded_choice(candidates: Sequence[tuple], untuned_finals, teacher_finals, 
         if ok:
             return name, sched, verdicts
     return "untuned", None, verdicts
+
+
+# ------------------------------------------------------------------------------------------------------ driver
+@dataclass
+class GridPlan:
+    """The learned grid of one step count and how it was found (for the report)."""
+
+    grid: List[int]
+    default_grid: List[int]
+    dp_grid: List[int]
+    start: str  # which initial grid the search started from ("dp" or "default")
+    loss_default: float  # calibration endpoint error (per sample) of the default grid
+    loss_dp: float
+    loss: float  # ... of the learned grid
+    evaluations: int  # candidate roll-outs of the search
+    forward_samples: int  # network evaluations x samples spent by the search (the teacher's are not included)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def learn_grid(denoiser, untuned, n: int, calib, teacher: FineTeacher, *, dist, batch_size: int, seed: int,
+               eta=None, metric: str = "endpoint_mse", max_evaluations: Optional[int] = None,
+               log: Callable[[str], None] = lambda m: None, progress: bool = False) -> GridPlan:
+    """Stage 1 (dynamic programme on the teacher's trajectory) then stage 2 (pattern search) for n steps."""
+    from tqdm.auto import tqdm
+
+    device = teacher.device
+    chunks, trajs, noises = [], [], []
+    for idx in dist.shard(len(calib), batch_size):
+        noise = calib.noise[idx].to(device)
+        cond = slice_conditioning(calib.cond, idx)
+        traj = teacher.fine_trajectory(noise, cond)
+        trajs.append(traj)
+        noises.append(noise)
+        chunks.append(dict(noise=noise, cond=cond, seed=seed * 1_000_003 + int(idx[0]), target=traj.states[-1]))
+    cost, start, _ = jump_costs(teacher.alphas, trajs, noises)
+    cost, start = dist.sum(cost), dist.sum(start)
+    dp = dynamic_programming_grid(teacher.times, cost, start, n)
+    default = copy.deepcopy(untuned)
+    default.set_timesteps(n)
+    default_grid = [int(round(float(t))) for t in grid_timesteps(default)]
+    fwd0 = denoiser.num_forward_samples
+    evaluator = GridEvaluator(denoiser, untuned, chunks, metric, eta, dist)
+    num = len(calib)
+    loss_default = evaluator.loss(default_grid) / num
+    loss_dp = evaluator.loss(dp) / num
+    init, start_name = (dp, "dp") if loss_dp <= loss_default else (default_grid, "default")
+    log(f"n={n}: grid search starts from the {start_name} grid {init} (calibration endpoint error: default grid "
+        f"{default_grid} {loss_default:.5g}, dynamic programme {dp} {loss_dp:.5g})")
+    budget = int(max_evaluations if max_evaluations is not None else 4 * n)
+    bar = tqdm(total=budget, desc=f"grid search n={n}", leave=False, disable=not (progress and dist.is_main_process))
+    upper = int(untuned.config.num_train_timesteps) - 1
+    rec = pattern_search(evaluator, init, upper, max_evaluations=budget, log=log, progress=bar.update)
+    bar.close()
+    fwd = int(dist.sum(torch.tensor(float(denoiser.num_forward_samples - fwd0))))
+    log(f"n={n}: learned grid {rec.grid}: calibration endpoint error {rec.loss / num:.5g} ({rec.evaluations + 2} "
+        f"roll-outs, {fwd} forward samples)")
+    return GridPlan(rec.grid, default_grid, dp, start_name, loss_default, loss_dp, rec.loss / num,
+                    rec.evaluations + 2, fwd)
+
+
+def guard_grid_table(n: int, candidates: Sequence[tuple], untuned, denoiser, validation, teacher: FineTeacher,
+                     metric: str, batch_size: int, eta, guard: bool, margin: float, log: Callable[[str], None],
+                     fallback: Callable[[], tuple], records: list) -> tuple:
+    """Keep the guard's promise for a learned-grid table: it ships only if it beats the untuned sampler (default
+    grid, tau = t) on the validation set by more than ``margin`` paired SEs; else the tau-only table on the default
+    grid (``fallback()`` calibrates it, its records replace ``records``) if that does; else tau = t.
+
+    Returns (chosen: the candidate's name, "tau" or "untuned"; table grid; taus; validation verdicts).
+    """
+    name, sched = candidates[0]
+    table = sched.tau_tables[n]
+    if not guard or validation is None:
+        log(f"n={n}: no validation guard: shipping the {name} table unchecked")
+        return name, [float(t) for t in table.grid], list(table.taus), {}
+    noise, cond = validation.noise, validation.cond
+    teacher_finals = torch.cat([
+        teacher.fine_trajectory(noise[i:i + batch_size].to(teacher.device),
+                                slice_conditioning(cond, torch.arange(i, min(i + batch_size, len(noise))))).states[-1]
+        for i in range(0, len(noise), batch_size)])
+    untuned_finals = sampler_finals(denoiser, untuned, n, noise, cond, batch_size, eta)
+    cands = [(c, s, sampler_finals(denoiser, s, n, noise, cond, batch_size, eta)) for c, s in candidates]
+    chosen, sched, verdicts = guarded_choice(cands, untuned_finals, teacher_finals, metric, margin, log)
+    if sched is not None:
+        table = sched.tau_tables[n]
+        return chosen, [float(t) for t in table.grid], list(table.taus), verdicts
+    log(f"n={n}: the learned-grid table does not beat the untuned sampler by > {margin:g} SE on the validation set; "
+        "falling back to tau alone on the scheduler's own grid")
+    rollout, job, taus, _ = fallback()
+    records[:] = list(job.records)
+    grid = rollout.grid_list
+    if any(abs(a - b) > 1e-6 for a, b in zip(taus, grid)):
+        tau_sched = untuned.with_tuned_timesteps(n, taus, grid=grid)
+        chosen, sched, more = guarded_choice([("tau", tau_sched, sampler_finals(denoiser, tau_sched, n, noise, cond,
+                                                                                 batch_size, eta))],
+                                             untuned_finals, teacher_finals, metric, margin, log)
+        verdicts.update(more)
+        if sched is not None:
+            return "tau", grid, list(taus), verdicts
+    log(f"n={n}: no table beats the untuned sampler on the validation set: keeping tau = t on the default grid")
+    return "untuned", grid, list(grid), verdicts
