@@ -34,7 +34,7 @@ class CalibrationConfig:
                 "custom grid (DDIM, DDPM, DPM-Solver, Euler).", "choices": ["tau", "grid", "grid+tau"]})
     grid_search_evaluations: Optional[int] = field(default=None, metadata={
         "help": "tune=grid / grid+tau: candidate grids the pattern search rolls out (default 4 n; each costs about "
-                "n / 2 network evaluations per calibration sample)."})
+                "n / 2 network evaluations per calibration sample; 0: the dynamic programme's grid as it is)."})
     objective: str = field(default=DEFAULT_OBJECTIVE, metadata={
         "help": "teacher_local, endpoint, paper (eq. 9) or paper_x0 (eq. 10).",
         "choices": list(OBJECTIVES)})

@@ -451,7 +451,10 @@ def learn_grid(denoiser, untuned, n: int, calib, teacher: FineTeacher, *, dist, 
     budget = int(max_evaluations if max_evaluations is not None else 4 * n)
     bar = tqdm(total=budget, desc=f"grid search n={n}", leave=False, disable=not (progress and dist.is_main_process))
     upper = int(untuned.config.num_train_timesteps) - 1
-    rec = pattern_search(evaluator, init, upper, max_evaluations=budget, log=log, progress=bar.update)
+    if budget > 0:
+        rec = pattern_search(evaluator, init, upper, max_evaluations=budget, log=log, progress=bar.update)
+    else:  # the dynamic programme's grid (or the default) as it is
+        rec = SearchRecord(list(init), min(loss_dp, loss_default) * num, 0)
     bar.close()
     fwd = int(dist.sum(torch.tensor(float(denoiser.num_forward_samples - fwd0))))
     log(f"n={n}: learned grid {rec.grid}: calibration endpoint error {rec.loss / num:.5g} ({rec.evaluations + 2} "

@@ -89,7 +89,7 @@ def validate_calibration_args(
         raise ValueError(f"tune={tune!r} learns the grid itself: do not pass `timesteps` (a fixed custom grid) with "
                          "it; use tune='tau' to tune the network's time on a grid of your own.")
     if grid_search_evaluations is not None:
-        _positive_int("grid_search_evaluations", grid_search_evaluations)
+        _positive_int("grid_search_evaluations", grid_search_evaluations, allow_zero=True)
     if not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}.")
     if sample_shape is not None:
