@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, slice_conditioning
 from .checkpoint import CheckpointStore
 from .config import DEFAULT_OBJECTIVE, DEFAULT_OPTIMIZER, CalibrationConfig
 from .conditions import build_conditions, resolve_model
@@ -22,6 +22,7 @@ from .optimizers import get_optimizer
 from .report import StepCountReport, evaluate_heldout, plot_report, write_report
 from .rollout import Rollout
 from .families import resolve_scheduler, untuned_copy
+from .grid_search import DEFAULT_FINE_TEACHER_STEPS, FineTeacher, check_grid_tunable, guard_grid_table, learn_grid
 from .strategies import VALIDATION_METRICS, CalibrationSet, StepCountJob, get_strategy
 from .validate import VALIDATED_ARGS as _VALIDATED_ARGS, validate_calibration_args
 
@@ -222,6 +223,9 @@ def calibrate(
             )
     if timesteps is not None:
         check_custom_grid(untuned, timesteps)
+    tune = config.tune
+    if tune != "tau":
+        check_grid_tunable(untuned)
 
     objective_obj = get_objective(objective)
     strategy = strategy or ("sequential" if data is not None else "data_free")
@@ -272,7 +276,7 @@ def calibrate(
         "guard_margin": float(guard_margin), "validation_metric": validation_metric, "seed": int(seed),
         "eta": eta, "scheduler_class": type(base).__name__, "model_id": model_id, "custom_grid": timesteps,
         "prediction_type": getattr(untuned.config, "prediction_type", None),
-        "data_free": data is None, "num_processes": dist.world_size,
+        "data_free": data is None, "num_processes": dist.world_size, "tune": config.tune,
         "conditioning": cond_set.description,
     }
     # What a resumed run must share with the interrupted one (the probe tells another model apart).
@@ -282,50 +286,98 @@ def calibrate(
 
     result_sched, reports = base, {}
     bounds = (0.0, float(train_steps - 1))
-    for n in steps:
-        tick = time.perf_counter()
-        fwd0 = denoiser.num_forward_samples
-        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=timesteps)
-        m = int(teacher_steps or default_teacher_steps(untuned, n, rollout.grid_list))
-        teacher = Teacher(denoiser, untuned, m, device=device, coarse_grid=rollout.grid_list)
-        m = teacher.num_inference_steps
-        if objective_obj.name == "teacher_local" and teacher.grid_indices(rollout.grid_list[1:]) is None:
-            raise ValueError(
-                f"objective='teacher_local' needs the teacher's grid ({m} steps) to contain the coarse grid "
-                f"{rollout.grid_list}; choose teacher_steps so that it does (e.g. a multiple of {n} dividing "
-                f"{train_steps} with leading spacing), or use objective='endpoint'."
-            )
+
+    def metric_for(rollout) -> str:
         metric = validation_metric
         if metric == "auto":
             metric = "energy_distance" if rollout.stochastic else "endpoint_mse"
         if metric == "energy_distance" and min(num_heldout_samples, len(validation) if validation else 2) < 2:
             raise ValueError("validation_metric='energy_distance' compares sets of samples: it needs "
                              "num_heldout_samples >= 2 and num_validation_samples >= 2.")
+        return metric
+
+    def tau_table(n, grid, teacher=None):
+        """Tau for n steps on ``grid`` (None: the scheduler's own) with the chosen strategy; guarded on that grid."""
+        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=grid)
+        if teacher is None:
+            m = int(teacher_steps or default_teacher_steps(untuned, n, rollout.grid_list))
+            teacher = Teacher(denoiser, untuned, m, device=device, coarse_grid=rollout.grid_list)
+        if objective_obj.name == "teacher_local" and teacher.grid_indices(rollout.grid_list[1:]) is None:
+            raise ValueError(
+                f"objective='teacher_local' needs the teacher's grid ({teacher.num_inference_steps} steps) to contain "
+                f"the coarse grid {rollout.grid_list}; choose teacher_steps so that it does (e.g. a multiple of {n} "
+                f"dividing {train_steps} with leading spacing), or use objective='endpoint'."
+            )
         job = StepCountJob(rollout=rollout, objective=objective_obj, optimizer=optimizer_obj, dist=dist, calib=calib,
                            batch_size=batch_size, seed=seed, bounds=bounds, teacher=teacher, validation=validation,
-                           guard=guard and validation is not None, checkpoint=store, log=log, progress=progress,
-                           validation_metric=metric, guard_margin=float(guard_margin))
+                           guard=guard and validation is not None, checkpoint=store if grid == timesteps else None,
+                           log=log, progress=progress, validation_metric=metric_for(rollout),
+                           guard_margin=float(guard_margin))
         taus = distinct_taus(strategy_obj.run(job), bounds, log)
-        info = dict(settings, teacher_steps=m, package="diffusers-timetuner", package_version=_version())
-        candidate = result_sched.with_tuned_timesteps(n, taus, grid=rollout.grid_list, info=info)
-        held = evaluate_heldout(rollout, candidate, teacher, heldout.noise, heldout.cond, dist, batch_size, metric)
+        return rollout, job, taus, teacher
+
+    for n in steps:
+        tick = time.perf_counter()
+        fwd0 = denoiser.num_forward_samples
+        info = dict(settings, package="diffusers-timetuner", package_version=_version())
+        records, grid_report = [], None
+        if tune == "tau":
+            rollout, job, taus, teacher = tau_table(n, timesteps)
+            records, table_grid, held_rollout = job.records, rollout.grid_list, rollout
+        else:
+            teacher = FineTeacher(denoiser, untuned, int(teacher_steps or DEFAULT_FINE_TEACHER_STEPS), device=device)
+            held_rollout = Rollout(denoiser, untuned, n, eta=eta, device=device)  # the default grid: the baseline
+            metric = metric_for(held_rollout)
+            plan = learn_grid(denoiser, untuned, n, calib, teacher, dist=dist, batch_size=batch_size, seed=seed,
+                              eta=eta, metric=metric, max_evaluations=config.grid_search_evaluations, log=log,
+                              progress=progress)
+            k = min(8, len(calib))
+            yardstick = teacher.self_error(calib.noise[:k].to(device), slice_conditioning(calib.cond, range(k)))
+            log(f"n={n}: teacher DPM-Solver++ 2M at {yardstick['teacher_steps']} steps: squared endpoint distance "
+                f"{yardstick['endpoint_mse']:.3g} to a {yardstick['reference_steps']}-step run (a sample's squared "
+                f"norm: {yardstick['sample_sq_norm']:.3g})")
+            grid_report = {"tune": tune, "search": plan.to_dict(), "teacher": "DPM-Solver++ 2M",
+                           "teacher_steps": teacher.num_inference_steps, "teacher_error": yardstick}
+            if tune == "grid":
+                table_grid = [float(t) for t in plan.grid]
+                taus = list(table_grid)
+            else:
+                rollout, job, taus, _ = tau_table(n, plan.grid, teacher)
+                records, table_grid = job.records, rollout.grid_list
+            learned = dict(info, learned_grid=True, tune=tune, grid_search=plan.to_dict())
+            candidates = [(tune, result_sched.with_tuned_timesteps(n, taus, grid=table_grid, info=learned))]
+            chosen, table_grid, taus, verdicts = guard_grid_table(
+                n, candidates, untuned, denoiser, validation, teacher, metric, batch_size, eta, guard,
+                float(guard_margin), log, fallback=lambda: tau_table(n, None, teacher), records=records)
+            grid_report.update(chosen=chosen, guard=verdicts)
+            info = dict(info, learned_grid=True, tune=tune, grid_search=plan.to_dict()) \
+                if chosen in ("grid", "grid+tau") else dict(info, tune=tune, grid_fallback=chosen)
+        m = teacher.num_inference_steps
+        info["teacher_steps"] = m
+        candidate = result_sched.with_tuned_timesteps(n, taus, grid=table_grid, info=info)
+        metric = metric_for(held_rollout)
+        held = evaluate_heldout(held_rollout, candidate, teacher, heldout.noise, heldout.cond, dist, batch_size,
+                                metric)
         info["heldout"] = {k: held[k] for k in ("endpoint_mse_tuned", "endpoint_mse_untuned", "relative_change",
                                                 "change_se")}
         if metric != "endpoint_mse":  # the explicit form names the metric the verdict used (hub.held_out_pair)
             info["heldout"].update(metric=metric, untuned=held["untuned"], tuned=held["tuned"])
-        result_sched = result_sched.with_tuned_timesteps(n, taus, grid=rollout.grid_list, info=info)
-        rep = StepCountReport(num_inference_steps=n, grid=rollout.grid_list, taus=[float(t) for t in taus],
-                              steps=list(job.records), heldout=held, seconds=time.perf_counter() - tick,
+        result_sched = result_sched.with_tuned_timesteps(n, taus, grid=table_grid, info=info)
+        rep = StepCountReport(num_inference_steps=n, grid=list(table_grid), taus=[float(t) for t in taus],
+                              steps=list(records), heldout=held, seconds=time.perf_counter() - tick,
                               forward_samples=int(dist.sum(torch.tensor(float(denoiser.num_forward_samples - fwd0)))),
-                              backward_samples=sum(r.backward_samples for r in job.records))
+                              backward_samples=sum(r.backward_samples for r in records), grid_tuning=grid_report)
+        default_grid = held_rollout.grid_list
         if held["worse_than_untuned"]:
             msg = (f"TUNING MADE IT WORSE for n={n}: held-out {metric} to the {m}-step teacher "
                    f"{held['untuned']:.5g} (untuned) -> {held['tuned']:.5g} (tuned){_se_note(held)}. "
-                   + _worse_advice(held, job.guard))
+                   + _worse_advice(held, guard and validation is not None))
             rep.warnings.append(msg)
             if dist.is_main_process:
                 logger.warning(msg)
-        elif all(abs(a - b) < 1e-6 for a, b in zip(taus, rollout.grid_list)):
+        elif len(table_grid) == len(default_grid) and all(
+                abs(a - b) < 1e-6 and abs(c - b) < 1e-6 for a, b, c in zip(taus, default_grid, table_grid)) \
+                and tune == "tau" or (grid_report is not None and grid_report["chosen"] == "untuned"):
             msg = (f"NO GAIN for n={n}: the table is tau = t (the validation guard kept no tuned step). It samples "
                    "exactly like the untuned scheduler; try more calibration samples or another objective.")
             rep.warnings.append(msg)

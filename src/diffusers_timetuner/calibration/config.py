@@ -28,6 +28,13 @@ class CalibrationConfig:
     timesteps: Optional[List[int]] = field(
         default=None, metadata={"help": "A custom grid t_K > ... > t_1 (descending integers) to calibrate one table "
                                         "on; sample with pipe(..., timesteps=<the same grid>)."})
+    tune: str = field(default="tau", metadata={
+        "help": "What is learned: tau (the paper: the time the network sees, on the scheduler's grid), grid (the "
+                "grid t_K > ... > t_1 itself, tau = t) or grid+tau (both). grid modes need a solver that runs on a "
+                "custom grid (DDIM, DDPM, DPM-Solver, Euler).", "choices": ["tau", "grid", "grid+tau"]})
+    grid_search_evaluations: Optional[int] = field(default=None, metadata={
+        "help": "tune=grid / grid+tau: candidate grids the pattern search rolls out (default 4 n; each costs about "
+                "n / 2 network evaluations per calibration sample; 0: the dynamic programme's grid as it is)."})
     objective: str = field(default=DEFAULT_OBJECTIVE, metadata={
         "help": "teacher_local, endpoint, paper (eq. 9) or paper_x0 (eq. 10).",
         "choices": list(OBJECTIVES)})
@@ -45,7 +52,8 @@ class CalibrationConfig:
     num_validation_samples: Optional[int] = field(default=32, metadata={"help": "Samples of the validation guard."})
     num_heldout_samples: int = field(default=64, metadata={"help": "Held-out x_T the report is computed on."})
     teacher_steps: Optional[int] = field(default=None, metadata={
-        "help": "Teacher step count (default about 5 n; more is a more accurate reference)."})
+        "help": "Teacher step count (tune=tau: the same sampler at about 5 n steps by default; tune=grid / "
+                "grid+tau: DPM-Solver++ 2M, default 100)."})
     guard: bool = field(default=True, metadata={
         "help": "Keep only the tuned prefix that beats untuned on the validation set (--no_guard: the full table)."})
     guard_margin: float = field(default=2.0, metadata={

@@ -57,6 +57,7 @@ class StepCountReport:
     forward_samples: int = 0
     backward_samples: int = 0
     warnings: List[str] = field(default_factory=list)
+    grid_tuning: Optional[Dict[str, Any]] = None  # tune="grid" / "grid+tau": the search, the guard's verdicts
 
     @property
     def worse_than_untuned(self) -> bool:
