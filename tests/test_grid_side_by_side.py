@@ -109,7 +109,9 @@ def test_continuous_sampler_matches_the_package_scheduler_on_an_integer_grid(fam
 def test_harness_runs_end_to_end(tmp_path):
     from benchmarks import grid_side_by_side as gsb
 
-    gsb.main(["--quick", "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path), "--testbeds", "gmm"])
+    # calibrate(tune=...) itself is tested in tests/test_grid_tuning.py; here the harness and the peers
+    gsb.main(["--quick", "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path), "--testbeds", "gmm",
+              "--methods", "untuned", "hand_grid", "tau", "gits", "ld3"])
     payload = json.loads((tmp_path / "grid_side_by_side.json").read_text())
     cell = payload["results"]["cells"]["gmm"]["ddim@5"]
     for method in ("untuned", "hand_grid", "tau", "gits", "ld3"):
