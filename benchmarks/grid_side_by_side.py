@@ -714,7 +714,7 @@ def make_figure(results, floors):
         for m in METHODS:
             if m in pts:
                 xs, ys = zip(*sorted(pts[m]))
-                ax.plot(xs, ys, marker="o", label=LABELS[m])
+                ax.plot(xs, ys, marker="o", label=LABELS[m], color=f"C{METHODS.index(m)}")  # same colour per method
         if tb in floors:
             ax.axhline(floors[tb]["metrics"]["fd"], color="k", ls=":", label="floor")
         ax.set_title(f"{tb}: {common.FAMILIES[fam].label}")
