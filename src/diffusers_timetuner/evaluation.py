@@ -184,8 +184,9 @@ class EvaluationPlan:
             yield f"untuned_{n}", self.untuned, n, self.stochastic
             yield f"tuned_{n}", self.tuned, n, self.stochastic
 
-    def sample_batch(self, indices: Sequence[int]) -> Dict[str, Any]:
-        """Final samples of every sampler for the samples ``indices`` (a record for :meth:`summarize`)."""
+    def sample_batch(self, indices: Sequence[int], progress_bar=None) -> Dict[str, Any]:
+        """Final samples of every sampler for the samples ``indices`` (a record for :meth:`summarize`); a tqdm
+        ``progress_bar`` advances by one per sampler run."""
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         x_T = self.noise[idx].to(self.device)
         cond = None if self.labels is None else {"class_labels": self.labels[idx].to(self.device)}
@@ -196,12 +197,16 @@ class EvaluationPlan:
             out = sample(self.denoiser, copy.deepcopy(scheduler), x_T, n, cond,
                          eta=None if name == "teacher" else self.eta, generator=generator)
             record[name] = out.float().cpu()
+            if progress_bar is not None:
+                progress_bar.update(1)
         return record
 
     def sample_all(self, indices: Optional[Sequence[int]] = None, progress: bool = False) -> List[Dict[str, Any]]:
         """:meth:`sample_batch` over ``indices`` (default all), with a progress bar."""
         batches = self.batches(range(self.num_samples) if indices is None else indices)
-        return [self.sample_batch(b) for b in tqdm(batches, desc="evaluate", disable=not progress)]
+        runs = len(batches) * len(list(self.samplers()))
+        with tqdm(total=runs, desc="evaluate (batch x sampler)", disable=not progress) as bar:
+            return [self.sample_batch(b, bar) for b in batches]
 
     def summarize(self, records: Sequence[Dict[str, Any]], reference_images: Optional[torch.Tensor] = None,
                   fd_mnist: bool = False, inception_device=None, progress: bool = False) -> EvaluationResult:
