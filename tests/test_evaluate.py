@@ -6,6 +6,7 @@ DDIMScheduler (untuned), the loaded tuned scheduler and a many-step DDIM teacher
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -184,7 +185,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, match, capsys):
         cli_evaluate.parse_args(full)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: timetuner-evaluate") and __import__("re").search(match, err), err
+    assert err.startswith("usage: timetuner-evaluate") and re.search(match, err), err
 
 
 def test_output_dir_that_is_a_file_or_holds_a_run(tmp_path, capsys):
@@ -296,7 +297,8 @@ def test_two_process_launch_matches_one_process(tmp_path):
 
 
 def test_console_script_is_declared_and_says_why_it_refuses(tmp_path, monkeypatch, capsys):
-    assert 'timetuner-evaluate = "diffusers_timetuner.cli.evaluate:cli"' in open(os.path.join(ROOT, "pyproject.toml")).read()
+    pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
+    assert 'timetuner-evaluate = "diffusers_timetuner.cli.evaluate:cli"' in pyproject
     monkeypatch.setattr(evaluation, "sample", lambda *a, **k: pytest.fail("sampled before refusing the table"))
     monkeypatch.setattr(sys, "argv", ["timetuner-evaluate", "--tuned_schedule", "gmm-digits-ddim-10-g1",
                                       "--pretrained_model_name_or_path", "mnist", "--num_samples", "4",

@@ -1,6 +1,4 @@
 """Metrics: Frechet distance vs closed forms, the third-party classifier, FD-MNIST scale, trajectory error."""
-import importlib.util
-import os
 
 import numpy as np
 import pytest

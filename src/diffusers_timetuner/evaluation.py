@@ -116,7 +116,7 @@ def _recorded(scheduler, key: str, steps: Sequence[int]):
 
 @dataclass
 class EvaluationResult:
-    """The report (JSON-able figures) and, for the image grid, the final samples of every sampler (CPU, model space)."""
+    """The report (JSON-able figures) and the final samples of every sampler (CPU, model space) for the grid."""
 
     report: Dict[str, Any]
     samples: Dict[str, torch.Tensor]  # "teacher", "untuned_<n>", "tuned_<n>", each (N, C, H, W) in sample order

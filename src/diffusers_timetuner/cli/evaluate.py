@@ -35,7 +35,8 @@ class EvaluateArguments:
     pretrained_model_name_or_path: Optional[str] = field(default=None, metadata={
         "help": "Diffusers pipeline folder or Hub id, or 'mnist' / 'gmm' for a bundled testbed (default: the "
                 "bundled testbed the table was tuned for)."})
-    subfolder: str = field(default="scheduler", metadata={"help": "Where the table's config lives in a repo / folder."})
+    subfolder: str = field(default="scheduler", metadata={
+        "help": "Where the table's config lives in a repo / folder."})
     revision: Optional[str] = field(default=None, metadata={"help": "Hub branch, tag or commit of the table."})
     skip_model_id_check: bool = field(default=False, metadata={
         "help": "Do not compare the model the table records with the pipeline's name (the same weights under "
