@@ -17,12 +17,15 @@ from .checkpoint import CheckpointStore
 from .config import DEFAULT_OBJECTIVE, DEFAULT_OPTIMIZER, CalibrationConfig
 from .conditions import build_conditions, resolve_model
 from .distributed import Distributed
-from .objectives import Teacher, default_teacher_steps, get_objective
-from .optimizers import get_optimizer
+from .objectives import get_objective
+from .optimizers import JointOptimizer, get_optimizer
 from .report import StepCountReport, evaluate_heldout, plot_report, write_report
 from .rollout import Rollout
 from .families import resolve_scheduler, untuned_copy
-from .strategies import VALIDATION_METRICS, CalibrationSet, StepCountJob, get_strategy
+from .calibrator import CalibrationSet, StepCountCalibrator
+from .stats import VALIDATION_METRICS
+from .strategies import get_strategy
+from .teacher import Teacher, default_teacher_steps
 from .validate import VALIDATED_ARGS as _VALIDATED_ARGS, validate_calibration_args
 
 logger = logging.getLogger(__name__)
@@ -147,7 +150,7 @@ def calibrate(
         num_validation_samples: samples of the validation set the guard uses (``guard=True``); fresh x_T, disjoint
             from the calibration and held-out sets.
         num_heldout_samples: samples of the held-out set every run reports on (fresh x_T).
-        teacher_steps: the teacher's step count (default about 5 n, see ``objectives.default_teacher_steps``).
+        teacher_steps: the teacher's step count (default about 5 n, see ``teacher.default_teacher_steps``).
         guard: keep only the prefix of the tuned table (first k steps tuned, the rest untuned) with the lowest
             validation error on a separate validation set, among those clearly better than untuned there
             (``guard_margin``), or none.
@@ -239,7 +242,7 @@ def calibrate(
             "needs one. Use objective='paper' or 'paper_x0' with it, or strategy='sequential' / 'data_free'."
         )
     optimizer_obj = get_optimizer(optimizer, **(optimizer_kwargs or {}))
-    if getattr(optimizer_obj, "joint", False) and (objective_obj.name != "endpoint" or strategy == "parallel"):
+    if isinstance(optimizer_obj, JointOptimizer) and (objective_obj.name != "endpoint" or strategy == "parallel"):
         raise ValueError("optimizer='adam_joint' tunes all steps through the whole sampler: it needs "
                          "objective='endpoint' and strategy='data_free' or 'sequential'.")
 
@@ -301,11 +304,10 @@ def calibrate(
         if metric == "energy_distance" and min(num_heldout_samples, len(validation) if validation else 2) < 2:
             raise ValueError("validation_metric='energy_distance' compares sets of samples: it needs "
                              "num_heldout_samples >= 2 and num_validation_samples >= 2.")
-        job = StepCountJob(rollout=rollout, objective=objective_obj, optimizer=optimizer_obj, dist=dist, calib=calib,
-                           batch_size=batch_size, seed=seed, bounds=bounds, teacher=teacher, validation=validation,
-                           guard=guard and validation is not None, checkpoint=store, log=log, progress=progress,
-                           validation_metric=metric, guard_margin=float(guard_margin))
-        taus = distinct_taus(strategy_obj.run(job), bounds, log)
+        cal = StepCountCalibrator(rollout, objective_obj, optimizer_obj, dist, calib, batch_size, seed, bounds,
+                                  teacher=teacher, validation=validation, guard=guard, checkpoint=store, log=log,
+                                  progress=progress, validation_metric=metric, guard_margin=float(guard_margin))
+        taus = distinct_taus(cal.run(strategy_obj), bounds, log)
         info = dict(settings, teacher_steps=m, package="diffusers-timetuner", package_version=_version())
         candidate = result_sched.with_tuned_timesteps(n, taus, grid=rollout.grid_list, info=info)
         held = evaluate_heldout(rollout, candidate, teacher, heldout.noise, heldout.cond, dist, batch_size, metric)
@@ -315,13 +317,13 @@ def calibrate(
             info["heldout"].update(metric=metric, untuned=held["untuned"], tuned=held["tuned"])
         result_sched = result_sched.with_tuned_timesteps(n, taus, grid=rollout.grid_list, info=info)
         rep = StepCountReport(num_inference_steps=n, grid=rollout.grid_list, taus=[float(t) for t in taus],
-                              steps=list(job.records), heldout=held, seconds=time.perf_counter() - tick,
+                              steps=list(cal.records), heldout=held, seconds=time.perf_counter() - tick,
                               forward_samples=int(dist.sum(torch.tensor(float(denoiser.num_forward_samples - fwd0)))),
-                              backward_samples=sum(r.backward_samples for r in job.records))
+                              backward_samples=sum(r.backward_samples for r in cal.records))
         if held["worse_than_untuned"]:
             msg = (f"TUNING MADE IT WORSE for n={n}: held-out {metric} to the {m}-step teacher "
                    f"{held['untuned']:.5g} (untuned) -> {held['tuned']:.5g} (tuned){_se_note(held)}. "
-                   + _worse_advice(held, job.guard))
+                   + _worse_advice(held, cal.guard))
             rep.warnings.append(msg)
             if dist.is_main_process:
                 logger.warning(msg)
