@@ -22,6 +22,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 __all__ = [
     "TAU_ATOL",
     "TAU_RTOL",
@@ -34,6 +36,7 @@ __all__ = [
     "scheduler_fingerprint",
     "timestep_tolerance",
     "timesteps_close",
+    "matching_indices",
 ]
 
 # Two timesteps are "the same" when |a - b| <= TAU_ATOL + TAU_RTOL * max(|a|, |b|). At t ~ 1000 that is ~1e-3:
@@ -60,6 +63,13 @@ def timestep_tolerance(a: float, b: float) -> float:
 def timesteps_close(a: float, b: float) -> bool:
     """Whether two timesteps are the same step under the scheduler's lookup tolerance."""
     return abs(a - b) <= timestep_tolerance(a, b)
+
+
+def matching_indices(values, t: float) -> np.ndarray:
+    """Indices of ``values`` (array-like) that are the same timestep as ``t`` (:func:`timesteps_close`, vectorised)."""
+    values = np.asarray(values, dtype=np.float64)
+    tol = TAU_ATOL + TAU_RTOL * np.maximum(np.abs(values), abs(t))
+    return np.flatnonzero(np.abs(values - t) <= tol)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..denoiser import Denoiser
+from ..table import timesteps_close
 from .checkpoint import CheckpointStore
 from .config import DEFAULT_OBJECTIVE, DEFAULT_OPTIMIZER, CalibrationConfig
 from .conditions import build_conditions, resolve_model
@@ -327,7 +328,7 @@ def calibrate(
             rep.warnings.append(msg)
             if dist.is_main_process:
                 logger.warning(msg)
-        elif all(abs(a - b) < 1e-6 for a, b in zip(taus, rollout.grid_list)):
+        elif all(timesteps_close(a, b) for a, b in zip(taus, rollout.grid_list)):
             msg = (f"NO GAIN for n={n}: the table is tau = t (the validation guard kept no tuned step). It samples "
                    "exactly like the untuned scheduler; try more calibration samples or another objective.")
             rep.warnings.append(msg)
@@ -386,13 +387,14 @@ def _se_note(held: Dict[str, Any]) -> str:
 
 def distinct_taus(taus: Sequence[float], bounds, log=None) -> List[float]:
     """Make every tau distinct (the scheduler finds the step from the tau it gets back, so a table must not repeat a
-    value): a tau equal to an earlier one (within 1e-3) moves by 0.01 timestep, far below any measurable effect.
+    value): a tau equal to an earlier one (``table.timesteps_close``, the scheduler's lookup tolerance, at most about
+    1e-3) moves by 0.01 timestep, far below any measurable effect.
     Happens when a search ends on a neighbouring grid time that another step kept (its trust region's edge)."""
     out: List[float] = []
     for j, tau in enumerate(float(t) for t in taus):
         moved = tau
         step = 0.01 if tau + 0.01 <= bounds[1] else -0.01
-        while any(abs(moved - prev) <= 1e-3 for prev in out):
+        while any(timesteps_close(moved, prev) for prev in out):
             moved += step
         if moved != tau and log is not None:
             log(f"step {j}: tau {tau:g} repeats another step's tau; using {moved:g}")

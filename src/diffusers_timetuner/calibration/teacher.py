@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..sampling import grid_timesteps, sample_trajectory
+from ..table import matching_indices
 
 
 class Teacher:
@@ -55,13 +56,8 @@ class Teacher:
 
     def grid_indices(self, coarse_grid: Sequence[float]) -> Optional[List[int]]:
         """Positions of the coarse grid times in the teacher's grid, or None if one is missing."""
-        out = []
-        for t in coarse_grid:
-            hits = torch.nonzero((self.grid - float(t)).abs() <= 1e-3).flatten()
-            if len(hits) == 0:
-                return None
-            out.append(int(hits[0]))
-        return out
+        out = [self._index_of(t) for t in coarse_grid]
+        return None if any(k is None for k in out) else out
 
     @torch.no_grad()
     def trajectory(self, x_T: torch.Tensor, init_noise_sigma: float, cond=None) -> List[torch.Tensor]:
@@ -79,7 +75,8 @@ class Teacher:
         return [states[k] if k is not None else None for k in idx] + [states[-1]]
 
     def _index_of(self, t: float) -> Optional[int]:
-        hits = torch.nonzero((self.grid - float(t)).abs() <= 1e-3).flatten()
+        """Position of grid time t in the teacher's grid (the table's timestep tolerance), or None."""
+        hits = matching_indices(self.grid.numpy(), float(t))
         return int(hits[0]) if len(hits) else None
 
 
@@ -98,11 +95,10 @@ def default_teacher_steps(scheduler, num_inference_steps: int, coarse_grid: Opti
     if coarse_grid is None:
         return first
     probe = copy.deepcopy(scheduler)
-    want = torch.tensor([float(t) for t in coarse_grid], dtype=torch.float64)
     # preferred: 5 n .. 20 n steps; then coarser teachers (down to 2 n) rather than none
     for m in list(range(first, min(cap, 20 * n) + 1)) + list(range(first - 1, 2 * n - 1, -1)):
         probe.set_timesteps(m)
         grid = grid_timesteps(probe).detach().to(torch.float64).cpu()
-        if all(bool(((grid - t).abs() <= 1e-3).any()) for t in want):
+        if all(len(matching_indices(grid.numpy(), float(t))) for t in coarse_grid):
             return m
     return first
