@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..sampling import sample_trajectory
+from ..table import HeldOutResult
 from .stats import metric_value, paired_change
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,13 @@ def evaluate_heldout(rollout, tuned_scheduler, teacher, noise, cond, dist, batch
     result["relative_change"] = (result["tuned"] - result["untuned"]) / max(abs(result["untuned"]), 1e-30)
     result["worse_than_untuned"] = result["tuned"] > result["untuned"]
     return result
+
+
+def heldout_record(held: Dict[str, Any]) -> HeldOutResult:
+    """The typed held-out record of an :func:`evaluate_heldout` result (what a table's ``tuning_info`` keeps)."""
+    return HeldOutResult(held["metric"], held["untuned"], held["tuned"], change_se=held["change_se"],
+                         relative_change=held["relative_change"], endpoint_mse_untuned=held["endpoint_mse_untuned"],
+                         endpoint_mse_tuned=held["endpoint_mse_tuned"])
 
 
 def write_report(path: str, payload: Dict[str, Any]) -> None:
