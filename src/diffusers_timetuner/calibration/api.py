@@ -54,7 +54,8 @@ class CalibrationResult:
     Attributes:
         scheduler: a TimeTuner scheduler of the input's class and config with one tau table per step count.
         reports: per step count n, the :class:`~diffusers_timetuner.calibration.report.StepCountReport`.
-        settings: the JSON-able settings of the run (objective, strategy, optimiser, guidance scale, ...).
+        settings: the JSON-able settings of the run: every ``CalibrationConfig`` field (resolved: step counts, grid,
+            objective, strategy, optimiser by name) plus run-time facts (scheduler class, model id, conditioning, ...).
     """
 
     scheduler: Any
@@ -266,21 +267,22 @@ def calibrate(
         if guard and num_validation_samples else None
     heldout = _calibration_set(num_heldout_samples, shape, cond_set, None, seed + 2)
 
+    # The report's settings: every CalibrationConfig field (resolved: step counts, grid, objective, strategy and
+    # optimiser by name), then the run-time facts no setting holds.
+    resolved = config.replace(num_inference_steps=steps, timesteps=timesteps, objective=objective_obj.name,
+                              strategy=strategy_obj.name,
+                              optimizer=getattr(optimizer_obj, "name", type(optimizer_obj).__name__))
     settings = {
-        "objective": objective_obj.name, "strategy": strategy_obj.name,
-        "optimizer": getattr(optimizer_obj, "name", type(optimizer_obj).__name__),
+        **resolved.to_dict(),
         "optimizer_settings": optimizer_obj.settings() if hasattr(optimizer_obj, "settings") else {},
-        "guidance_scale": float(guidance_scale), "num_samples": int(num_samples), "batch_size": int(batch_size),
-        "num_validation_samples": int(num_validation_samples or 0) if guard else 0,
-        "num_heldout_samples": int(num_heldout_samples), "guard": bool(guard),
-        "guard_margin": float(guard_margin), "validation_metric": validation_metric, "seed": int(seed),
-        "eta": eta, "scheduler_class": type(base).__name__, "model_id": model_id, "custom_grid": timesteps,
+        "scheduler_class": type(base).__name__, "model_id": model_id,
         "prediction_type": getattr(untuned.config, "prediction_type", None),
         "data_free": data is None, "num_processes": dist.world_size,
         "conditioning": cond_set.description,
     }
-    # What a resumed run must share with the interrupted one (the probe tells another model apart).
-    fingerprint = dict(settings, num_processes=None, teacher_steps=teacher_steps, model_probe=probe)
+    # What a resumed run must share with the interrupted one: every setting (not the process count) and a probe of
+    # the model (tells another model apart). A checkpoint with other values is refused, naming the keys.
+    fingerprint = dict(settings, num_processes=None, model_probe=probe)
     store = CheckpointStore(checkpoint_dir, fingerprint, enabled=dist.is_main_process) if checkpoint_dir else None
     log = (lambda msg: logger.info(msg)) if dist.is_main_process else (lambda msg: None)
 
