@@ -18,7 +18,6 @@ import json
 import math
 import numbers
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 

@@ -2,6 +2,9 @@
 rollout, objective, optimiser, calibration / validation sets, teacher, process group, checkpoint store) and offers
 the strategies (``strategies.py``) the operations they are built from: cached states, losses, optimiser calls
 through the protocols of ``optimizers.py``, the validation guard (``guard.py``) and the per-step records.
+
+It stays whole (about 300 lines): the class is one step count's state and the operations on it; splitting the
+losses from the guard's validation roll-outs would pass that state between files again, which the class replaced.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..denoiser import slice_conditioning
+from ..table import timesteps_close
 from .distributed import Distributed
 from .guard import choose_prefix
 from .objectives import Objective, per_sample_sq
@@ -82,7 +86,8 @@ class StepCountCalibrator:
         return isinstance(self.optimizer, JointOptimizer)
 
     def run(self, strategy) -> List[float]:
-        return strategy.run(self)
+        """The table for n: ``strategy.run(self)``, its taus made distinct (:func:`distinct_taus`)."""
+        return distinct_taus(strategy.run(self), self.bounds, self.log)
 
     # ------------------------------------------------------------------------------------------------ states
     def chunks(self, cset: CalibrationSet, from_data: bool, seed: int, teacher: bool) -> Dict[int, ChunkState]:
@@ -283,3 +288,20 @@ def _spacing(grid: Sequence[float], j: int) -> float:
     """Grid spacing around t_i = grid[j] (the trust region's unit)."""
     gaps = [abs(grid[j] - grid[k]) for k in (j - 1, j + 1) if 0 <= k < len(grid)]
     return max(min(gaps) if gaps else 1.0, 1.0)
+
+
+def distinct_taus(taus: Sequence[float], bounds, log=None) -> List[float]:
+    """Make every tau distinct (the scheduler finds the step from the tau it gets back, so a table must not repeat a
+    value): a tau equal to an earlier one (``table.timesteps_close``, the scheduler's lookup tolerance, at most about
+    1e-3) moves by 0.01 timestep, far below any measurable effect.
+    Happens when a search ends on a neighbouring grid time that another step kept (its trust region's edge)."""
+    out: List[float] = []
+    for j, tau in enumerate(float(t) for t in taus):
+        moved = tau
+        step = 0.01 if tau + 0.01 <= bounds[1] else -0.01
+        while any(timesteps_close(moved, prev) for prev in out):
+            moved += step
+        if moved != tau and log is not None:
+            log(f"step {j}: tau {tau:g} repeats another step's tau; using {moved:g}")
+        out.append(moved)
+    return out

@@ -6,6 +6,10 @@
 The problems hold what the calibrator knows (losses over the calibration set, mini-batch losses, the process
 reduction); the optimisers hold how to search.
 
+This file stays whole (about 320 lines): it is the one job "how taus are searched", the two protocols with their
+problem / fit records and the three optimisers implementing them, read together (ReferenceAdam and JointAdam share
+the r = tau / t parameterisation); each optimiser alone is under 100 lines.
+
 - :class:`LocalSearch` (default, derivative-free): on a FIXED calibration batch (common random numbers: the same
   states, conditions and step noise for every candidate) start at tau = t_i (r = 1), open a bracket by an expanding
   search (a trust region: at most ``max_shift`` grid spacings away), then refine it with Brent's bounded method
@@ -21,7 +25,7 @@ reduction); the optimisers hold how to search.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
@@ -210,7 +214,6 @@ class ReferenceAdam:
     Args:
         num_steps: Adam iterations (mini-batches) per tuned step; the reference uses 500.
         lr, betas: Adam's settings (reference: 2e-3, (0.9, 0.999)).
-        num_train_timesteps: N of the continuous-time parameterisation t = (t_disc + 1) / N.
     """
 
     name = "adam"

@@ -2,8 +2,8 @@
 
 A :class:`Rollout` holds one *untuned* copy of the scheduler for n steps (its ``timesteps`` are the grid t_i) and
 advances :class:`ChunkState` objects (a mini-batch of states x~_{t_i} plus the scheduler's own history, needed by
-multistep solvers) one step at a time through the very same ``scale_model_input`` -> network -> ``scheduler.step``
-calls that :func:`diffusers_timetuner.sampling.sample` makes at inference. The only difference: the network is fed
+multistep solvers) one step at a time through the very function :func:`diffusers_timetuner.sampling.sample` uses at
+inference (``sampling.denoising_step``: ``scale_model_input`` -> network -> ``scheduler.step``). The only difference: the network is fed
 a candidate tau_i while ``step`` is told the grid time t_i to find its step index. By the scheduler contract the
 update t_i -> t_{i-1} depends only on that index, never on tau, so this is exactly the step a tuned scheduler takes
 (``tests/test_calibration.py`` checks that the cached states equal ``sample()`` with the tuned scheduler).

@@ -23,6 +23,9 @@ class Teacher:
         denoiser: the same denoiser as the coarse sampler (same guidance).
         scheduler: an untuned scheduler of the coarse sampler's configuration.
         num_inference_steps: the teacher's step count M.
+        device: where the teacher's scheduler puts its timesteps.
+        coarse_grid: the coarse sampler's grid; when the teacher's own grid misses one of its (integer) times, the
+            teacher runs its grid plus the coarse times as a custom grid (so per-step targets exist).
     """
 
     def __init__(self, denoiser, scheduler, num_inference_steps: int, device=None, coarse_grid=None):
