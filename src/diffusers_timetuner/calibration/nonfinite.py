@@ -48,9 +48,10 @@ def finite_losses(losses):
             bad = int((~torch.isfinite(out.detach())).sum())
             raise ValueError(
                 f"The {self.name} loss is not finite (NaN or inf) for {bad} of {out.numel()} samples "
-                f"{_step(rollout, state.j)} with tau = {float(torch.as_tensor(tau).detach()):g}, although the network's outputs there were "
-                "finite: the step overflowed float32 (outputs near 3.4e38 or a scheduler that divides by ~0). Check "
-                "the network's output scale and its prediction_type against the scheduler's."
+                f"{_step(rollout, state.j)} with tau = {float(torch.as_tensor(tau).detach()):g}, although the "
+                "network's outputs there were finite: the step overflowed float32 (outputs near 3.4e38 or a "
+                "scheduler that divides by ~0). Check the network's output scale and its prediction_type against the "
+                "scheduler's."
             )
         return out
 

@@ -115,7 +115,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
     if args.labels and args.prompts_file:
         raise ValueError("Give --labels or --prompts_file, not both.")
     if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
-        raise ValueError(f"--prompts_file {args.prompts_file} is not a file: give a text file with one prompt per line.")
+        raise ValueError(f"--prompts_file {args.prompts_file} is not a file: give a text file with one prompt per "
+                         "line.")
     source = args.data_dir
     if source is not None and source != "mnist":
         if os.path.isfile(source) and not source.endswith(DATA_SUFFIXES):
