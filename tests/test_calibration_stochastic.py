@@ -101,7 +101,7 @@ def _fd(gmm, scheduler, n: int) -> float:
     return pixel_frechet_distance(x, exact)
 
 
-# the benchmarks' medium settings (benchmarks/common.py CALIB["medium"])
+# the benchmarks' medium settings (benchmarks/table_cache.py CALIB["medium"])
 MEDIUM = dict(objective="paper", strategy="sequential", num_samples=128, batch_size=128, num_validation_samples=32,
               num_heldout_samples=64, seed=0, progress=False)
 
