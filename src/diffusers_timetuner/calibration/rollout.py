@@ -23,6 +23,7 @@ import torch
 from ..denoiser import Conditioning
 from ..noise_schedule import alpha_bar_at
 from ..sampling import denoising_step, grid_timesteps, step_kwargs
+from .nonfinite import names_the_step
 
 
 @dataclass
@@ -164,6 +165,7 @@ class Rollout:
         return sched
 
     # ------------------------------------------------------------------ one step
+    @names_the_step("tau")
     def step(self, state: ChunkState, tau, *, keep: bool = False) -> ChunkState:
         """Take step j = ``state.j`` with the network fed ``tau`` (a float or a 0-d tensor, may require grad).
 
@@ -196,6 +198,7 @@ class Rollout:
         sched = copy.deepcopy(state.scheduler)
         return sched.scale_model_input(state.x, self.keys[state.j])
 
+    @names_the_step("the grid time")
     def epsilon_at_grid(self, state: ChunkState) -> torch.Tensor:
         """eps_theta(x~_{t_i}, t_i): the network at the untuned grid time of state j, converted to eps."""
         x_in = self.model_input(state)
