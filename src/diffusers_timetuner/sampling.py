@@ -68,9 +68,11 @@ def sample(
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
     extra = step_kwargs(scheduler, eta, generator)
     grid = grid_timesteps(scheduler)
-    x = noise * scheduler.init_noise_sigma
+    # Flow-matching schedulers have neither (their pipelines start from plain noise and feed x as it is).
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_input = getattr(scheduler, "scale_model_input", None)
     for i, tau in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
-        x_in = scheduler.scale_model_input(x, tau)
+        x_in = x if scale_input is None else scale_input(x, tau)
         model_output = denoiser(x_in, tau, cond)
         prev = scheduler.step(model_output, tau, x, **extra).prev_sample
         if callback is not None:

@@ -56,8 +56,8 @@ def evaluate(pipe, steps: Iterable[int] = (10, 20, 100), guidance_scales: Iterab
     return rows
 
 
-def markdown_table(rows: List[dict]) -> str:
-    lines = ["| DDIM steps | guidance | samples | accuracy | FD-MNIST |", "|---|---|---|---|---|"]
+def markdown_table(rows: List[dict], sampler: str = "DDIM") -> str:
+    lines = [f"| {sampler} steps | guidance | samples | accuracy | FD-MNIST |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['steps']} | {r['guidance_scale']:g} | {r['n_samples']} | {100 * r['accuracy']:.1f}% "
                      f"| {r['fd_mnist']:.2f} |")
