@@ -4,6 +4,8 @@
   a DDIMScheduler (clip_sample=False); the package's default model. Weights and provenance in ``testbeds/mnist/``.
 - `load_gmm_pipeline()`: the exact-score `GaussianMixtureDenoiser` fitted to scikit-learn's 8x8 digits
   (10 components, seed 0, bundled in ``testbeds/gmm_digits/``), with a DDIMScheduler on the same betas.
+- `load_flow_gmm_model()`: the same mixture under the rectified flow x_s = (1 - s) x_0 + s eps, as an exact-velocity
+  flow-matching model (`FlowMatchingGaussianMixture`, called like a FlowMatchEuler pipeline's transformer).
 
 Both return a `ClassConditionalImagePipeline` (unet + scheduler), what `DiffusionPipeline.from_pretrained` gives.
 """
@@ -13,6 +15,7 @@ from typing import Optional, Union
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
+from .flow_gmm import FlowMatchingGaussianMixture
 from .gmm import GaussianMixtureDenoiser, alpha_bar_at
 from .pipeline import ClassConditionalImagePipeline
 
@@ -25,8 +28,10 @@ GMM_MODEL_ID = "diffusers-timetuner/bundled-gmm-digits"
 
 __all__ = [
     "ClassConditionalImagePipeline",
+    "FlowMatchingGaussianMixture",
     "GaussianMixtureDenoiser",
     "alpha_bar_at",
+    "load_flow_gmm_model",
     "load_gmm_model",
     "load_gmm_pipeline",
     "load_mnist_pipeline",
@@ -68,6 +73,11 @@ def load_gmm_model(prediction_type: Optional[str] = None) -> GaussianMixtureDeno
     """
     kwargs = {} if prediction_type is None else {"prediction_type": prediction_type}
     return GaussianMixtureDenoiser.from_pretrained(GMM_MODEL_DIR, **kwargs).eval()
+
+
+def load_flow_gmm_model() -> FlowMatchingGaussianMixture:
+    """The bundled mixture (see `load_gmm_model`) as an exact rectified-flow velocity model (timestep = s * 1000)."""
+    return FlowMatchingGaussianMixture.from_mixture(load_gmm_model()).eval()
 
 
 def load_gmm_pipeline(prediction_type: Optional[str] = None, scheduler=None) -> ClassConditionalImagePipeline:
