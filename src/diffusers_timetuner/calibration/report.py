@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..metrics import energy_distance
-from ..sampling import sample_trajectory
+from ..sampling import init_noise_sigma, sample_trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ def evaluate_heldout(rollout, tuned_scheduler, teacher, noise, cond, dist, batch
     for idx in dist.shard(noise.shape[0], batch_size):
         x = noise[idx].to(rollout.device)
         c = slice_conditioning(cond, idx)
-        targets = teacher.targets(x * rollout.scheduler.init_noise_sigma, float(rollout.scheduler.init_noise_sigma),
-                                  c, grid)[1:]
+        sigma_T = float(init_noise_sigma(rollout.scheduler))
+        targets = teacher.targets(x * sigma_T, sigma_T, c, grid)[1:]
         if finals is not None:
             finals[2, idx] = targets[-1].double().cpu()
         for k, (name, sched) in enumerate((("tuned", tuned_scheduler), ("untuned", rollout.scheduler))):

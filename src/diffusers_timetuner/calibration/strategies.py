@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..denoiser import slice_conditioning
+from ..sampling import init_noise_sigma
 from .distributed import Distributed
 from .objectives import Objective, Teacher, per_sample_sq
 from .report import StepRecord, metric_value, paired_change
@@ -93,7 +94,7 @@ def _chunks(job: StepCountJob, cset: CalibrationSet, from_data: bool, seed: int,
         state = r.initial_state(x_T, cond, seed=seed * 1_000_003 + int(idx[0]), **extras)
         if teacher:
             state.extras["teacher_states"] = job.teacher.targets(
-                x_T, float(r.scheduler.init_noise_sigma), cond, r.grid_list
+                x_T, float(init_noise_sigma(r.scheduler)), cond, r.grid_list
             )
         chunks[c] = state
     return chunks
