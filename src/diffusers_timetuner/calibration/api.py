@@ -298,6 +298,7 @@ def calibrate(
         tick = time.perf_counter()
         fwd0 = denoiser.num_forward_samples
         rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
+        check_untuned_finite(rollout, shape, cond_set.take(range(1)))
         m = int(teacher_steps or default_teacher_steps(untuned, n, rollout.grid_list))
         teacher = Teacher(denoiser, untuned, m, device=device, coarse_grid=rollout.grid_list)
         m = teacher.num_inference_steps
@@ -368,6 +369,23 @@ def check_custom_grid(scheduler, timesteps: Sequence[int]) -> None:
     if len(probe.timesteps) != len(timesteps):
         raise ValueError(f"{type(scheduler).__name__} makes {len(probe.timesteps)} model evaluations on the custom "
                          f"grid of {len(timesteps)} timesteps; calibration needs one per grid time.")
+
+
+def check_untuned_finite(rollout: Rollout, shape, cond) -> None:
+    """Refuse a sampler whose untuned run from one x_T already ends in NaN / inf (nothing to tune against).
+
+    Diffusers' UniPC with ``solver_type="bh1"`` and ``final_sigmas_type="zero"`` does this on any model."""
+    before = rollout.denoiser.num_forward_samples
+    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)).to(rollout.device)
+    state = rollout.initial_state(rollout.noise_to_state(x), cond)
+    final = rollout.run(state, rollout.grid_list).x
+    rollout.denoiser.num_forward_samples = before  # a check, not calibration work
+    if not bool(torch.isfinite(final).all()):
+        sched = rollout.scheduler
+        hint = (" (UniPC bh1 with final_sigmas_type='zero' divides by zero at the last step: use "
+                "final_sigmas_type='sigma_min' or solver_type='bh2')" if "UniPC" in type(sched).__name__ else "")
+        raise ValueError(f"The untuned {type(sched).__name__} with n={rollout.num_inference_steps} gives non-finite "
+                         f"samples{hint}; fix the scheduler config before calibrating.")
 
 
 def check_flow_settings(scheduler, sigmas, mu) -> None:
