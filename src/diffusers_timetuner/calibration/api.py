@@ -298,6 +298,7 @@ def calibrate(
         tick = time.perf_counter()
         fwd0 = denoiser.num_forward_samples
         rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
+        objective_obj.check(rollout)
         check_untuned_finite(rollout, shape, cond_set.take(range(1)))
         m = int(teacher_steps or default_teacher_steps(untuned, n, rollout.grid_list))
         teacher = Teacher(denoiser, untuned, m, device=device, coarse_grid=rollout.grid_list)

@@ -86,8 +86,8 @@ def evaluate_heldout(rollout, tuned_scheduler, teacher, noise, cond, dist, batch
     """
     from ..denoiser import slice_conditioning
 
-    n = rollout.num_inference_steps
     grid = rollout.grid_list
+    n = len(grid)  # one entry per model evaluation (2n - 1 for Heun)
     sums = {"tuned": torch.zeros(n, dtype=torch.float64), "untuned": torch.zeros(n, dtype=torch.float64)}
     have = torch.zeros(n, dtype=torch.float64)
     finals = torch.zeros((3, *noise.shape), dtype=torch.float64) if metric == "energy_distance" else None

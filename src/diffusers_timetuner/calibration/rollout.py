@@ -84,18 +84,20 @@ class Rollout:
         # ... and the stepping scheduler: the same config with the identity table tau_i = t_i, so that every step
         # takes the tuned scheduler's code path (for DDIM with "trailing"/"linspace" spacing the untuned parent
         # steps off the grid, a tuned table always lands on it).
+        # A sampler with two evaluations per step (Heun) repeats grid times, so it has no identity table; its parent
+        # finds the step from its own counter, and the untuned scheduler steps for it.
         self.stepper = self.scheduler
-        if hasattr(scheduler, "with_tuned_timesteps"):
-            grid = self.grid.tolist()
+        grid = self.grid.tolist()
+        if hasattr(scheduler, "with_tuned_timesteps") and len(set(grid)) == len(grid):
             self.stepper = scheduler.with_tuned_timesteps(num_inference_steps, grid, grid=grid)
             self.set_grid(self.stepper)
         # Step-index keys: what `step` is told (tau_i = t_i in float32 for the identity table).
         self.keys = self.stepper.timesteps
-        if len(self.keys) != num_inference_steps:
+        count = getattr(scheduler, "_num_evaluations", lambda n: n)(num_inference_steps)
+        if self.custom_grid is None and self.custom_sigmas is None and len(self.keys) != count:
             raise ValueError(
                 f"{type(scheduler).__name__} makes {len(self.keys)} model evaluations for num_inference_steps="
-                f"{num_inference_steps}; calibration needs one timestep per model evaluation (use a first-order or "
-                "multistep solver, e.g. DDIM, DPM-Solver++ 2M, Euler)."
+                f"{num_inference_steps}, expected {count}; calibration needs one timestep per model evaluation."
             )
         self.eta = eta
 
@@ -103,6 +105,15 @@ class Rollout:
         """``set_timesteps`` for this rollout's grid: the scheduler's own for n steps, or the custom one (and mu)."""
         set_grid(scheduler, self.num_inference_steps, self.device, timesteps=self.custom_grid,
                  sigmas=self.custom_sigmas, mu=self.mu)
+
+    @property
+    def num_evaluations(self) -> int:
+        """Model evaluations of the coarse sampler (n; 2n - 1 for Heun): one tau each, indexed j = 0 .. E - 1."""
+        return len(self.keys)
+
+    def mid_step(self, state: ChunkState) -> bool:
+        """Whether ``state`` is a two-evaluation solver's intermediate (Heun's predictor, before its corrector)."""
+        return not getattr(state.scheduler, "state_in_first_order", True)
 
     @functools.cached_property
     def stochastic(self) -> bool:
@@ -169,7 +180,7 @@ class Rollout:
 
     def run(self, state: ChunkState, taus: Sequence[float], stop: Optional[int] = None) -> ChunkState:
         """Roll ``state`` forward with ``taus[j]`` for j = state.j .. stop - 1 (default: to the end)."""
-        stop = self.num_inference_steps if stop is None else stop
+        stop = self.num_evaluations if stop is None else stop
         while state.j < stop:
             state = self.step(state, taus[state.j])
         return state

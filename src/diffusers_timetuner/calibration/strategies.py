@@ -172,7 +172,8 @@ class SequentialStrategy:
         val = None
         if job.guard and job.validation is not None:
             val = _chunks(job, job.validation, False, job.seed + 1, True)
-        last = n if obj.tunes_last_step else n - 1  # the paper never tunes the last step (t_1 -> t_0)
+        evals = r.num_evaluations  # n, or 2n - 1 for Heun (one tau per model evaluation)
+        last = evals if obj.tunes_last_step else evals - 1  # the paper never tunes the last step (t_1 -> t_0)
         if getattr(job.optimizer, "joint", False):
             return _run_joint(job, chunks, val, taus, last)
 
@@ -380,6 +381,9 @@ class ParallelStrategy:
     def run(self, job: StepCountJob) -> List[float]:
         r, n, obj = job.rollout, job.n, job.objective
         order = int(getattr(r.scheduler.config, "solver_order", 1) or 1)
+        if r.num_evaluations != n:
+            raise ValueError(f"The parallel strategy needs one model evaluation per step; {type(r.scheduler).__name__} "
+                             "makes two. Use strategy='sequential' or 'data_free'.")
         if order > 1:
             raise ValueError(
                 f"The parallel strategy needs a one-step solver, but {type(r.scheduler).__name__} has solver_order="
