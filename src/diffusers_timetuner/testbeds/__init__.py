@@ -25,6 +25,7 @@ GMM_MODEL_DIR = os.path.join(_HERE, "gmm_digits")
 # Ids of the bundled models (the hub module skips them as base_model: they are not Hub repos).
 MNIST_MODEL_ID = "diffusers-timetuner/bundled-mnist"
 GMM_MODEL_ID = "diffusers-timetuner/bundled-gmm-digits"
+FLOW_GMM_MODEL_ID = "diffusers-timetuner/bundled-flow-gmm-digits"
 
 __all__ = [
     "ClassConditionalImagePipeline",
@@ -32,6 +33,7 @@ __all__ = [
     "GaussianMixtureDenoiser",
     "alpha_bar_at",
     "load_flow_gmm_model",
+    "load_flow_gmm_pipeline",
     "load_gmm_model",
     "load_gmm_pipeline",
     "load_mnist_pipeline",
@@ -40,6 +42,7 @@ __all__ = [
     "GMM_MODEL_DIR",
     "MNIST_MODEL_ID",
     "GMM_MODEL_ID",
+    "FLOW_GMM_MODEL_ID",
 ]
 
 
@@ -78,6 +81,17 @@ def load_gmm_model(prediction_type: Optional[str] = None) -> GaussianMixtureDeno
 def load_flow_gmm_model() -> FlowMatchingGaussianMixture:
     """The bundled mixture (see `load_gmm_model`) as an exact rectified-flow velocity model (timestep = s * 1000)."""
     return FlowMatchingGaussianMixture.from_mixture(load_gmm_model()).eval()
+
+
+def load_flow_gmm_pipeline(scheduler=None) -> ClassConditionalImagePipeline:
+    """The exact flow-matching mixture + a `FlowMatchEulerDiscreteScheduler` (shift 1, 1000 training steps)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = ClassConditionalImagePipeline(unet=load_flow_gmm_model(),
+                                         scheduler=scheduler or FlowMatchEulerDiscreteScheduler())
+    pipe.register_to_config(_name_or_path=FLOW_GMM_MODEL_ID)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_gmm_pipeline(prediction_type: Optional[str] = None, scheduler=None) -> ClassConditionalImagePipeline:
