@@ -39,6 +39,17 @@ def grid_timesteps(scheduler) -> torch.Tensor:
     return grid if grid is not None else scheduler.timesteps
 
 
+def init_noise_sigma(scheduler) -> float:
+    """x_T = noise * this: the scheduler's ``init_noise_sigma`` (flow-matching schedulers have none: 1)."""
+    return getattr(scheduler, "init_noise_sigma", 1.0)
+
+
+def scale_model_input(scheduler, x: torch.Tensor, timestep) -> torch.Tensor:
+    """``scheduler.scale_model_input`` where it exists (flow-matching schedulers feed the state unscaled)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, timestep)
+
+
 @torch.no_grad()
 def sample(
     denoiser: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor],
@@ -68,11 +79,9 @@ def sample(
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
     extra = step_kwargs(scheduler, eta, generator)
     grid = grid_timesteps(scheduler)
-    # Flow-matching schedulers have neither (their pipelines start from plain noise and feed x as it is).
-    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
-    scale_input = getattr(scheduler, "scale_model_input", None)
+    x = noise * init_noise_sigma(scheduler)
     for i, tau in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
-        x_in = x if scale_input is None else scale_input(x, tau)
+        x_in = scale_model_input(scheduler, x, tau)
         model_output = denoiser(x_in, tau, cond)
         prev = scheduler.step(model_output, tau, x, **extra).prev_sample
         if callback is not None:

@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..sampling import grid_timesteps, sample_trajectory
+from .prediction import is_flow_matching
 from .rollout import ChunkState, Rollout, alpha_sigma_at
 
 OBJECTIVES = ("paper", "paper_x0", "teacher_local", "endpoint")
@@ -44,6 +45,9 @@ class Objective:
     tunes_last_step = False
     local = True  # evaluates one step only (parallel strategy possible)
 
+    def check(self, rollout: Rollout) -> None:
+        """Raise a ValueError if this objective does not apply to the rollout's sampler (before any tuning)."""
+
     def prepare_step(self, rollout: Rollout, state: ChunkState) -> None:
         """Cache tau-independent quantities of step ``state.j`` in ``state.extras``."""
 
@@ -59,6 +63,16 @@ class PaperObjective(Objective):
     """Eq. 9 of the paper: consistency of the noise prediction across the step (see module docstring)."""
 
     name = "paper"
+
+    def check(self, rollout: Rollout) -> None:
+        """Refuse samplers eq. 9 / 10 are not defined for (a ValueError saying what to use instead)."""
+        if rollout.num_evaluations != rollout.num_inference_steps:
+            raise ValueError(
+                f"objective={self.name!r} compares noise predictions at consecutive grid times t_i -> t_(i-1); "
+                f"{type(rollout.scheduler).__name__} evaluates the network twice per step (its predictor state is "
+                "not a grid state), so eq. 9 / 10 are not defined for it. Use objective='teacher_local' or 'endpoint'."
+            )
+        alpha_sigma_at(rollout.scheduler, float(rollout.keys[0]))  # consistency models: refused there
 
     def prepare_step(self, rollout, state):
         with torch.no_grad():
@@ -92,7 +106,10 @@ class TeacherLocalObjective(Objective):
 
     def losses(self, rollout, state, tau, taus):
         nxt = rollout.step(state, tau)
-        return per_sample_sq(nxt.x, state.extras["teacher_states"][state.j + 1])
+        if nxt.j < rollout.num_evaluations and rollout.mid_step(nxt):
+            # Heun's predictor: score the state after its corrector (at the corrector's current tau)
+            nxt = rollout.step(nxt, taus[nxt.j])
+        return per_sample_sq(nxt.x, state.extras["teacher_states"][nxt.j])
 
 
 class EndpointObjective(Objective):
@@ -127,7 +144,9 @@ class Teacher:
 
     The teacher runs the same (untuned) scheduler configuration with ``num_inference_steps`` steps through
     :func:`~diffusers_timetuner.sampling.sample_trajectory`; stochastic schedulers (DDPM) are replaced by DDIM (eta=0)
-    so that "the teacher's sample from x_T" is well defined.
+    so that "the teacher's sample from x_T" is well defined. A flow-matching Euler teacher integrates on the coarse
+    sigma grid (shift, mu and custom sigmas included) with every interval split into ``ceil(M / n)`` equal sigma
+    steps, so it passes through every coarse grid time.
 
     Args:
         denoiser: the same denoiser as the coarse sampler (same guidance).
@@ -145,10 +164,33 @@ class Teacher:
             sched = TimeTunerDDIMScheduler.from_config(sched.config)
         self.scheduler = sched
         self.device = device
+        if is_flow_matching(sched) and "FlowMatch" in type(sched).__name__:
+            if coarse_grid is None:
+                raise ValueError("A flow-matching teacher refines the coarse sigma grid: pass coarse_grid.")
+            self._refine_flow_grid(coarse_grid)
+            return
         self.scheduler.set_timesteps(self.num_inference_steps, device=device)
         self.grid = grid_timesteps(self.scheduler).detach().to(torch.float64).cpu()
         if coarse_grid is not None and self.grid_indices(coarse_grid) is None:
             self._add_coarse_times(coarse_grid)
+
+    def _refine_flow_grid(self, coarse_grid) -> None:
+        """Flow-matching Euler on the coarse sigmas (t / T, then the terminal 0), each interval split into equal
+        sigma steps; an unshifted copy of the config takes these sigmas as they are."""
+        total = float(self.scheduler.config.num_train_timesteps)
+        nodes = [float(t) / total for t in coarse_grid] + [0.0]
+        per = max(1, -(-self.num_inference_steps // len(coarse_grid)))
+        sigmas = []
+        for hi, lo in zip(nodes[:-1], nodes[1:]):
+            sigmas += [hi + (lo - hi) * k / per for k in range(per)]
+        self.scheduler = type(self.scheduler).from_config(
+            self.scheduler.config, shift=1.0, use_dynamic_shifting=False, shift_terminal=None, use_karras_sigmas=False,
+            use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=False, invert_sigmas=False,
+            tuned_timesteps=None, tuned_grids=None, tuning_info=None,
+        )
+        self.scheduler.set_timesteps(sigmas=sigmas, device=self.device)
+        self.grid = grid_timesteps(self.scheduler).detach().to(torch.float64).cpu()
+        self.num_inference_steps = len(sigmas)
 
     def _add_coarse_times(self, coarse_grid) -> None:
         """Make the teacher pass through every (integer) coarse grid time: its own grid plus the coarse one, as a
@@ -190,8 +232,9 @@ class Teacher:
         return [states[k] if k is not None else None for k in idx] + [states[-1]]
 
     def _index_of(self, t: float) -> Optional[int]:
+        # The last hit: a Heun teacher visits each grid time twice, first as its predictor, then corrected.
         hits = torch.nonzero((self.grid - float(t)).abs() <= 1e-3).flatten()
-        return int(hits[0]) if len(hits) else None
+        return int(hits[-1]) if len(hits) else None
 
 
 def default_teacher_steps(scheduler, num_inference_steps: int, coarse_grid: Optional[Sequence[float]] = None) -> int:
@@ -206,8 +249,8 @@ def default_teacher_steps(scheduler, num_inference_steps: int, coarse_grid: Opti
     n = int(num_inference_steps)
     cap = int(scheduler.config.num_train_timesteps)
     first = min(cap, 5 * n)
-    if coarse_grid is None:
-        return first
+    if coarse_grid is None or "FlowMatch" in type(scheduler).__name__:
+        return 5 * n if coarse_grid is not None else first  # the flow teacher refines the coarse grid itself
     probe = copy.deepcopy(scheduler)
     want = torch.tensor([float(t) for t in coarse_grid], dtype=torch.float64)
     # preferred: 5 n .. 20 n steps; then coarser teachers (down to 2 n) rather than none

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..denoiser import slice_conditioning
+from ..sampling import init_noise_sigma
 from .distributed import Distributed
 from .objectives import Objective, Teacher, per_sample_sq
 from .report import StepRecord, metric_value, paired_change
@@ -93,7 +94,7 @@ def _chunks(job: StepCountJob, cset: CalibrationSet, from_data: bool, seed: int,
         state = r.initial_state(x_T, cond, seed=seed * 1_000_003 + int(idx[0]), **extras)
         if teacher:
             state.extras["teacher_states"] = job.teacher.targets(
-                x_T, float(r.scheduler.init_noise_sigma), cond, r.grid_list
+                x_T, float(init_noise_sigma(r.scheduler)), cond, r.grid_list
             )
         chunks[c] = state
     return chunks
@@ -171,7 +172,8 @@ class SequentialStrategy:
         val = None
         if job.guard and job.validation is not None:
             val = _chunks(job, job.validation, False, job.seed + 1, True)
-        last = n if obj.tunes_last_step else n - 1  # the paper never tunes the last step (t_1 -> t_0)
+        evals = r.num_evaluations  # n, or 2n - 1 for Heun (one tau per model evaluation)
+        last = evals if obj.tunes_last_step else evals - 1  # the paper never tunes the last step (t_1 -> t_0)
         if getattr(job.optimizer, "joint", False):
             return _run_joint(job, chunks, val, taus, last)
 
@@ -379,6 +381,9 @@ class ParallelStrategy:
     def run(self, job: StepCountJob) -> List[float]:
         r, n, obj = job.rollout, job.n, job.objective
         order = int(getattr(r.scheduler.config, "solver_order", 1) or 1)
+        if r.num_evaluations != n:
+            raise ValueError(f"The parallel strategy needs one model evaluation per step; {type(r.scheduler).__name__} "
+                             "makes two. Use strategy='sequential' or 'data_free'.")
         if order > 1:
             raise ValueError(
                 f"The parallel strategy needs a one-step solver, but {type(r.scheduler).__name__} has solver_order="

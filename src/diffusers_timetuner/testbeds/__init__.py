@@ -9,6 +9,8 @@
   betas) with a DDIMScheduler (clip_sample=False); more few-step headroom than the MNIST model. ``testbeds/fashion/``.
 - `load_gmm_pipeline()`: the exact-score `GaussianMixtureDenoiser` fitted to scikit-learn's 8x8 digits
   (10 components, seed 0, bundled in ``testbeds/gmm_digits/``), with a DDIMScheduler on the same betas.
+- `load_flow_gmm_model()`: the same mixture under the rectified flow x_s = (1 - s) x_0 + s eps, as an exact-velocity
+  flow-matching model (`FlowMatchingGaussianMixture`, called like a FlowMatchEuler pipeline's transformer).
 
 All return a `ClassConditionalImagePipeline` (unet + scheduler), what `DiffusionPipeline.from_pretrained` gives.
 """
@@ -18,6 +20,7 @@ from typing import Optional, Union
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
+from .flow_gmm import FlowMatchingGaussianMixture
 from .gmm import GaussianMixtureDenoiser, alpha_bar_at
 from .pipeline import ClassConditionalImagePipeline
 
@@ -31,13 +34,17 @@ MNIST_MODEL_ID = "diffusers-timetuner/bundled-mnist"
 GMM_MODEL_ID = "diffusers-timetuner/bundled-gmm-digits"
 MNIST_FLOW_MODEL_ID = "diffusers-timetuner/bundled-mnist-flow"
 FASHION_MODEL_ID = "diffusers-timetuner/bundled-fashion-mnist"
+FLOW_GMM_MODEL_ID = "diffusers-timetuner/bundled-flow-gmm-digits"
 
 __all__ = [
     "ClassConditionalImagePipeline",
+    "FlowMatchingGaussianMixture",
     "GaussianMixtureDenoiser",
     "alpha_bar_at",
     "load_fashion_pipeline",
     "load_fashion_unet",
+    "load_flow_gmm_model",
+    "load_flow_gmm_pipeline",
     "load_gmm_model",
     "load_gmm_pipeline",
     "load_mnist_pipeline",
@@ -52,6 +59,7 @@ __all__ = [
     "GMM_MODEL_ID",
     "MNIST_FLOW_MODEL_ID",
     "FASHION_MODEL_ID",
+    "FLOW_GMM_MODEL_ID",
 ]
 
 
@@ -128,6 +136,22 @@ def load_gmm_model(prediction_type: Optional[str] = None) -> GaussianMixtureDeno
     """
     kwargs = {} if prediction_type is None else {"prediction_type": prediction_type}
     return GaussianMixtureDenoiser.from_pretrained(GMM_MODEL_DIR, **kwargs).eval()
+
+
+def load_flow_gmm_model() -> FlowMatchingGaussianMixture:
+    """The bundled mixture (see `load_gmm_model`) as an exact rectified-flow velocity model (timestep = s * 1000)."""
+    return FlowMatchingGaussianMixture.from_mixture(load_gmm_model()).eval()
+
+
+def load_flow_gmm_pipeline(scheduler=None) -> ClassConditionalImagePipeline:
+    """The exact flow-matching mixture + a `FlowMatchEulerDiscreteScheduler` (shift 1, 1000 training steps)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = ClassConditionalImagePipeline(unet=load_flow_gmm_model(),
+                                         scheduler=scheduler or FlowMatchEulerDiscreteScheduler())
+    pipe.register_to_config(_name_or_path=FLOW_GMM_MODEL_ID)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_gmm_pipeline(prediction_type: Optional[str] = None, scheduler=None) -> ClassConditionalImagePipeline:
