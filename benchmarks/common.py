@@ -361,7 +361,8 @@ def mnist_metrics(samples: torch.Tensor, labels: Optional[torch.Tensor]) -> Dict
     """FD-MNIST (vs the 1000 held-out digits) and class accuracy from one pass of the third-party classifier."""
     from diffusers_timetuner.testbeds.mnist import classifier as m
     feats, preds = m.classifier_outputs(samples, device=METRIC_DEVICE["device"])
-    fd = m.frechet_distance(*m.feature_statistics(feats), *m.heldout_mnist_statistics())
+    # held-out digits at the samples' resolution (16x16 for the flow-matching testbed)
+    fd = m.frechet_distance(*m.feature_statistics(feats), *m.heldout_mnist_statistics(int(samples.shape[-1])))
     out = {"fd": float(fd)}
     if labels is not None:
         out["accuracy"] = float((preds == labels.cpu()).double().mean())
