@@ -12,6 +12,9 @@ from diffusers_timetuner.testbeds import MNIST_FLOW_MODEL_DIR, MNIST_FLOW_MODEL_
 from diffusers_timetuner.testbeds.mnist import classifier
 
 WEIGHTS = os.path.join(MNIST_FLOW_MODEL_DIR, "unet", "diffusion_pytorch_model.safetensors")
+# eval.json: 94.8% (Euler 100 steps) and 96.2% (10 steps) over 1000 samples. For 50 samples at p = 0.948 the count
+# has mean 47.4 and sd 1.6; 40 (80%) is 4.7 sd below, so a model that still samples the right digits passes.
+THRESHOLD = 0.80
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,6 @@ def test_many_step_samples_are_the_right_digits(pipe):
     images = pipe(class_labels=labels, num_inference_steps=50, generator=torch.Generator().manual_seed(0),
                   output_type="latent").images
     assert images.shape == (50, 1, 16, 16) and torch.isfinite(images).all()
-    # THRESHOLD is set from eval.json (see the constant's comment).
     assert classifier.classifier_accuracy(images, labels) >= THRESHOLD
 
 
