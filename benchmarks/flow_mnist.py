@@ -8,6 +8,10 @@ as it ships), then untuned and tuned Euler draw the same x_T and labels (`testbe
 real training digits at 16x16 give the metric's real-data level.
 
 Usage: PYTHONPATH=src python benchmarks/flow_mnist.py --quick|--medium [--threads 1]
+Cells can run in parallel processes and be merged (same size and seed):
+    python benchmarks/flow_mnist.py --medium --nfes 4 6 --out-dir /tmp/a      (one process per NFE subset; one of
+    python benchmarks/flow_mnist.py --medium --nfes 20 --skip_floor --out-dir /tmp/b   them measures the floor)
+    python benchmarks/flow_mnist.py --medium --merge /tmp/a /tmp/b
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ SIZES = {
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nfes", type=int, nargs="+", default=None, help="override the size's NFE list")
+    parser.add_argument("--skip_floor", action="store_true", help="do not measure the many-step floor")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="merge the flow_mnist.json of these --out-dir folders into --out-dir (no sampling)")
     return common.add_common_args(parser).parse_args(argv)
 
 
@@ -55,6 +62,8 @@ def main(args) -> dict:
 
     device = common.setup(args)
     run = common.Run(NAME, args, device)
+    if args.merge:
+        return merge(run, args.merge)
     size = SIZES[args.size]
     nfes = args.nfes or size["nfes"]
     pipe = load_mnist_flow_pipeline(device)
@@ -67,9 +76,11 @@ def main(args) -> dict:
         return {"fd_mnist": row["fd_mnist"], "accuracy": row["accuracy"], "n_samples": row["n_samples"]}
 
     untuned = TimeTunerFlowMatchEulerDiscreteScheduler.from_config(base_config)
-    common.log(f"{NAME}: floor = Euler at {size['floor_steps']} steps")
-    results = {"settings": {**size, "nfes": nfes}, "real_16px_floor": real_16px_floor(),
-               "floor": {"steps": size["floor_steps"], **score(untuned, size["floor_steps"])}, "cells": []}
+    if not args.skip_floor:
+        common.log(f"{NAME}: floor = Euler at {size['floor_steps']} steps")
+    results = {"settings": {**size, "nfes": nfes}, "real_16px_floor": real_16px_floor(), "cells": [],
+               "floor": None if args.skip_floor else {"steps": size["floor_steps"],
+                                                      **score(untuned, size["floor_steps"])}}
     for nfe in nfes:
         if run.out_of_time(f"flow_euler@{nfe}"):
             continue
@@ -96,6 +107,26 @@ def main(args) -> dict:
         common.log(f"flow_euler@{nfe} ({source}): FD-MNIST {cell['untuned']['fd_mnist']:.3f} -> "
                    f"{cell['tuned']['fd_mnist']:.3f} ({100 * cell['fd_change']:+.1f}%), accuracy "
                    f"{cell['untuned']['accuracy']:.3f} -> {cell['tuned']['accuracy']:.3f} ({calib_s:.0f} s)")
+    return run.write(with_target(results), markdown(results))
+
+
+def merge(run, folders) -> dict:
+    import json
+
+    payloads = [json.loads((Path(f) / f"{NAME}.json").read_text()) for f in folders]
+    if len({(p["size"], p["seed"]) for p in payloads}) != 1:
+        raise ValueError(f"--merge needs runs of one size and seed, got {[(p['size'], p['seed']) for p in payloads]}")
+    parts = [p["results"] for p in payloads]
+    floors = [p["floor"] for p in parts if p.get("floor")]
+    results = {"settings": {**parts[0]["settings"], "nfes": sorted(c["nfe"] for p in parts for c in p["cells"])},
+               "merged_from": [{"command": p["command"], "wall_time_s": p["wall_time_s"]} for p in payloads],
+               "real_16px_floor": parts[0]["real_16px_floor"], "floor": floors[0] if floors else None,
+               "cells": sorted((c for p in parts for c in p["cells"]), key=lambda c: c["nfe"])}
+    common.log(f"{NAME}: merged {len(parts)} runs")
+    return run.write(with_target(results), markdown(results))
+
+
+def with_target(results) -> dict:
     target = next((c for c in results["cells"] if c["nfe"] == 10), None)
     results["target"] = {
         "claim": "Euler at 10 steps: FD-MNIST at least 15% lower than untuned, never worse at any NFE",
@@ -104,15 +135,17 @@ def main(args) -> dict:
     }
     change = results["target"]["change_at_10"]
     results["target"]["met"] = None if change is None else bool(change <= -0.15 and not results["target"]["worse_at"])
-    return run.write(results, markdown(results))
+    return results
 
 
 def markdown(results) -> str:
+    floor = results["floor"]
+    n = results["cells"][0]["untuned"]["n_samples"] if results["cells"] else None
     lines = [f"# {NAME}", "", "FlowMatchEuler (shift 1.0) on the bundled 16x16 flow-matching MNIST UNet; "
-             f"{results['floor'].get('n_samples')} samples (same x_T and labels in every cell); FD-MNIST against the "
-             "held-out digits at 16x16.", "",
-             f"- many-step floor (Euler {results['floor']['steps']}): FD-MNIST {results['floor']['fd_mnist']:.3f}, "
-             f"accuracy {100 * results['floor']['accuracy']:.1f}%",
+             f"{n} samples (same x_T and labels in every cell); FD-MNIST against the held-out digits at 16x16.", "",
+             "- many-step floor: not measured" if floor is None else
+             f"- many-step floor (Euler {floor['steps']}): FD-MNIST {floor['fd_mnist']:.3f}, "
+             f"accuracy {100 * floor['accuracy']:.1f}%",
              f"- real training digits at 16x16: FD-MNIST {results['real_16px_floor']:.3f}", "",
              "| NFE | table | untuned FD-MNIST | tuned FD-MNIST | change | untuned acc. | tuned acc. |",
              "|---|---|---|---|---|---|---|"]
@@ -120,6 +153,8 @@ def markdown(results) -> str:
         lines.append(f"| {c['nfe']} | {c['table']} | {c['untuned']['fd_mnist']:.3f} | {c['tuned']['fd_mnist']:.3f} | "
                      f"{100 * c['fd_change']:+.1f}% | {100 * c['untuned']['accuracy']:.1f}% | "
                      f"{100 * c['tuned']['accuracy']:.1f}% |")
+    for part in results.get("merged_from", []):
+        lines.append(f"- merged from `{part['command']}` ({part['wall_time_s']:.0f} s)")
     t = results["target"]
     change = "not measured" if t["change_at_10"] is None else f"{100 * t['change_at_10']:+.1f}%"
     lines += ["", f"Target ({t['claim']}): change at 10 = {change}; worse at NFE {t['worse_at'] or 'none'}; "

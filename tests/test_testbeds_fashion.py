@@ -19,6 +19,9 @@ from diffusers_timetuner.testbeds.fashion.classifier import class_accuracy, clas
 from diffusers_timetuner.testbeds.fashion.reference import REFERENCE_FILE, load_reference
 
 WEIGHTS = os.path.join(FASHION_MODEL_DIR, "unet", "diffusion_pytorch_model.safetensors")
+# eval.json: the linear classifier (itself 84% on real test images) gives 76.8% (DDIM 100 steps) to 82.2% (10 steps)
+# over 500 samples. For 50 samples at p = 0.768 the count has mean 38.4 and sd 3.0; 28 (56%) is 3.5 sd below.
+THRESHOLD = 0.56
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,6 @@ def test_many_step_samples_are_the_right_clothes(pipe):
     images = pipe(class_labels=labels, num_inference_steps=50, generator=torch.Generator().manual_seed(0),
                   output_type="latent").images
     assert images.shape == (50, 1, 16, 16) and torch.isfinite(images).all()
-    # THRESHOLD is set from eval.json (see the constant's comment).
     assert class_accuracy(images, labels) >= THRESHOLD
 
 
