@@ -223,3 +223,32 @@ def test_cli_calibrates_the_flow_testbed(tmp_path):
     back = FLOW.from_pretrained(out)
     assert back.tuned_step_counts == [4]
     assert back.config.tuning_info["4"]["time_shift"]["shift"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ consistency models
+@pytest.mark.parametrize("n", [1, 2])
+def test_cm_calibrates_reloads_and_samples_at_one_and_two_steps(n, tmp_path):
+    from diffusers_timetuner import TimeTunerCMStochasticIterativeScheduler
+
+    unet = tiny_unet()  # a random UNet read as a consistency model (timestep = 250 log sigma)
+    res = calibrate(unet, "cm", n, objective="endpoint", teacher_steps=2 * n, **_small(num_samples=8, batch_size=8))
+    rep = res.reports[n]
+    assert _not_identity(rep) and len(rep.taus) == n
+    # one step ends without re-noising (deterministic: endpoint MSE); two steps re-noise (energy distance)
+    assert rep.heldout["metric"] == ("endpoint_mse" if n == 1 else "energy_distance")
+    res.scheduler.save_pretrained(tmp_path)
+    back = TimeTunerCMStochasticIterativeScheduler.from_pretrained(tmp_path)
+    back.set_timesteps(n)
+    assert back.timesteps.tolist() == pytest.approx(rep.taus)
+    x = sample(lambda x, t, c: unet(x, t).sample, back, torch.randn(2, 1, 8, 8), None,
+               generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+
+
+def test_cm_with_guidance_and_the_paper_objective_refused():
+    unet = tiny_unet(num_class_embeds=3)
+    res = calibrate(unet, "cm", 2, guidance_scale=2.0, conditions=[0, 1], **_small(
+        num_samples=4, batch_size=4, num_validation_samples=4, num_heldout_samples=4))
+    assert res.scheduler.config.tuning_info["2"]["guidance_scale"] == 2.0
+    with pytest.raises(ValueError, match="boundary scalings"):
+        calibrate(unet, "cm", 2, objective="paper", conditions=[0, 1], **_small())

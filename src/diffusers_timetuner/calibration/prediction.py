@@ -43,7 +43,10 @@ def prediction_type(scheduler) -> str:
 
 
 def timestep_bounds(scheduler) -> Tuple[float, float]:
-    """The range a tuned tau may take: [0, T - 1] for VP timesteps, [0, T] (s in [0, 1]) for flow matching."""
+    """The range a tuned tau may take: [0, T - 1] for VP timesteps, [0, T] (s in [0, 1]) for flow matching, up to
+    250 log sigma_max for consistency models (the TimeTuner class's own table bound)."""
+    if is_consistency_model(scheduler):
+        return 0.0, float(scheduler.sigma_to_t(scheduler.config.sigma_max))
     top = int(scheduler.config.num_train_timesteps)
     return (0.0, float(top)) if is_flow_matching(scheduler) else (0.0, float(top - 1))
 
