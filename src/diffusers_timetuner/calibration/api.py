@@ -319,7 +319,8 @@ def calibrate(
                            batch_size=batch_size, seed=seed, bounds=bounds, teacher=teacher, validation=validation,
                            guard=guard and validation is not None, checkpoint=store, log=log, progress=progress,
                            validation_metric=metric, guard_margin=float(guard_margin))
-        taus = distinct_taus(strategy_obj.run(job), bounds, log)
+        raw = strategy_obj.run(job)
+        taus = distinct_taus(raw, bounds, log)  # Heun's repeated grid times move by 0.01 when left untuned
         info = dict(settings, teacher_steps=m, package="diffusers-timetuner", package_version=_version())
         if hasattr(untuned, "time_shift_record"):  # flow matching: the shift / mu the table is for (checked on load)
             info["time_shift"] = untuned.time_shift_record(mu)
@@ -341,7 +342,7 @@ def calibrate(
             rep.warnings.append(msg)
             if dist.is_main_process:
                 logger.warning(msg)
-        elif all(abs(a - b) < 1e-6 for a, b in zip(taus, rollout.grid_list)):
+        elif all(abs(a - b) < 1e-6 for a, b in zip(raw, rollout.grid_list)):
             msg = (f"NO GAIN for n={n}: the table is tau = t (the validation guard kept no tuned step). It samples "
                    "exactly like the untuned scheduler; try more calibration samples or another objective.")
             rep.warnings.append(msg)
