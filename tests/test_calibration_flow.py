@@ -252,3 +252,33 @@ def test_cm_with_guidance_and_the_paper_objective_refused():
     assert res.scheduler.config.tuning_info["2"]["guidance_scale"] == 2.0
     with pytest.raises(ValueError, match="boundary scalings"):
         calibrate(unet, "cm", 2, objective="paper", conditions=[0, 1], **_small())
+
+
+# ------------------------------------------------------------------------------------------------ the step path
+@pytest.mark.parametrize("kind", ["flow_euler", "flow_euler_mu", "unipc_flow", "heun"])
+def test_rollout_states_equal_sampling_with_the_tuned_scheduler(flow, vp, kind):
+    # The calibration's cached step (network fed tau, solver told its grid time) must be exactly the step the tuned
+    # scheduler takes in sample(): same final state for a table that differs from the grid at every evaluation.
+    from diffusers_timetuner.calibration.rollout import Rollout
+    from diffusers_timetuner.denoiser import Denoiser
+
+    mu = None
+    if kind == "flow_euler":
+        model, sched = flow, FLOW(shift=3.0)
+    elif kind == "flow_euler_mu":
+        model, sched, mu = flow, FLOW(use_dynamic_shifting=True), 0.7
+    elif kind == "unipc_flow":
+        model, sched = flow, TimeTunerUniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                              solver_order=2)
+    else:
+        model, sched = vp, TimeTunerHeunDiscreteScheduler(**VP_BETAS)
+    den = Denoiser(model)
+    roll = Rollout(den, sched, 4, mu=mu)
+    grid = roll.grid_list
+    # off the grid everywhere, distinct (Heun repeats grid times), inside the range
+    taus = [t - 1.5 - 0.1 * j if t > 2 else t + 0.3 + 0.1 * j for j, t in enumerate(grid)]
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cached = roll.run(roll.initial_state(roll.noise_to_state(noise)), taus).x
+    tuned = sched.with_tuned_timesteps(4, taus, grid=grid)
+    tuned.set_timesteps(4, **({"mu": mu} if mu is not None else {}))
+    assert torch.equal(sample(den, tuned, noise), cached)
