@@ -10,7 +10,7 @@ median with a seeded percentile-bootstrap 95% interval. The tuned table differs 
 per call), Flux with its dynamic shift (mu from the image size). output_type="latent": the VAE decode, equal in
 both, is left out of the ratio. Timings are reported, never asserted on.
 
-Usage: PYTHONPATH=src python benchmarks/inference_overhead_flow.py --quick|--medium [--threads 1]
+Usage: python -m benchmarks.inference_overhead_flow --quick|--medium [--threads 1]
 """
 
 from __future__ import annotations
@@ -18,17 +18,12 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from benchmarks.inference_overhead import TARGET, paired_ratio_stats  # noqa: E402
+from . import cli_args, writer
+from .inference_overhead import TARGET, paired_ratio_stats
 
 NAME = "inference_overhead_flow"
 SIZES = {
@@ -39,7 +34,7 @@ SIZES = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    return common.add_common_args(parser).parse_args(argv)
+    return cli_args.add_common_args(parser).parse_args(argv)
 
 
 def _vae():
@@ -160,7 +155,7 @@ def measure(name, builder, cfg, seed):
     tuned = TimeTunerFlowMatchEulerDiscreteScheduler(**sched_config).with_tuned_timesteps(nfe, taus, grid=grid,
                                                                                            info=info)
     untuned = FlowMatchEulerDiscreteScheduler(**sched_config)
-    common.log(f"{NAME}: {name}, {nfe} steps, {size}x{size}, {cfg['reps']} interleaved reps")
+    cli_args.log(f"{NAME}: {name}, {nfe} steps, {size}x{size}, {cfg['reps']} interleaved reps")
     times = time_pair(pipe, {"untuned": untuned, "tuned": tuned}, call, cfg["reps"], cfg["warmup"])
     if [round(float(t), 3) for t in tuned.timesteps] != [round(t, 3) for t in taus]:  # the table really ran
         raise RuntimeError(f"{name}: the tuned scheduler ran {tuned.timesteps.tolist()}, not its table {taus}.")
@@ -189,10 +184,10 @@ def verdict(r) -> str:
 
 
 def main(args) -> dict:
-    device = common.setup(args)
+    device = cli_args.setup(args)
     if device.type != "cpu":
         raise ValueError("inference_overhead_flow times CPU calls only (no CUDA synchronisation); use --device cpu.")
-    run = common.Run(NAME, args, device)
+    run = writer.Run(NAME, args, device)
     cfg = SIZES[args.size]
     results = {"settings": cfg, "target": TARGET,
                "pipelines": {"sd3": measure("StableDiffusion3Pipeline", build_sd3, cfg, args.seed),
@@ -215,7 +210,7 @@ def markdown(results) -> str:
             f"components, {n} interleaved repetitions per pipeline, order alternating; SD3 with guidance 5.0 and "
             "shift 3.0, Flux with its dynamic shift. Target: tuned / untuned <= "
             f"{results['target']} (met when the whole 95% interval is below it).\n\n"
-            + common.markdown_table(["pipeline", "steps", "untuned ms", "tuned ms", "median paired ratio",
+            + writer.markdown_table(["pipeline", "steps", "untuned ms", "tuned ms", "median paired ratio",
                                      "bootstrap 95% CI", "ratio of medians", "scheduler-only bound",
                                      "scheduler us/step untuned / tuned", "target"], rows)
             + "\nThe scheduler-only bound is 1 + (tuned - untuned scheduler seconds per step, set_timesteps + step "
@@ -224,7 +219,7 @@ def markdown(results) -> str:
 
 
 def plot(results):
-    fig, axes = common.figure(ncols=len(results["pipelines"]), nrows=1, size=(4.4, 3.3))
+    fig, axes = writer.figure(ncols=len(results["pipelines"]), nrows=1, size=(4.4, 3.3))
     for k, r in enumerate(results["pipelines"].values()):
         ax = axes[0][k]
         ratios = r["paired_ratios"]

@@ -118,7 +118,7 @@ def test_flow_custom_sigmas(flow, tmp_path):
     probe = FLOW(shift=2.0)
     probe.set_timesteps(sigmas=sigmas)
     assert rep.grid == pytest.approx(probe.timesteps.tolist())  # the shifted custom grid, not the default one
-    assert res.settings["custom_sigmas"] == sigmas
+    assert res.settings["sigmas"] == sigmas
     assert _not_identity(rep)
     _reload_and_sample(res, flow, 4, tmp_path, sigmas=sigmas)
 
