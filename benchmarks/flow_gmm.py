@@ -8,22 +8,17 @@ same x_T and is scored by
 - L2: the mean per-sample endpoint L2 distance to the many-step Euler sample from the same x_T.
 The many-step sampler is the floor; the FD between two exact sample sets of the same size is the finite-sample floor.
 
-Usage: PYTHONPATH=src python benchmarks/flow_gmm.py --quick|--medium [--threads 1]
+Usage: python -m benchmarks.flow_gmm --quick|--medium [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import common  # noqa: E402
+from . import cli_args, evaluation, writer
 
 NAME = "flow_gmm"
 ALL_NFES = [4, 5, 6, 8, 10, 15, 20]
@@ -43,7 +38,7 @@ SIZES = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    return common.add_common_args(parser).parse_args(argv)
+    return cli_args.add_common_args(parser).parse_args(argv)
 
 
 def main(args) -> dict:
@@ -52,8 +47,8 @@ def main(args) -> dict:
     from diffusers_timetuner.sampling import sample
     from diffusers_timetuner.testbeds import load_flow_gmm_model
 
-    device = common.setup(args)
-    run = common.Run(NAME, args, device)
+    device = cli_args.setup(args)
+    run = writer.Run(NAME, args, device)
     size = SIZES[args.size]
     model = load_flow_gmm_model().to(device)
     shape = (1, 8, 8)
@@ -66,14 +61,14 @@ def main(args) -> dict:
     exact = model.sample_data(size["ref"], torch.Generator().manual_seed(args.seed + 1))
     exact2 = model.sample_data(size["ref"], torch.Generator().manual_seed(args.seed + 2))
     data = model.sample_data(4096, torch.Generator().manual_seed(args.seed + 3))  # paper_x0's x_0 (Alg. 1)
-    fd = lambda x: common.fd_pixels(x, exact)  # noqa: E731
+    fd = lambda x: evaluation.fd_pixels(x, exact)  # noqa: E731
     families = {
         "flow_euler": lambda: TimeTunerFlowMatchEulerDiscreteScheduler(),
         "unipc_flow": lambda: TimeTunerUniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                                flow_shift=1.0, solver_order=2),
     }
 
-    common.log(f"{NAME}: floor = Euler at {size['floor_steps']} steps on {size['n']} samples")
+    cli_args.log(f"{NAME}: floor = Euler at {size['floor_steps']} steps on {size['n']} samples")
     floor = sample(velocity, families["flow_euler"](), noise, size["floor_steps"])
     results = {
         "settings": {k: v for k, v in size.items()},
@@ -83,7 +78,7 @@ def main(args) -> dict:
     }
 
     def score(x):
-        return {"fd": fd(x), "l2_to_floor": common.endpoint_l2(x, floor)}
+        return {"fd": fd(x), "l2_to_floor": evaluation.endpoint_l2(x, floor)}
 
     plan = [("flow_euler", nfe) for nfe in size["nfes"]] + [("unipc_flow", nfe) for nfe in size["unipc_nfes"]]
     for family, nfe in plan:
@@ -109,13 +104,13 @@ def main(args) -> dict:
                        heldout_change=rep.heldout["relative_change"],
                        identity=all(abs(a - b) < 1e-6 for a, b in zip(rep.taus, rep.grid)))
             cell["tuned"][obj] = out
-            common.log(f"{family}@{nfe} {obj}: FD {cell['untuned']['fd']:.4g} -> {out['fd']:.4g}, "
+            cli_args.log(f"{family}@{nfe} {obj}: FD {cell['untuned']['fd']:.4g} -> {out['fd']:.4g}, "
                        f"L2 {cell['untuned']['l2_to_floor']:.4g} -> {out['l2_to_floor']:.4g} "
                        f"({out['calibration_s']:.0f} s)")
         if cell["tuned"]:
             best = min(cell["tuned"], key=lambda o: cell["tuned"][o]["fd"])
             cell["best_objective"] = best
-            cell["best_fd_change"] = common.rel_change(cell["tuned"][best]["fd"], cell["untuned"]["fd"])
+            cell["best_fd_change"] = writer.rel_change(cell["tuned"][best]["fd"], cell["untuned"]["fd"])
         results["cells"].append(cell)
 
     target = next((c for c in results["cells"] if c["family"] == "flow_euler" and c["nfe"] == 10), None)
@@ -146,12 +141,12 @@ def markdown(results) -> str:
     return (f"# Flow matching on the exact-velocity GMM\n\nFD: pixel Frechet distance to exact mixture samples "
             f"(two exact sample sets: {results['fd_exact_vs_exact']:.4g}; Euler at {results['floor']['steps']} steps: "
             f"{results['floor']['fd']:.4g}). L2: mean endpoint L2 distance to that many-step sample from the "
-            f"same x_T.\n\n" + common.markdown_table(header, rows)
+            f"same x_T.\n\n" + writer.markdown_table(header, rows)
             + f"\n**Target** ({tgt['claim']}): {verdict}\n")
 
 
 def plot(results):
-    fig, axes = common.figure(2, 1)
+    fig, axes = writer.figure(2, 1)
     for family in sorted({c["family"] for c in results["cells"]}):
         cells = [c for c in results["cells"] if c["family"] == family]
         for k, key in enumerate(("fd", "l2_to_floor")):

@@ -7,27 +7,21 @@ as it ships), then untuned and tuned Euler draw the same x_T and labels (`testbe
 (``heldout_mnist_statistics(16)``) and by class accuracy. Many-step Euler from the same x_T is the floor; the 4000
 real training digits at 16x16 give the metric's real-data level.
 
-Usage: PYTHONPATH=src python benchmarks/flow_mnist.py --quick|--medium [--threads 1]
+Usage: python -m benchmarks.flow_mnist --quick|--medium [--threads 1]
 Cells can run in parallel processes and be merged (same size and seed):
-    python benchmarks/flow_mnist.py --medium --nfes 4 6 --out-dir /tmp/a      (one process per NFE subset; one of
-    python benchmarks/flow_mnist.py --medium --nfes 20 --skip_floor --out-dir /tmp/b   them measures the floor)
-    python benchmarks/flow_mnist.py --medium --merge /tmp/a /tmp/b
+    python -m benchmarks.flow_mnist --medium --nfes 4 6 --out-dir /tmp/a      (one process per NFE subset; one of
+    python -m benchmarks.flow_mnist --medium --nfes 20 --skip_floor --out-dir /tmp/b   them measures the floor)
+    python -m benchmarks.flow_mnist --medium --merge /tmp/a /tmp/b
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from benchmarks import common  # noqa: E402
+from . import cli_args, writer
 
 NAME = "flow_mnist"
 BUNDLED_TABLE = "mnist-flow-euler-10-g1"
@@ -49,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--skip_floor", action="store_true", help="do not measure the many-step floor")
     parser.add_argument("--merge", nargs="+", default=None,
                         help="merge the flow_mnist.json of these --out-dir folders into --out-dir (no sampling)")
-    return common.add_common_args(parser).parse_args(argv)
+    return cli_args.add_common_args(parser).parse_args(argv)
 
 
 def main(args) -> dict:
@@ -60,8 +54,8 @@ def main(args) -> dict:
     from diffusers_timetuner.testbeds.mnist.evaluate import evaluate
     from diffusers_timetuner.testbeds.mnist_flow.evaluate import real_16px_floor
 
-    device = common.setup(args)
-    run = common.Run(NAME, args, device)
+    device = cli_args.setup(args)
+    run = writer.Run(NAME, args, device)
     if args.merge:
         return merge(run, args.merge)
     size = SIZES[args.size]
@@ -77,7 +71,7 @@ def main(args) -> dict:
 
     untuned = TimeTunerFlowMatchEulerDiscreteScheduler.from_config(base_config)
     if not args.skip_floor:
-        common.log(f"{NAME}: floor = Euler at {size['floor_steps']} steps")
+        cli_args.log(f"{NAME}: floor = Euler at {size['floor_steps']} steps")
     results = {"settings": {**size, "nfes": nfes}, "real_16px_floor": real_16px_floor(), "cells": [],
                "floor": None if args.skip_floor else {"steps": size["floor_steps"],
                                                       **score(untuned, size["floor_steps"])}}
@@ -102,9 +96,9 @@ def main(args) -> dict:
                 "taus": [float(t) for t in tuned.config.tuned_timesteps[str(nfe)]]
                 if tuned.config.tuned_timesteps and str(nfe) in tuned.config.tuned_timesteps else None,
                 "untuned": score(untuned, nfe), "tuned": score(tuned, nfe)}
-        cell["fd_change"] = common.rel_change(cell["tuned"]["fd_mnist"], cell["untuned"]["fd_mnist"])
+        cell["fd_change"] = writer.rel_change(cell["tuned"]["fd_mnist"], cell["untuned"]["fd_mnist"])
         results["cells"].append(cell)
-        common.log(f"flow_euler@{nfe} ({source}): FD-MNIST {cell['untuned']['fd_mnist']:.3f} -> "
+        cli_args.log(f"flow_euler@{nfe} ({source}): FD-MNIST {cell['untuned']['fd_mnist']:.3f} -> "
                    f"{cell['tuned']['fd_mnist']:.3f} ({100 * cell['fd_change']:+.1f}%), accuracy "
                    f"{cell['untuned']['accuracy']:.3f} -> {cell['tuned']['accuracy']:.3f} ({calib_s:.0f} s)")
     return run.write(with_target(results), markdown(results))
@@ -122,7 +116,7 @@ def merge(run, folders) -> dict:
                "merged_from": [{"command": p["command"], "wall_time_s": p["wall_time_s"]} for p in payloads],
                "real_16px_floor": parts[0]["real_16px_floor"], "floor": floors[0] if floors else None,
                "cells": sorted((c for p in parts for c in p["cells"]), key=lambda c: c["nfe"])}
-    common.log(f"{NAME}: merged {len(parts)} runs")
+    cli_args.log(f"{NAME}: merged {len(parts)} runs")
     return run.write(with_target(results), markdown(results))
 
 

@@ -10,24 +10,20 @@ median with a seeded percentile-bootstrap 95% interval. The tuned table differs 
 per call), Flux with its dynamic shift (mu from the image size). output_type="latent": the VAE decode, equal in
 both, is left out of the ratio. Timings are reported, never asserted on.
 
-Usage: PYTHONPATH=src python benchmarks/inference_overhead_flow.py --quick|--medium [--threads 1]
+Usage: python -m benchmarks.inference_overhead_flow --quick|--medium [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from benchmarks.inference_overhead import TARGET, paired_ratio_stats  # noqa: E402
+from . import cli_args, writer
+from .inference_overhead import TARGET, paired_ratio_stats
 
 NAME = "inference_overhead_flow"
 SIZES = {
@@ -38,7 +34,7 @@ SIZES = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    return common.add_common_args(parser).parse_args(argv)
+    return cli_args.add_common_args(parser).parse_args(argv)
 
 
 def _vae():
@@ -99,6 +95,32 @@ def time_pair(pipe, schedulers, call, reps, warmup):
     return times
 
 
+def scheduler_seconds_per_step(schedulers, nfe, shape, set_args, rounds=10, reps=20):
+    """Median over interleaved rounds of set_timesteps (with the arguments the pipeline passed) + step, no network,
+    per step, for each scheduler."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    args, kwargs = set_args
+
+    def loop(s):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            s.set_timesteps(*args, **kwargs)
+            y = x
+            for t in s.timesteps:
+                y = s.step(v, t, y).prev_sample
+        return (time.perf_counter() - t0) / (reps * nfe)
+
+    for s in schedulers.values():
+        loop(s)  # warm-up
+    per = {k: [] for k in schedulers}
+    order = list(schedulers)
+    for r in range(rounds):
+        for key in (order if r % 2 == 0 else order[::-1]):
+            per[key].append(loop(schedulers[key]))
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
 def measure(name, builder, cfg, seed):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -116,15 +138,24 @@ def measure(name, builder, cfg, seed):
 
     # the pipeline's grid and mu, from one untuned TimeTuner run; the tuned table moves every tau by 2.5
     probe = TimeTunerFlowMatchEulerDiscreteScheduler(**sched_config)
+    seen = []  # what the pipeline passes to set_timesteps (SD3 and Flux pass their own sigmas; Flux also mu)
+    original = probe.set_timesteps
+
+    @functools.wraps(original)  # pipelines inspect its signature for `sigmas` / `mu`
+    def spy(*a, **k):
+        seen.append((a, {n: v for n, v in k.items() if n != "device"}))
+        return original(*a, **k)
+
+    probe.set_timesteps = spy
     pipe.scheduler = probe
-    call(pipe, 0)
+    latents = call(pipe, 0)
     grid, mu = probe.timesteps.tolist(), probe._mu
     taus = [t + 2.5 if t + 2.5 <= 1000 else t - 2.5 for t in grid]
     info = {"time_shift": probe.time_shift_record(mu)}
     tuned = TimeTunerFlowMatchEulerDiscreteScheduler(**sched_config).with_tuned_timesteps(nfe, taus, grid=grid,
                                                                                            info=info)
     untuned = FlowMatchEulerDiscreteScheduler(**sched_config)
-    common.log(f"{NAME}: {name}, {nfe} steps, {size}x{size}, {cfg['reps']} interleaved reps")
+    cli_args.log(f"{NAME}: {name}, {nfe} steps, {size}x{size}, {cfg['reps']} interleaved reps")
     times = time_pair(pipe, {"untuned": untuned, "tuned": tuned}, call, cfg["reps"], cfg["warmup"])
     if [round(float(t), 3) for t in tuned.timesteps] != [round(t, 3) for t in taus]:  # the table really ran
         raise RuntimeError(f"{name}: the tuned scheduler ran {tuned.timesteps.tolist()}, not its table {taus}.")
@@ -133,6 +164,11 @@ def measure(name, builder, cfg, seed):
            "guidance_scale": kwargs.get("guidance_scale"), "grid": grid, "taus": taus, "times_s": times,
            "median_s": med, "ratio_of_medians": med["tuned"] / med["untuned"]}
     out.update(paired_ratio_stats(times["untuned"], times["tuned"], cfg["bootstrap"], seed))
+    # the analytic bound, independent of the network's timing noise: what the scheduler itself adds per step
+    own = scheduler_seconds_per_step({"untuned": FlowMatchEulerDiscreteScheduler(**sched_config), "tuned": tuned}, nfe,
+                                     tuple(latents.shape), seen[-1])
+    out["scheduler_s_per_step"] = own
+    out["ratio_bound"] = 1.0 + (own["tuned"] - own["untuned"]) / (med["untuned"] / nfe)
     out["verdict"] = verdict(out)
     return out
 
@@ -148,10 +184,10 @@ def verdict(r) -> str:
 
 
 def main(args) -> dict:
-    device = common.setup(args)
+    device = cli_args.setup(args)
     if device.type != "cpu":
         raise ValueError("inference_overhead_flow times CPU calls only (no CUDA synchronisation); use --device cpu.")
-    run = common.Run(NAME, args, device)
+    run = writer.Run(NAME, args, device)
     cfg = SIZES[args.size]
     results = {"settings": cfg, "target": TARGET,
                "pipelines": {"sd3": measure("StableDiffusion3Pipeline", build_sd3, cfg, args.seed),
@@ -165,19 +201,25 @@ def markdown(results) -> str:
         lo, hi = r["paired_ratio_ci95"]
         rows.append([r["pipeline"], r["nfe"], f"{1e3 * r['median_s']['untuned']:.2f}",
                      f"{1e3 * r['median_s']['tuned']:.2f}", f"{r['median_paired_ratio']:.4f}",
-                     f"[{lo:.4f}, {hi:.4f}]", f"{r['ratio_of_medians']:.4f}", r["verdict"]])
+                     f"[{lo:.4f}, {hi:.4f}]", f"{r['ratio_of_medians']:.4f}", f"{r['ratio_bound']:.5f}",
+                     f"{1e6 * r['scheduler_s_per_step']['untuned']:.0f} / {1e6 * r['scheduler_s_per_step']['tuned']:.0f}",
+                     r["verdict"]])
     n = results["settings"]["reps"]
     return ("# Inference overhead: flow-matching pipelines\n\nTuned `TimeTunerFlowMatchEulerDiscreteScheduler` "
             "(every tau off the grid by 2.5) vs Diffusers' `FlowMatchEulerDiscreteScheduler`, tiny offline "
             f"components, {n} interleaved repetitions per pipeline, order alternating; SD3 with guidance 5.0 and "
             "shift 3.0, Flux with its dynamic shift. Target: tuned / untuned <= "
             f"{results['target']} (met when the whole 95% interval is below it).\n\n"
-            + common.markdown_table(["pipeline", "steps", "untuned ms", "tuned ms", "median paired ratio",
-                                     "bootstrap 95% CI", "ratio of medians", "target"], rows))
+            + writer.markdown_table(["pipeline", "steps", "untuned ms", "tuned ms", "median paired ratio",
+                                     "bootstrap 95% CI", "ratio of medians", "scheduler-only bound",
+                                     "scheduler us/step untuned / tuned", "target"], rows)
+            + "\nThe scheduler-only bound is 1 + (tuned - untuned scheduler seconds per step, set_timesteps + step "
+            "on the pipeline's latent shape without the network) / (untuned pipeline seconds per step): the overhead "
+            "the scheduler itself can add, free of the network's timing noise on a shared CPU.\n")
 
 
 def plot(results):
-    fig, axes = common.figure(ncols=len(results["pipelines"]), nrows=1, size=(4.4, 3.3))
+    fig, axes = writer.figure(ncols=len(results["pipelines"]), nrows=1, size=(4.4, 3.3))
     for k, r in enumerate(results["pipelines"].values()):
         ax = axes[0][k]
         ratios = r["paired_ratios"]
@@ -186,6 +228,7 @@ def plot(results):
         ax.axhspan(lo, hi, alpha=0.2, label=f"95% CI [{lo:.4f}, {hi:.4f}]")
         ax.axhline(results["target"], color="tab:red", ls="--", lw=1, label=f"target {results['target']}")
         ax.axhline(1.0, color="grey", lw=0.5)
+        ax.axhline(r["ratio_bound"], color="black", ls=":", lw=1.2, label=f"scheduler bound {r['ratio_bound']:.4f}")
         ax.set_title(f"{r['pipeline']}: {r['verdict']}", fontsize=8)
         ax.set_xlabel("repetition")
         ax.set_ylabel("tuned / untuned call time")

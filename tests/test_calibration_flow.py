@@ -118,7 +118,7 @@ def test_flow_custom_sigmas(flow, tmp_path):
     probe = FLOW(shift=2.0)
     probe.set_timesteps(sigmas=sigmas)
     assert rep.grid == pytest.approx(probe.timesteps.tolist())  # the shifted custom grid, not the default one
-    assert res.settings["custom_sigmas"] == sigmas
+    assert res.settings["sigmas"] == sigmas
     assert _not_identity(rep)
     _reload_and_sample(res, flow, 4, tmp_path, sigmas=sigmas)
 
@@ -223,3 +223,62 @@ def test_cli_calibrates_the_flow_testbed(tmp_path):
     back = FLOW.from_pretrained(out)
     assert back.tuned_step_counts == [4]
     assert back.config.tuning_info["4"]["time_shift"]["shift"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ consistency models
+@pytest.mark.parametrize("n", [1, 2])
+def test_cm_calibrates_reloads_and_samples_at_one_and_two_steps(n, tmp_path):
+    from diffusers_timetuner import TimeTunerCMStochasticIterativeScheduler
+
+    unet = tiny_unet()  # a random UNet read as a consistency model (timestep = 250 log sigma)
+    res = calibrate(unet, "cm", n, objective="endpoint", teacher_steps=2 * n, **_small(num_samples=8, batch_size=8))
+    rep = res.reports[n]
+    assert _not_identity(rep) and len(rep.taus) == n
+    # one step ends without re-noising (deterministic: endpoint MSE); two steps re-noise (energy distance)
+    assert rep.heldout["metric"] == ("endpoint_mse" if n == 1 else "energy_distance")
+    res.scheduler.save_pretrained(tmp_path)
+    back = TimeTunerCMStochasticIterativeScheduler.from_pretrained(tmp_path)
+    back.set_timesteps(n)
+    assert back.timesteps.tolist() == pytest.approx(rep.taus)
+    x = sample(lambda x, t, c: unet(x, t).sample, back, torch.randn(2, 1, 8, 8), None,
+               generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+
+
+def test_cm_with_guidance_and_the_paper_objective_refused():
+    unet = tiny_unet(num_class_embeds=3)
+    res = calibrate(unet, "cm", 2, guidance_scale=2.0, conditions=[0, 1], **_small(
+        num_samples=4, batch_size=4, num_validation_samples=4, num_heldout_samples=4))
+    assert res.scheduler.config.tuning_info["2"]["guidance_scale"] == 2.0
+    with pytest.raises(ValueError, match="boundary scalings"):
+        calibrate(unet, "cm", 2, objective="paper", conditions=[0, 1], **_small())
+
+
+# ------------------------------------------------------------------------------------------------ the step path
+@pytest.mark.parametrize("kind", ["flow_euler", "flow_euler_mu", "unipc_flow", "heun"])
+def test_rollout_states_equal_sampling_with_the_tuned_scheduler(flow, vp, kind):
+    # The calibration's cached step (network fed tau, solver told its grid time) must be exactly the step the tuned
+    # scheduler takes in sample(): same final state for a table that differs from the grid at every evaluation.
+    from diffusers_timetuner.calibration.rollout import Rollout
+    from diffusers_timetuner.denoiser import Denoiser
+
+    mu = None
+    if kind == "flow_euler":
+        model, sched = flow, FLOW(shift=3.0)
+    elif kind == "flow_euler_mu":
+        model, sched, mu = flow, FLOW(use_dynamic_shifting=True), 0.7
+    elif kind == "unipc_flow":
+        model, sched = flow, TimeTunerUniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                              solver_order=2)
+    else:
+        model, sched = vp, TimeTunerHeunDiscreteScheduler(**VP_BETAS)
+    den = Denoiser(model)
+    roll = Rollout(den, sched, 4, mu=mu)
+    grid = roll.grid_list
+    # off the grid everywhere, distinct (Heun repeats grid times), inside the range
+    taus = [t - 1.5 - 0.1 * j if t > 2 else t + 0.3 + 0.1 * j for j, t in enumerate(grid)]
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cached = roll.run(roll.initial_state(roll.noise_to_state(noise)), taus).x
+    tuned = sched.with_tuned_timesteps(4, taus, grid=grid)
+    tuned.set_timesteps(4, **({"mu": mu} if mu is not None else {}))
+    assert torch.equal(sample(den, tuned, noise), cached)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusers_timetuner.calibration import calibrate
-from diffusers_timetuner.calibration.report import energy_distance_change_se
+from diffusers_timetuner.calibration.stats import energy_distance_change_se
 from diffusers_timetuner.calibration.rollout import Rollout
 from diffusers_timetuner.denoiser import Denoiser
 from diffusers_timetuner.metrics import pixel_frechet_distance
@@ -101,7 +101,7 @@ def _fd(gmm, scheduler, n: int) -> float:
     return pixel_frechet_distance(x, exact)
 
 
-# the benchmarks' medium settings (benchmarks/common.py CALIB["medium"])
+# the benchmarks' medium settings (benchmarks/table_cache.py CALIB["medium"])
 MEDIUM = dict(objective="paper", strategy="sequential", num_samples=128, batch_size=128, num_validation_samples=32,
               num_heldout_samples=64, seed=0, progress=False)
 

@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Rebuild the bundled tuned schedules (tuned_schedules/<name>/) and write each entry's PROVENANCE.md.
+"""Rebuild the bundled tuned schedules and write each entry's PROVENANCE.md.
+
+The entries are package data, src/diffusers_timetuner/tuned_schedules/<name>/ (shipped in the wheel, found there in a
+checkout and an editable install); this folder holds the recipe (this script), NOTES.md and rejected/.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python tuned_schedules/build.py gmm-digits-ddim-10-g1
     PYTHONPATH=src OMP_NUM_THREADS=1 python tuned_schedules/build.py mnist-ddim-5-g1
@@ -8,7 +11,7 @@ Entries on the bundled MNIST model run the package's CLI (``python -m diffusers_
 The exact-score GMM entry calls the library API instead: the CLI's ``--pretrained_model_name_or_path`` loads a
 Diffusers pipeline folder (``model_index.json``) and the bundled GMM testbed is a bare model folder (config.json +
 weights) with no pipeline index, so the CLI cannot load it (reported as a gap to the calibration area).
-After a run: ``python -m diffusers_timetuner.hub --write-index`` regenerates tuned_schedules/README.md.
+After a run: ``python -m diffusers_timetuner.hub --write-index`` regenerates the entries' index (README.md).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+BUNDLED = REPO / "src" / "diffusers_timetuner" / "tuned_schedules"  # where the shipped entries live
 
 # name -> (kind, arguments). "cli": arguments of `python -m diffusers_timetuner.cli.calibrate`; "gmm": calibrate()
 # keyword arguments for the bundled exact-score GMM pipeline.
@@ -66,12 +70,12 @@ def versions() -> dict:
 
 
 def rebuild_command(name: str) -> str:
-    """The command that rebuilds entry ``name`` into tuned_schedules/."""
+    """The command that rebuilds entry ``name`` into the package's tuned_schedules/."""
     kind, spec = ENTRIES[name]
     if kind == "gmm":
         return f"PYTHONPATH=src OMP_NUM_THREADS=1 python tuned_schedules/build.py {name}"
     return ("PYTHONPATH=src OMP_NUM_THREADS=1 python -m diffusers_timetuner.cli.calibrate "
-            + " ".join(shlex.quote(a) for a in spec) + f" --output_dir tuned_schedules/{name}")
+            + " ".join(shlex.quote(a) for a in spec) + f" --output_dir {BUNDLED.relative_to(REPO)}/{name}")
 
 
 def run_gmm(out: Path, kwargs: dict) -> str:
@@ -228,7 +232,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("names", nargs="+", choices=sorted(ENTRIES))
     p.add_argument("--check_only", action="store_true", help="only (re)write heldout_check.json of existing entries")
-    p.add_argument("--output_root", default=str(HERE), help="where the entry folders go (default: tuned_schedules/)")
+    p.add_argument("--output_root", default=str(BUNDLED),
+                   help="where the entry folders go (default: the package's src/diffusers_timetuner/tuned_schedules/)")
     args = p.parse_args()
     torch.set_num_threads(1)
     for name in args.names:

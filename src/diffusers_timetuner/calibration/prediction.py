@@ -3,7 +3,7 @@
 Two noise processes are supported, both of the form x_t = alpha_t x_0 + sigma_t eps in the network's input space:
 
 - VP (DDPM-trained eps / v / x_0 models; DDIM, DDPM, DPM-Solver, Euler, Heun, UniPC): alpha_t = sqrt(abar_t),
-  sigma_t = sqrt(1 - abar_t), with ``alphas_cumprod`` linearly interpolated at fractional t;
+  sigma_t = sqrt(1 - abar_t), with abar at fractional t by ``noise_schedule.alpha_bar_at``;
 - flow matching (rectified flow; `FlowMatchEulerDiscreteScheduler`, UniPC with ``use_flow_sigmas``): a timestep t is
   s = t / num_train_timesteps, x_s = (1 - s) x_0 + s eps, and the network predicts the velocity v = eps - x_0
   (``prediction_type`` "flow_prediction" in UniPC; FlowMatchEuler has no such key and always means it). Then
@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+
+from ..noise_schedule import alpha_bar_at
 
 FLOW_PREDICTION = "flow_prediction"
 
@@ -43,7 +45,10 @@ def prediction_type(scheduler) -> str:
 
 
 def timestep_bounds(scheduler) -> Tuple[float, float]:
-    """The range a tuned tau may take: [0, T - 1] for VP timesteps, [0, T] (s in [0, 1]) for flow matching."""
+    """The range a tuned tau may take: [0, T - 1] for VP timesteps, [0, T] (s in [0, 1]) for flow matching, up to
+    250 log sigma_max for consistency models (the TimeTuner class's own table bound)."""
+    if is_consistency_model(scheduler):
+        return 0.0, float(scheduler.sigma_to_t(scheduler.config.sigma_max))
     top = int(scheduler.config.num_train_timesteps)
     return (0.0, float(top)) if is_flow_matching(scheduler) else (0.0, float(top - 1))
 
@@ -59,12 +64,7 @@ def alpha_sigma_at(scheduler, t) -> Tuple[torch.Tensor, torch.Tensor]:
     if is_flow_matching(scheduler):
         s = torch.as_tensor(t, dtype=torch.float64) / float(scheduler.config.num_train_timesteps)
         return (1.0 - s).float(), s.float()
-    abar = scheduler.alphas_cumprod.to(torch.float64)
-    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(abar) - 1)
-    lo = t.floor().long()
-    hi = (lo + 1).clamp(max=len(abar) - 1)
-    w = t - lo
-    a = abar[lo] * (1 - w) + abar[hi] * w
+    a = alpha_bar_at(scheduler.alphas_cumprod.to(torch.float64), t)  # the package's one fractional-time rule
     return a.sqrt().float(), (1 - a).sqrt().float()
 
 
