@@ -27,18 +27,37 @@ def load_reference() -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0), torch.from_numpy(labels.astype(np.int64))
 
 
-def build_reference(path: str = REFERENCE_FILE) -> None:
+def _test_images(block: int):
+    """Block `block` of 50 per class of the seeded test permutation (block 0 is the reference), 16x16 uint8."""
     from ..data import downsample, load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
     order = np.random.default_rng(REFERENCE_SEED).permutation(len(labels))
     y = labels.numpy()[order]
-    keep = np.concatenate([order[y == c][:REFERENCE_PER_CLASS] for c in range(10)])
+    lo, hi = block * REFERENCE_PER_CLASS, (block + 1) * REFERENCE_PER_CLASS
+    keep = np.concatenate([order[y == c][lo:hi] for c in range(10)])
     small = downsample(images[keep], SAMPLE_SIZE)
-    uint8 = torch.round((small + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
-    np.savez_compressed(path, images=uint8, labels=labels.numpy()[keep].astype(np.uint8))
+    return torch.round((small + 1.0) * 127.5).clamp(0, 255).to(torch.uint8), labels[keep]
+
+
+def build_reference(path: str = REFERENCE_FILE) -> None:
+    uint8, labels = _test_images(0)
+    np.savez_compressed(path, images=uint8.numpy(), labels=labels.numpy().astype(np.uint8))
+
+
+def real_data_level(reference_features=None) -> dict:
+    """FID / precision / recall of 500 *other* real test images (block 1 of the same permutation) against the
+    reference: the level a perfect model reaches at this sample size. Needs the Debian data."""
+    from ...inception import InceptionFeatures, fid, precision_recall
+
+    ref = reference_features if reference_features is not None else InceptionFeatures(batch_size=25)(
+        load_reference()[0])
+    other = InceptionFeatures(batch_size=25)(_test_images(1)[0].float() / 127.5 - 1.0)
+    precision, recall = precision_recall(ref, other, k=3)
+    return {"fid": fid(ref, other), "precision": precision, "recall": recall, "n": int(other.shape[0])}
 
 
 if __name__ == "__main__":
     build_reference()
     print(f"wrote {REFERENCE_FILE}")
+    print("real data vs reference:", real_data_level())
