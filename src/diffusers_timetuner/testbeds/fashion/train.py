@@ -7,7 +7,7 @@ sampler as the eps MNIST testbed (`testbeds.mnist.train`): epsilon prediction un
 `--label_dropout`. AdamW with linear warm-up; EMA weights are saved (also every `--save_every_minutes`, so a run can
 be stopped early and still leave a usable model). Stops at `--max_steps` or after `--max_minutes`.
 
-16x16 rather than 28x28: on the shared 2-core CPU a 28x28 network of this width takes about 3.5x longer per batch
+16x16 rather than 28x28: on the shared 2-core CPU a 28x28 network of this width takes 3-5x longer per batch
 (measured side by side), which would leave it far under-trained in the same wall time.
 
 Writes to --output_dir: ``unet/`` (safetensors + config, EMA weights, float32), ``scheduler/``, ``grid.png``
