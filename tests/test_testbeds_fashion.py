@@ -106,3 +106,10 @@ def test_train_script_runs_on_cpu(tmp_path):
               "PROVENANCE.md", "train_log.txt"):
         assert (out / f).is_file(), f
     assert train.weights_sha256(str(out)) in (out / "PROVENANCE.md").read_text()
+
+
+def test_cli_loads_the_testbed_by_name():
+    from diffusers_timetuner.cli.calibrate import load_model
+
+    pipe, model_id = load_model("fashion")
+    assert model_id == FASHION_MODEL_ID and isinstance(pipe.scheduler, DDIMScheduler)

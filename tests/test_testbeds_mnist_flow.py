@@ -95,3 +95,10 @@ def test_flow_matching_loss_target():
 
     loss = flow_matching_loss(Exact(), x0, None, torch.Generator().manual_seed(3))
     assert float(loss) == 0.0
+
+
+def test_cli_loads_the_testbed_by_name():
+    from diffusers_timetuner.cli.calibrate import load_model
+
+    pipe, model_id = load_model("mnist_flow")
+    assert model_id == MNIST_FLOW_MODEL_ID and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
