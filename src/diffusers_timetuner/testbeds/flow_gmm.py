@@ -22,7 +22,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .gmm import GaussianMixtureDenoiser, GaussianMixtureDenoiserOutput
+from .gmm import GaussianMixtureDenoiser, GaussianMixtureDenoiserOutput, cached_decomposition
 
 
 class FlowMatchingGaussianMixture(ModelMixin, ConfigMixin):
@@ -82,13 +82,7 @@ class FlowMatchingGaussianMixture(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------------------ exact quantities
     def _decomposition(self):
-        key = (self.covariances._version, self.means._version, self.weights._version, self.covariances.device)
-        if self._cache_key != key:
-            cov = self.covariances.double()
-            lam, u = torch.linalg.eigh((cov + cov.transpose(1, 2)) / 2)
-            self._cache = (self.weights.double().log(), self.means.double(), u, lam.clamp(min=0))
-            self._cache_key = key
-        return self._cache
+        return cached_decomposition(self)
 
     def sigmas_of(self, timestep, batch: int, device) -> torch.Tensor:
         """s = timestep / num_train_timesteps as float64 (B,); refuses s outside [0, 1] or non-finite values."""
