@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from .nonfinite import finite_losses
 from .rollout import ChunkState, Rollout, alpha_sigma_at
 
 # Teacher moved to teacher.py; re-exported for callers that import it from here.
@@ -79,6 +80,7 @@ class PaperObjective(Objective):
             # eps_theta(x~_{t_i}, t_i): the untuned time t_i, on the current (already tuned) trajectory.
             state.extras["target"] = rollout.epsilon_at_grid(state)
 
+    @finite_losses
     def losses(self, rollout, state, tau, taus):
         nxt = rollout.step(state, tau)  # x~_{t_{i-1}} = f_tau(x~_{t_i}, tau_i)
         eps_next = rollout.epsilon_at_grid(nxt)  # eps_theta(x~_{t_{i-1}}, t_{i-1})
@@ -104,6 +106,7 @@ class TeacherLocalObjective(Objective):
     needs_teacher = True
     tunes_last_step = True
 
+    @finite_losses
     def losses(self, rollout, state, tau, taus):
         nxt = rollout.step(state, tau)
         if nxt.j < rollout.num_evaluations and rollout.mid_step(nxt):
@@ -120,6 +123,7 @@ class EndpointObjective(Objective):
     tunes_last_step = True
     local = False
 
+    @finite_losses
     def losses(self, rollout, state, tau, taus):
         final = rollout.run(rollout.step(state, tau), taus)
         return per_sample_sq(final.x, state.extras["teacher_states"][-1])

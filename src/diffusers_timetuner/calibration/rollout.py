@@ -22,6 +22,7 @@ import torch
 
 from ..denoiser import Conditioning
 from ..sampling import denoising_step, grid_timesteps, init_noise_sigma, scale_model_input, step_kwargs
+from .nonfinite import names_the_step
 from .prediction import alpha_sigma_at, noisy_state, set_grid, to_epsilon  # noqa: F401  (re-exported)
 
 
@@ -156,6 +157,7 @@ class Rollout:
         return sched
 
     # ------------------------------------------------------------------ one step
+    @names_the_step("tau")
     def step(self, state: ChunkState, tau, *, keep: bool = False) -> ChunkState:
         """Take step j = ``state.j`` with the network fed ``tau`` (a float or a 0-d tensor, may require grad).
 
@@ -188,6 +190,7 @@ class Rollout:
         sched = copy.deepcopy(state.scheduler)
         return scale_model_input(sched, state.x, self.keys[state.j])
 
+    @names_the_step("the grid time")
     def epsilon_at_grid(self, state: ChunkState) -> torch.Tensor:
         """eps_theta(x~_{t_i}, t_i): the network at the untuned grid time of state j, converted to eps."""
         x_in = self.model_input(state)

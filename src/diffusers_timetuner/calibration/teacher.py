@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..denoiser import NonFiniteOutputError
 from ..sampling import grid_timesteps, sample_trajectory
 from ..table import matching_indices
 
@@ -93,7 +94,11 @@ class Teacher:
         # Same normalised noise: the coarse state is noise * init_noise_sigma of the coarse scheduler.
         noise = x_T / float(init_noise_sigma)
         sched = copy.deepcopy(self.scheduler)
-        return sample_trajectory(self.denoiser, sched, noise, None, cond, generator=torch.Generator().manual_seed(0))
+        try:
+            return sample_trajectory(self.denoiser, sched, noise, None, cond,
+                                     generator=torch.Generator().manual_seed(0))
+        except NonFiniteOutputError as err:  # say that it was the teacher, not a step of the calibrated sampler
+            raise err.at(f"in the {len(sched.timesteps)}-step teacher sampler", "timestep(s)") from None
 
     def targets(self, x_T, init_noise_sigma, cond, coarse_grid: Sequence[float]) -> List[Optional[torch.Tensor]]:
         """Teacher states aligned with the coarse trajectory: entry j is the teacher at coarse grid[j] (None where
