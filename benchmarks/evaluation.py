@@ -84,7 +84,9 @@ def fd_pixels(samples: torch.Tensor, reference: torch.Tensor) -> float:
 def mnist_metrics(samples: torch.Tensor, labels: Optional[torch.Tensor], device) -> Dict[str, float]:
     """FD-MNIST (vs the 1000 held-out digits) and class accuracy from one pass of the MNIST classifier on `device`."""
     feats, preds = classifier.classifier_outputs(samples, device=torch.device(device).type)
-    fd = classifier.frechet_distance(*classifier.feature_statistics(feats), *classifier.heldout_mnist_statistics())
+    # held-out digits at the samples' resolution (16x16 for the flow-matching testbed)
+    fd = classifier.frechet_distance(*classifier.feature_statistics(feats),
+                                     *classifier.heldout_mnist_statistics(int(samples.shape[-1])))
     out = {"fd": float(fd)}
     if labels is not None:
         out["accuracy"] = float((preds == labels.cpu()).double().mean())

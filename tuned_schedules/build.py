@@ -42,6 +42,12 @@ ENTRIES = {
                                 "--batch_size", "64", "--num_validation_samples", "32", "--num_heldout_samples",
                                 "128", "--teacher_steps", "50", "--seed", "0", "--no_progress"]),
     "mnist-ddim-10-g1": ("cli", ["--num_inference_steps", "10", "--no_progress"]),
+    # Flow-matching MNIST testbed, Euler at 10 steps; the endpoint objective, as on the exact flow GMM where it
+    # gave the lowest FD at every NFE (benchmarks/flow_gmm.py).
+    "mnist-flow-euler-10-g1": ("cli", [
+        "--pretrained_model_name_or_path", "mnist_flow", "--scheduler", "flow_euler", "--num_inference_steps", "10",
+        "--objective", "endpoint", "--num_samples", "64", "--batch_size", "64", "--num_validation_samples", "64",
+        "--num_heldout_samples", "128", "--teacher_steps", "100", "--seed", "0", "--no_progress"]),
 }
 
 
@@ -93,12 +99,14 @@ def run_cli(out: Path, args: list) -> str:
 
 
 PIPELINE_LOADERS = {"diffusers-timetuner/bundled-gmm-digits": "load_gmm_pipeline",
-                    "diffusers-timetuner/bundled-mnist": "load_mnist_pipeline"}
+                    "diffusers-timetuner/bundled-mnist": "load_mnist_pipeline",
+                    "diffusers-timetuner/bundled-mnist-flow": "load_mnist_flow_pipeline"}
 CHECK_NAME = "heldout_check.json"
 # Held-out samples tests/test_hub_bundled.py recomputes per model (None: the whole held-out set). The exact GMM is
 # cheap (512 samples in a few seconds); the MNIST UNet with a 50-step teacher is not: its first 16 held-out x_T keep
 # the test within ~20 s per entry on 1 CPU thread.
-CHECK_SUBSET = {"diffusers-timetuner/bundled-gmm-digits": None, "diffusers-timetuner/bundled-mnist": 16}
+CHECK_SUBSET = {"diffusers-timetuner/bundled-gmm-digits": None, "diffusers-timetuner/bundled-mnist": 16,
+                "diffusers-timetuner/bundled-mnist-flow": 32}
 
 
 @torch.no_grad()
@@ -122,7 +130,7 @@ def heldout_errors(scheduler, n: int, num_samples: int | None = None) -> dict:
     from diffusers_timetuner.calibration.rollout import Rollout
     from diffusers_timetuner.calibration.families import untuned_copy
     from diffusers_timetuner.denoiser import Denoiser, slice_conditioning
-    from diffusers_timetuner.sampling import sample_trajectory
+    from diffusers_timetuner.sampling import init_noise_sigma, sample_trajectory
 
     info = scheduler.config.tuning_info[str(n)]
     if info.get("model_id") not in PIPELINE_LOADERS:
@@ -143,7 +151,7 @@ def heldout_errors(scheduler, n: int, num_samples: int | None = None) -> dict:
     teacher = Teacher(denoiser, untuned, int(info["teacher_steps"]), coarse_grid=rollout.grid_list)
     if teacher.num_inference_steps != int(info["teacher_steps"]):
         raise ValueError("the teacher grid differs from the recorded one")
-    sigma = float(rollout.scheduler.init_noise_sigma)
+    sigma = float(init_noise_sigma(rollout.scheduler))
     errors = {"tuned": [], "untuned": []}
     batch = int(info["batch_size"])
     for start in range(0, k, batch):

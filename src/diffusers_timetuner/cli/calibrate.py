@@ -38,7 +38,8 @@ class ScriptArguments:
 
     pretrained_model_name_or_path: Optional[str] = field(default=None, metadata={
         "help": "Diffusers pipeline folder or Hub id (default: the bundled class-conditional MNIST model; "
-                "'gmm': the bundled exact-score mixture; 'flow_gmm': the same mixture as an exact flow-matching model)."})
+                "'gmm': the bundled exact-score mixture; 'flow_gmm': the same mixture as an exact flow-matching model; "
+                "'mnist_flow': the bundled flow-matching MNIST UNet; 'fashion': the bundled Fashion-MNIST UNet)."})
     scheduler: str = field(default="ddim", metadata={
         "help": "ddim, ddpm, dpmsolver, dpmsolver_singlestep, euler, flow_euler, unipc, heun, cm, or a (TimeTuner "
                 "or Diffusers) scheduler class name; built from the model's scheduler config."})
@@ -212,7 +213,8 @@ def _prepare_output_dir(args, accelerator) -> str:
 
 def load_model(path: Optional[str]):
     """(pipeline, model id) for a pipeline folder / Hub id, or a bundled testbed: the MNIST UNet when ``path`` is
-    None, ``mnist`` or its id; the exact-score mixture for ``gmm`` or its id."""
+    None, ``mnist`` or its id; the exact-score mixture for ``gmm`` or its id (``flow_gmm``: as a flow model); the
+    flow-matching MNIST UNet for ``mnist_flow``, the Fashion-MNIST UNet for ``fashion`` (or their ids)."""
     from .. import testbeds
 
     if path in (None, "mnist", testbeds.MNIST_MODEL_ID):
@@ -221,6 +223,10 @@ def load_model(path: Optional[str]):
         return testbeds.load_gmm_pipeline(), testbeds.GMM_MODEL_ID
     if path in ("flow_gmm", testbeds.FLOW_GMM_MODEL_ID):
         return testbeds.load_flow_gmm_pipeline(), testbeds.FLOW_GMM_MODEL_ID
+    if path in ("mnist_flow", testbeds.MNIST_FLOW_MODEL_ID):
+        return testbeds.load_mnist_flow_pipeline(), testbeds.MNIST_FLOW_MODEL_ID
+    if path in ("fashion", testbeds.FASHION_MODEL_ID):
+        return testbeds.load_fashion_pipeline(), testbeds.FASHION_MODEL_ID
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(path), path
