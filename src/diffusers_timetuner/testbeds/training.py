@@ -6,6 +6,7 @@ running loss, the wall-clock / step budget, optional periodic checkpoints and a 
 checksum helpers of the saved folder. The order of the random draws is part of the contract: the bundled weights
 were trained with it (batch indices, then the dropout mask, then whatever `loss_fn` draws, per step).
 """
+import argparse
 import contextlib
 import copy
 import hashlib
@@ -19,6 +20,41 @@ from typing import Callable, Optional
 import torch
 
 NULL_CLASS = 10
+
+
+def parse_training_args(description: str, argv=None, *, max_minutes: float, grid_sampler: str, checkpoints: bool,
+                        add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None):
+    """The command line the training scripts share; ``checkpoints`` adds --save_every_minutes and --stop_file,
+    ``add_arguments(parser)`` a script's own options (its data folder, mixed precision)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--output_dir", required=True)
+    if add_arguments is not None:
+        add_arguments(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_steps", type=int, default=100_000)
+    p.add_argument("--max_minutes", type=float, default=max_minutes, help="wall-clock budget for the training loop")
+    if checkpoints:
+        p.add_argument("--save_every_minutes", type=float, default=5.0, help="write the EMA weights this often")
+        p.add_argument("--stop_file", default=None, help="end training (and save) as soon as this file exists")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup_steps", type=int, default=300)
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--label_dropout", type=float, default=0.12, help="probability of training on the null class")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
+    p.add_argument("--log_every", type=int, default=200)
+    p.add_argument("--grid_steps", type=int, default=100, help=f"{grid_sampler} steps for grid.png")
+    args = p.parse_args(argv)
+    if checkpoints:
+        if args.max_minutes <= 0 or args.max_steps <= 0 or args.batch_size <= 0 or args.save_every_minutes <= 0:
+            p.error("--max_minutes, --max_steps, --batch_size and --save_every_minutes must be positive")
+    elif args.max_minutes <= 0 or args.max_steps <= 0 or args.batch_size <= 0:
+        p.error("--max_minutes, --max_steps and --batch_size must be positive")
+    if not 0.0 <= args.label_dropout < 1.0:
+        p.error("--label_dropout must be in [0, 1)")
+    return args
 
 
 def resolve_device(name: str) -> torch.device:

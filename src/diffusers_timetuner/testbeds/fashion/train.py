@@ -17,7 +17,6 @@ Example:
     OMP_NUM_THREADS=1 PYTHONPATH=src python -m diffusers_timetuner.testbeds.fashion.train \
         --output_dir /tmp/fashion --max_minutes 60 --threads 1
 """
-import argparse
 import copy
 import json
 import os
@@ -27,52 +26,25 @@ from diffusers import UNet2DModel
 
 from ..mnist.train import epsilon_loss, train_alphas_cumprod
 from ..mnist.train import make_scheduler  # noqa: F401  (the same DDIM sampler as the eps MNIST testbed)
-from ..training import NULL_CLASS, command_line, resolve_device, sample_grid, tee_log, train_loop, weights_sha256
-
-SAMPLE_SIZE = 16
-
-
-def make_unet() -> UNet2DModel:
-    """The flow MNIST testbed's network (`mnist_flow.train.make_unet`): 16 -> 8 -> 4, channels (16, 32, 32), one
-    ResNet layer per block, attention at 8x8; 281k parameters, sized for a shared CPU."""
-    return UNet2DModel(
-        sample_size=SAMPLE_SIZE,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32, 32),
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        num_class_embeds=NULL_CLASS + 1,
-    )
-
+# The flow MNIST testbed's network: 16 -> 8 -> 4, channels (16, 32, 32), one ResNet layer per block, attention at
+# 8x8; 281k parameters, sized for a shared CPU.
+from ..mnist_flow.train import SAMPLE_SIZE, make_unet
+from ..training import (
+    command_line,
+    parse_training_args,
+    resolve_device,
+    sample_grid,
+    tee_log,
+    train_loop,
+    weights_sha256,
+)
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--data_dir", default=None, help="folder of the Fashion-MNIST .gz files (default: Debian's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_steps", type=int, default=100_000)
-    p.add_argument("--max_minutes", type=float, default=60.0, help="wall-clock budget for the training loop")
-    p.add_argument("--save_every_minutes", type=float, default=5.0, help="write the EMA weights this often")
-    p.add_argument("--stop_file", default=None, help="end training (and save) as soon as this file exists")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup_steps", type=int, default=300)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--label_dropout", type=float, default=0.12, help="probability of training on the null class")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
-    p.add_argument("--log_every", type=int, default=200)
-    p.add_argument("--grid_steps", type=int, default=100, help="DDIM steps for grid.png")
-    args = p.parse_args(argv)
-    if args.max_minutes <= 0 or args.max_steps <= 0 or args.batch_size <= 0 or args.save_every_minutes <= 0:
-        p.error("--max_minutes, --max_steps, --batch_size and --save_every_minutes must be positive")
-    if not 0.0 <= args.label_dropout < 1.0:
-        p.error("--label_dropout must be in [0, 1)")
-    return args
+    def data_dir(p):
+        p.add_argument("--data_dir", default=None, help="folder of the Fashion-MNIST .gz files (default: Debian's)")
+
+    return parse_training_args(__doc__.split("\n")[0], argv, max_minutes=60.0, grid_sampler="DDIM", checkpoints=True,
+                               add_arguments=data_dir)
 
 
 def _write_weights(ema, output_dir):

@@ -12,7 +12,6 @@ clip_sample=False), ``grid.png`` (10x10 samples, one row per class, 100 DDIM ste
 Example:
     PYTHONPATH=src python -m diffusers_timetuner.testbeds.mnist.train --output_dir /tmp/mnist --max_minutes 25
 """
-import argparse
 import copy
 import json
 import os
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from ..training import NULL_CLASS, command_line, resolve_device, sample_grid, train_loop
+from ..training import NULL_CLASS, command_line, parse_training_args, resolve_device, sample_grid, train_loop
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 2e-2
 
@@ -55,28 +54,11 @@ def make_scheduler() -> DDIMScheduler:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_steps", type=int, default=100_000)
-    p.add_argument("--max_minutes", type=float, default=25.0, help="wall-clock budget for the training loop")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup_steps", type=int, default=300)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--label_dropout", type=float, default=0.12, help="probability of training on the null class")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--mixed_precision", choices=("no", "bf16"), default="no", help="bf16 autocast (cuda only)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
-    p.add_argument("--log_every", type=int, default=200)
-    p.add_argument("--grid_steps", type=int, default=100, help="DDIM steps for grid.png")
-    args = p.parse_args(argv)
-    if args.max_minutes <= 0 or args.max_steps <= 0 or args.batch_size <= 0:
-        p.error("--max_minutes, --max_steps and --batch_size must be positive")
-    if not 0.0 <= args.label_dropout < 1.0:
-        p.error("--label_dropout must be in [0, 1)")
-    return args
+    def mixed_precision(p):
+        p.add_argument("--mixed_precision", choices=("no", "bf16"), default="no", help="bf16 autocast (cuda only)")
+
+    return parse_training_args(__doc__.split("\n")[0], argv, max_minutes=25.0, grid_sampler="DDIM",
+                               checkpoints=False, add_arguments=mixed_precision)
 
 
 def epsilon_loss(alphas_cumprod: torch.Tensor, use_bf16: bool = False):

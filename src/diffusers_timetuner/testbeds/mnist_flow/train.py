@@ -20,7 +20,6 @@ Example:
     OMP_NUM_THREADS=1 PYTHONPATH=src python -m diffusers_timetuner.testbeds.mnist_flow.train \
         --output_dir /tmp/mnist_flow --max_minutes 60 --threads 1
 """
-import argparse
 import copy
 import json
 import os
@@ -30,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
 
-from ..training import NULL_CLASS, command_line, sample_grid, tee_log, train_loop, weights_sha256
+from ..training import (
+    NULL_CLASS,
+    command_line,
+    parse_training_args,
+    sample_grid,
+    tee_log,
+    train_loop,
+    weights_sha256,
+)
 
 NUM_TRAIN_TIMESTEPS = 1000
 SAMPLE_SIZE = 16
@@ -64,29 +71,7 @@ def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_steps", type=int, default=100_000)
-    p.add_argument("--max_minutes", type=float, default=60.0, help="wall-clock budget for the training loop")
-    p.add_argument("--save_every_minutes", type=float, default=5.0, help="write the EMA weights this often")
-    p.add_argument("--stop_file", default=None, help="end training (and save) as soon as this file exists")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup_steps", type=int, default=300)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--label_dropout", type=float, default=0.12, help="probability of training on the null class")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
-    p.add_argument("--log_every", type=int, default=200)
-    p.add_argument("--grid_steps", type=int, default=100, help="Euler steps for grid.png")
-    args = p.parse_args(argv)
-    if args.max_minutes <= 0 or args.max_steps <= 0 or args.batch_size <= 0 or args.save_every_minutes <= 0:
-        p.error("--max_minutes, --max_steps, --batch_size and --save_every_minutes must be positive")
-    if not 0.0 <= args.label_dropout < 1.0:
-        p.error("--label_dropout must be in [0, 1)")
-    return args
+    return parse_training_args(__doc__.split("\n")[0], argv, max_minutes=60.0, grid_sampler="Euler", checkpoints=True)
 
 
 def flow_matching_loss(unet, x0, labels, generator):
