@@ -69,7 +69,8 @@ def test_pipeline_feeds_the_network_the_learned_grids_taus_without_a_timesteps_a
     pipe.scheduler = learned_table(TimeTunerDDIMScheduler, **{k: v for k, v in pipe.scheduler.config.items()
                                                               if not k.startswith("_")})
     seen = []
-    hook = pipe.unet.register_forward_pre_hook(lambda mod, args: seen.append(float(torch.as_tensor(args[1]).flatten()[0])))
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda mod, args: seen.append(float(torch.as_tensor(args[1]).flatten()[0])))
     try:
         out = pipe(class_labels=[3], num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
     finally:
@@ -138,7 +139,8 @@ def test_pattern_search_reaches_a_known_optimum_through_monotone_integer_grids()
     rec = pattern_search(ev, [800, 600, 400, 200, 0], 999, max_evaluations=2000)
     assert rec.grid == target and rec.loss == 0
     for g in ev.seen:  # every candidate: integers, strictly descending, inside [0, 999]
-        assert all(isinstance(t, int) for t in g) and all(a > b for a, b in zip(g, g[1:])) and 0 <= g[-1] and g[0] <= 999
+        assert all(isinstance(t, int) for t in g) and all(a > b for a, b in zip(g, g[1:]))
+        assert 0 <= g[-1] and g[0] <= 999
     # the budget is a hard cap on candidate roll-outs
     ev2 = _Quadratic(target)
     assert pattern_search(ev2, [800, 600, 400, 200, 0], 999, max_evaluations=7).evaluations == 7 == len(ev2.seen)

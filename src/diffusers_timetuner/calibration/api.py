@@ -22,7 +22,8 @@ from .optimizers import get_optimizer
 from .report import StepCountReport, evaluate_heldout, plot_report, write_report
 from .rollout import Rollout
 from .families import resolve_scheduler, untuned_copy
-from .grid_search import DEFAULT_FINE_TEACHER_STEPS, FineTeacher, check_grid_tunable, guard_grid_table, learn_grid
+from .grid_search import (DEFAULT_FINE_TEACHER_STEPS, FINE_TEACHER_NAME, FineTeacher, check_grid_tunable,
+                          guard_grid_table, learn_grid)
 from .strategies import VALIDATION_METRICS, CalibrationSet, StepCountJob, get_strategy
 from .validate import VALIDATED_ARGS as _VALIDATED_ARGS, validate_calibration_args
 
@@ -336,7 +337,8 @@ def calibrate(
             log(f"n={n}: teacher DPM-Solver++ 2M at {yardstick['teacher_steps']} steps: squared endpoint distance "
                 f"{yardstick['endpoint_mse']:.3g} to a {yardstick['reference_steps']}-step run (a sample's squared "
                 f"norm: {yardstick['sample_sq_norm']:.3g})")
-            grid_report = {"tune": tune, "search": plan.to_dict(), "teacher": "DPM-Solver++ 2M",
+            info["teacher"] = FINE_TEACHER_NAME
+            grid_report = {"tune": tune, "search": plan.to_dict(), "teacher": FINE_TEACHER_NAME,
                            "teacher_steps": teacher.num_inference_steps, "teacher_error": yardstick}
             if tune == "grid":
                 table_grid = [float(t) for t in plan.grid]

@@ -37,6 +37,7 @@ TUNE_MODES = ("tau", "grid", "grid+tau")
 # The fine teacher's steps when none are given: DPM-Solver++ 2M at 100 steps is within ~5e-5 of a 400-step run
 # (relative squared endpoint distance) on the exact GMM; see FineTeacher.self_error, reported with every run.
 DEFAULT_FINE_TEACHER_STEPS = 100
+FINE_TEACHER_NAME = "DPM-Solver++ 2M"  # recorded in tuning_info[n]["teacher"]
 
 
 def check_grid_tunable(scheduler) -> None:
@@ -270,7 +271,8 @@ class GridEvaluator:
 
     def loss_of(self, finals) -> torch.Tensor:
         if self.metric == "endpoint_mse":
-            per = torch.cat([(f - ch["target"]).double().pow(2).flatten(1).sum(1) for f, ch in zip(finals, self.chunks)])
+            per = torch.cat([(f - ch["target"]).double().pow(2).flatten(1).sum(1)
+                             for f, ch in zip(finals, self.chunks)])
             total = per.sum()
             if self.dist is not None:
                 total = self.dist.sum(total)
