@@ -9,9 +9,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from diffusers_timetuner.calibration import calibrate
 from diffusers_timetuner.calibration.grid_search import (
-    FineTeacher, GridEvaluator, check_grid_tunable, dynamic_programming_grid, guarded_choice, pattern_search,
+    GridEvaluator, check_grid_tunable, dynamic_programming_grid, guarded_choice, pattern_search,
 )
-from diffusers_timetuner.denoiser import Denoiser
 from diffusers_timetuner.sampling import sample
 from diffusers_timetuner.schedulers import (
     TimeTunerDDIMScheduler, TimeTunerDDPMScheduler, TimeTunerDPMSolverScheduler,
