@@ -254,3 +254,27 @@ def test_cli_has_tune():
     with pytest.raises(SystemExit) as err:
         parse_args(["--tune", "everything"])
     assert err.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------- teacher (part 2)
+def test_fine_teacher_is_cached_accurate_and_reports_its_own_error(gmm):
+    from diffusers_timetuner.calibration.grid_search import FineTeacher
+    from diffusers_timetuner.denoiser import Denoiser
+
+    den = Denoiser(gmm.unet)
+    sched = TimeTunerDDIMScheduler.from_config(gmm.scheduler.config)
+    teacher = FineTeacher(den, sched, 60)
+    noise = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    first = teacher.fine_trajectory(noise)
+    assert den.num_forward_samples == 16 * 60 and len(first.states) == 61 and len(first.eps) == 60
+    assert teacher.fine_trajectory(noise.clone()) is first and den.num_forward_samples == 16 * 60  # cached
+    err = teacher.self_error(noise)
+    assert err["reference_steps"] == 120
+    # the yardstick is far finer than what it judges: DDIM@10 from the same x_T is > 100x farther from it
+    coarse = copy.deepcopy(sched)
+    ddim10 = sample(den, coarse, noise, 10)
+    ddim_err = float((ddim10 - first.states[-1]).double().pow(2).flatten(1).sum(1).mean())
+    assert 100 * err["endpoint_mse"] < ddim_err
+    # states between fine times come from a first-order step over less than one fine spacing
+    mid = teacher.state_at(first, 500)
+    assert mid.shape == noise.shape and torch.isfinite(mid).all()
