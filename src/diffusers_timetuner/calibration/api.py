@@ -278,6 +278,7 @@ def calibrate(
         "eta": eta, "scheduler_class": type(base).__name__, "model_id": model_id, "custom_grid": timesteps,
         "prediction_type": getattr(untuned.config, "prediction_type", None),
         "data_free": data is None, "num_processes": dist.world_size, "tune": config.tune,
+        "teacher": config.teacher,
         "conditioning": cond_set.description,
     }
     # What a resumed run must share with the interrupted one (the probe tells another model apart).
@@ -301,6 +302,8 @@ def calibrate(
         """Tau for n steps on ``grid`` (None: the scheduler's own) with the chosen strategy; guarded on that grid."""
         rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=grid)
         if teacher is None:
+            teacher = fine_teacher
+        if teacher is None:  # teacher="same": the calibrated sampler at about 5 n steps
             m = int(teacher_steps or default_teacher_steps(untuned, n, rollout.grid_list))
             teacher = Teacher(denoiser, untuned, m, device=device, coarse_grid=rollout.grid_list)
         if objective_obj.name == "teacher_local" and teacher.grid_indices(rollout.grid_list[1:]) is None:
@@ -317,27 +320,36 @@ def calibrate(
         taus = distinct_taus(strategy_obj.run(job), bounds, log)
         return rollout, job, taus, teacher
 
+    # One accurate teacher for every step count, its trajectories cached per batch; its own error is reported.
+    fine_teacher, yardstick = None, None
+    if config.teacher == "dpmsolver++":
+        fine_teacher = FineTeacher(denoiser, untuned, int(teacher_steps or DEFAULT_FINE_TEACHER_STEPS), device=device)
+
     for n in steps:
         tick = time.perf_counter()
         fwd0 = denoiser.num_forward_samples
         info = dict(settings, package="diffusers-timetuner", package_version=_version())
+        if fine_teacher is not None:
+            if yardstick is None:
+                k = min(8, len(calib))
+                yardstick = fine_teacher.self_error(calib.noise[:k].to(device),
+                                                    slice_conditioning(calib.cond, range(k)))
+                log(f"teacher: {FINE_TEACHER_NAME} at {yardstick['teacher_steps']} steps; its squared endpoint "
+                    f"distance to a {yardstick['reference_steps']}-step run is {yardstick['endpoint_mse']:.3g} "
+                    f"(+/- {yardstick['endpoint_mse_se']:.2g} SE; a sample's squared norm: "
+                    f"{yardstick['sample_sq_norm']:.3g}), the error bar of every figure below")
+            info["teacher"] = FINE_TEACHER_NAME
         records, grid_report = [], None
         if tune == "tau":
             rollout, job, taus, teacher = tau_table(n, timesteps)
             records, table_grid, held_rollout = job.records, rollout.grid_list, rollout
         else:
-            teacher = FineTeacher(denoiser, untuned, int(teacher_steps or DEFAULT_FINE_TEACHER_STEPS), device=device)
+            teacher = fine_teacher
             held_rollout = Rollout(denoiser, untuned, n, eta=eta, device=device)  # the default grid: the baseline
             metric = metric_for(held_rollout)
             plan = learn_grid(denoiser, untuned, n, calib, teacher, dist=dist, batch_size=batch_size, seed=seed,
                               eta=eta, metric=metric, max_evaluations=config.grid_search_evaluations, log=log,
                               progress=progress)
-            k = min(8, len(calib))
-            yardstick = teacher.self_error(calib.noise[:k].to(device), slice_conditioning(calib.cond, range(k)))
-            log(f"n={n}: teacher DPM-Solver++ 2M at {yardstick['teacher_steps']} steps: squared endpoint distance "
-                f"{yardstick['endpoint_mse']:.3g} to a {yardstick['reference_steps']}-step run (a sample's squared "
-                f"norm: {yardstick['sample_sq_norm']:.3g})")
-            info["teacher"] = FINE_TEACHER_NAME
             grid_report = {"tune": tune, "search": plan.to_dict(), "teacher": FINE_TEACHER_NAME,
                            "teacher_steps": teacher.num_inference_steps, "teacher_error": yardstick}
             if tune == "grid":
@@ -368,7 +380,9 @@ def calibrate(
         rep = StepCountReport(num_inference_steps=n, grid=list(table_grid), taus=[float(t) for t in taus],
                               steps=list(records), heldout=held, seconds=time.perf_counter() - tick,
                               forward_samples=int(dist.sum(torch.tensor(float(denoiser.num_forward_samples - fwd0)))),
-                              backward_samples=sum(r.backward_samples for r in records), grid_tuning=grid_report)
+                              backward_samples=sum(r.backward_samples for r in records), grid_tuning=grid_report,
+                              teacher={"solver": info.get("teacher", "same sampler"), "steps": m,
+                                       "self_error": yardstick})
         default_grid = held_rollout.grid_list
         if held["worse_than_untuned"]:
             msg = (f"TUNING MADE IT WORSE for n={n}: held-out {metric} to the {m}-step teacher "

@@ -51,9 +51,13 @@ class CalibrationConfig:
     batch_size: int = field(default=64, metadata={"help": "Samples per network call and process."})
     num_validation_samples: Optional[int] = field(default=32, metadata={"help": "Samples of the validation guard."})
     num_heldout_samples: int = field(default=64, metadata={"help": "Held-out x_T the report is computed on."})
+    teacher: str = field(default="dpmsolver++", metadata={
+        "help": "The reference every objective, the guard and the held-out verdict measure against: dpmsolver++ "
+                "(DPM-Solver++ 2M on a fine grid, computed once per calibration set; its own error is reported) or "
+                "same (the calibrated sampler itself at about 5 n steps; required for the grid modes: dpmsolver++).",
+        "choices": ["dpmsolver++", "same"]})
     teacher_steps: Optional[int] = field(default=None, metadata={
-        "help": "Teacher step count (tune=tau: the same sampler at about 5 n steps by default; tune=grid / "
-                "grid+tau: DPM-Solver++ 2M, default 100)."})
+        "help": "Teacher step count (dpmsolver++: default 100; same: about 5 n)."})
     guard: bool = field(default=True, metadata={
         "help": "Keep only the tuned prefix that beats untuned on the validation set (--no_guard: the full table)."})
     guard_margin: float = field(default=2.0, metadata={
