@@ -378,7 +378,7 @@ def test_custom_grid_is_calibrated_and_sampled_with_the_same_timesteps():
     assert not torch.equal(out, sample_trajectory(den, plain, noise, None)[-1])
     with pytest.raises(ValueError, match="was tuned on the grid"):
         copy.deepcopy(res.scheduler).set_timesteps(5)
-    assert res.scheduler.config.tuning_info["5"]["custom_grid"] == grid
+    assert res.scheduler.config.tuning_info["5"]["timesteps"] == grid  # the custom grid is the config field `timesteps`
     # a multistep solver on the same custom grid (the paper pairs DPM-Solver with a log-SNR grid)
     from diffusers_timetuner.schedulers import TimeTunerDPMSolverScheduler
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusers_timetuner.calibration import calibrate
-from diffusers_timetuner.calibration.report import energy_distance_change_se
+from diffusers_timetuner.calibration.stats import energy_distance_change_se
 from diffusers_timetuner.calibration.rollout import Rollout
 from diffusers_timetuner.denoiser import Denoiser
 from diffusers_timetuner.metrics import pixel_frechet_distance

@@ -258,7 +258,7 @@ def test_cli_has_tune():
 
 # --------------------------------------------------------------------------------------------- teacher (part 2)
 def test_fine_teacher_is_cached_accurate_and_reports_its_own_error(gmm):
-    from diffusers_timetuner.calibration.grid_search import FineTeacher
+    from diffusers_timetuner.calibration.teacher import FineTeacher
     from diffusers_timetuner.denoiser import Denoiser
 
     den = Denoiser(gmm.unet)

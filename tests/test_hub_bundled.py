@@ -84,7 +84,7 @@ def calibration_endpoint_mse(scheduler, n: int, entry: Path):
 METRIC_EVALUATORS = {
     "tiny_endpoint_mse": lambda scheduler, n, entry: (
         {"tuned": tiny_endpoint_mse(scheduler, n)},
-        {"tuned": hub.held_out_pair(hub.recorded_held_out(scheduler.config.tuning_info[str(n)]))[2]}),
+        {"tuned": hub.recorded_held_out(scheduler.config.tuning_info[str(n)]).tuned}),
     "endpoint_mse": calibration_endpoint_mse,
 }
 # Deterministic CPU recomputation: same seeds, same batch composition, so the only difference is float32 summation
@@ -133,9 +133,9 @@ def test_entry_metric_reproduces(name, fixture_entry):
     path = _entry_path(name, fixture_entry)
     scheduler = hub.load_tuned_scheduler(str(path) if name == FIXTURE else name)
     for n, info in scheduler.config.tuning_info.items():
-        pair = hub.held_out_pair(hub.recorded_held_out(info))
-        assert pair, f"{name}: no held-out measurement recorded for {n} steps"
-        metric, untuned, tuned = pair
+        held = hub.recorded_held_out(info)
+        assert held, f"{name}: no held-out measurement recorded for {n} steps"
+        metric, untuned, tuned = held.metric, held.untuned, held.tuned
         evaluator = METRIC_EVALUATORS.get(metric)
         if evaluator is None:
             pytest.fail(f"{name}: no evaluator wired for metric {metric!r} (add it to METRIC_EVALUATORS)")

@@ -121,8 +121,7 @@ def heldout_errors(scheduler, n: int, num_samples: int | None = None) -> dict:
 
     from diffusers_timetuner import testbeds
     from diffusers_timetuner.calibration.conditions import build_conditions, resolve_model
-    from diffusers_timetuner.calibration.grid_search import FINE_TEACHER_NAME, FineTeacher
-    from diffusers_timetuner.calibration.objectives import Teacher
+    from diffusers_timetuner.calibration.teacher import FINE_TEACHER_NAME, FineTeacher, Teacher
     from diffusers_timetuner.calibration.rollout import Rollout
     from diffusers_timetuner.calibration.families import untuned_copy
     from diffusers_timetuner.denoiser import Denoiser, slice_conditioning

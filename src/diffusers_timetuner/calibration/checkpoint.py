@@ -138,8 +138,9 @@ class CheckpointStore:
             )
         saved = payload.get("fingerprint")
         if saved != self.fingerprint:
-            diff = sorted(k for k in set(saved or {}) | set(self.fingerprint)
-                          if (saved or {}).get(k) != self.fingerprint.get(k))
+            saved, missing = saved or {}, object()  # a key present in one only differs even when its value is None
+            diff = sorted(k for k in set(saved) | set(self.fingerprint)
+                          if saved.get(k, missing) != self.fingerprint.get(k, missing))
             raise ValueError(
                 f"The checkpoint {path} was written by a calibration with other settings (differs in: "
                 f"{', '.join(diff)}). Resume with the same settings, or start afresh in another directory."

@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from .objectives import OBJECTIVES
 from .optimizers import OPTIMIZERS
-from .strategies import STRATEGIES, VALIDATION_METRICS
+from .stats import VALIDATION_METRICS
+from .strategies import STRATEGIES
 
 # Defaults chosen by measurement: see calibration/api.py (DEFAULT_OBJECTIVE) for the figures.
 DEFAULT_OBJECTIVE = "teacher_local"

@@ -2,8 +2,8 @@
 
 A :class:`Rollout` holds one *untuned* copy of the scheduler for n steps (its ``timesteps`` are the grid t_i) and
 advances :class:`ChunkState` objects (a mini-batch of states x~_{t_i} plus the scheduler's own history, needed by
-multistep solvers) one step at a time through the very same ``scale_model_input`` -> network -> ``scheduler.step``
-calls that :func:`diffusers_timetuner.sampling.sample` makes at inference. The only difference: the network is fed
+multistep solvers) one step at a time through the very function :func:`diffusers_timetuner.sampling.sample` uses at
+inference (``sampling.denoising_step``: ``scale_model_input`` -> network -> ``scheduler.step``). The only difference: the network is fed
 a candidate tau_i while ``step`` is told the grid time t_i to find its step index. By the scheduler contract the
 update t_i -> t_{i-1} depends only on that index, never on tau, so this is exactly the step a tuned scheduler takes
 (``tests/test_calibration.py`` checks that the cached states equal ``sample()`` with the tuned scheduler).
@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..denoiser import Conditioning
-from ..sampling import grid_timesteps, step_kwargs
+from ..noise_schedule import alpha_bar_at
+from ..sampling import denoising_step, grid_timesteps, step_kwargs
 
 
 @dataclass
@@ -50,17 +51,9 @@ class ChunkState:
 
 
 def alpha_sigma_at(scheduler, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """VP coefficients (alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)) at a (possibly fractional) time t.
-
-    ``alphas_cumprod`` is linearly interpolated between integer timesteps, the convention the testbed models use
-    for float timesteps (DESIGN.md, "Time the model sees").
-    """
-    abar = scheduler.alphas_cumprod.to(torch.float64)
-    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(abar) - 1)
-    lo = t.floor().long()
-    hi = (lo + 1).clamp(max=len(abar) - 1)
-    w = t - lo
-    a = abar[lo] * (1 - w) + abar[hi] * w
+    """VP coefficients (alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)) at a (possibly fractional) time t,
+    by the package's one rule for ``alphas_cumprod`` at fractional times (:func:`~diffusers_timetuner.noise_schedule.alpha_bar_at`)."""
+    a = alpha_bar_at(scheduler.alphas_cumprod.to(torch.float64), t)
     return a.sqrt().float(), (1 - a).sqrt().float()
 
 
@@ -145,8 +138,8 @@ class Rollout:
         for seed in (0, 1):
             sched = copy.deepcopy(self.stepper)
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            x_in = sched.scale_model_input(x, key)
-            outs.append(sched.step(torch.zeros_like(x_in), key, x, **step_kwargs(sched, self.eta, gen)).prev_sample)
+            no_network = lambda x_in, t, cond: torch.zeros_like(x_in)  # noqa: E731
+            outs.append(denoising_step(no_network, sched, x, key, extra=step_kwargs(sched, self.eta, gen)).prev_sample)
         return not torch.equal(outs[0], outs[1])
 
     # ------------------------------------------------------------------ states
@@ -179,13 +172,11 @@ class Rollout:
         """
         j = state.j
         sched = state.scheduler if keep else copy.deepcopy(state.scheduler)
-        key = self.keys[j]
-        x_in = sched.scale_model_input(state.x, key)
         tau = tau if torch.is_tensor(tau) else torch.tensor(float(tau), dtype=torch.float32)
-        model_output = self.denoiser(x_in, tau.to(self.device, torch.float32), state.cond)
         # Stochastic steps (DDPM, eta > 0) draw their noise from a generator seeded per (chunk, step).
         extra = step_kwargs(sched, self.eta, self._generator(state))
-        prev = sched.step(model_output, key, state.x, **extra).prev_sample
+        prev, model_output, x_in = denoising_step(self.denoiser, sched, state.x, self.keys[j], state.cond,
+                                                  model_time=tau.to(self.device, torch.float32), extra=extra)
         new = ChunkState(prev, sched, j + 1, state.cond, state.seed, state.extras)
         new.extras = dict(state.extras, last_model_output=model_output, last_model_input=x_in)
         if keep:

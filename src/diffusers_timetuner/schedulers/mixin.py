@@ -26,6 +26,7 @@ from ..table import (
     TAU_RTOL,
     TauTable,
     check_made_for,
+    matching_indices,
     normalize_step_key,
     normalize_tuning_config,
     scheduler_fingerprint,
@@ -111,12 +112,6 @@ def _is_integer_timestep(timestep: Any) -> bool:
     return isinstance(timestep, numbers.Integral) and not isinstance(timestep, bool)
 
 
-def _matches(values: np.ndarray, t: float) -> np.ndarray:
-    """Indices of the float64 `values` within the table tolerance of `t`: |v - t| <= atol + rtol * max(|v|, |t|)."""
-    tol = TAU_ATOL + TAU_RTOL * np.maximum(np.abs(values), abs(t))
-    return np.flatnonzero(np.abs(values - t) <= tol)
-
-
 def _raise_no_single_match(values: np.ndarray, t: float, hits: Sequence[int], what: str) -> NoReturn:
     shown = [round(v, 4) for v in values.tolist()]
     if len(hits) == 0:
@@ -137,7 +132,7 @@ def find_timestep_index(schedule: torch.Tensor, timestep: Any, *, what: str = "s
     """
     t = _scalar(timestep)
     values = schedule.detach().to("cpu", torch.float64).reshape(-1).numpy()
-    hits = _matches(values, t).tolist()
+    hits = matching_indices(values, t).tolist()
     if len(hits) == 1:
         return hits[0]
     _raise_no_single_match(values, t, hits, what)
@@ -195,7 +190,7 @@ class _TimestepLookup:
         i = self.exact.get(t)
         if i is not None:
             return i
-        hits = _matches(self.values, t).tolist()
+        hits = matching_indices(self.values, t).tolist()
         if len(hits) == 1:
             return hits[0]
         _raise_no_single_match(self.values, t, hits, what)
