@@ -175,7 +175,8 @@ class SearchRecord:
 
 
 def pattern_search(evaluator: GridEvaluator, grid: Sequence[int], upper: int, *, max_evaluations: int,
-                   min_step: int = 1, log: Callable[[str], None] = lambda m: None, progress=None) -> SearchRecord:
+                   min_step: int = 1, log: Callable[[str], None] = lambda m: None, progress=None,
+                   num_samples: int = 1) -> SearchRecord:
     """Coordinate search over integer grid points t_K > ... > t_1 in [0, upper], strictly descending.
 
     Each point starts with a step of a quarter of its smallest neighbouring gap; a move that lowers the endpoint
@@ -219,7 +220,7 @@ def pattern_search(evaluator: GridEvaluator, grid: Sequence[int], upper: int, *,
                     grid, best, moved = trial, loss, True
                     evaluator.adopt_last()
                     history.append({"grid": list(grid), "loss": best})
-                    log(f"grid search: t[{j}] -> {t} (endpoint error {best:.5g})")
+                    log(f"grid search: t[{j}] -> {t} (endpoint error {best / num_samples:.5g})")
                     steps[j] *= 2
                     break
             if moved:
@@ -326,7 +327,8 @@ def learn_grid(denoiser, untuned, n: int, calib, teacher: FineTeacher, *, dist, 
     bar = tqdm(total=budget, desc=f"grid search n={n}", leave=False, disable=not (progress and dist.is_main_process))
     upper = int(untuned.config.num_train_timesteps) - 1
     if budget > 0:
-        rec = pattern_search(evaluator, init, upper, max_evaluations=budget, log=log, progress=bar.update)
+        rec = pattern_search(evaluator, init, upper, max_evaluations=budget, log=log, progress=bar.update,
+                             num_samples=num)
     else:  # the dynamic programme's grid (or the default) as it is
         rec = SearchRecord(list(init), min(loss_dp, loss_default) * num, 0)
     bar.close()
