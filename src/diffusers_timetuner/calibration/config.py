@@ -84,6 +84,9 @@ class CalibrationConfig:
 
 # Sizes for the no-argument CLI run (bundled MNIST, DDIM 10) to finish in a few minutes on 2 CPU cores; the CLI
 # applies it by default (``--preset cpu``); ``--preset none`` keeps the API defaults above. Raise them on a GPU.
+# teacher_steps=40: DPM-Solver++ 2M at 40 steps is 0.045 (squared endpoint distance) from an 80-step run on the MNIST
+# UNet, against a sample's squared norm of 718 and a DDIM@10 error of about 12; the 100-step default would double
+# the run's model evaluations.
 CPU_QUICK_PRESET: Dict[str, Any] = dict(num_samples=32, batch_size=32, num_heldout_samples=32,
-                                        num_validation_samples=16)
+                                        num_validation_samples=16, teacher_steps=40)
 PRESETS: Dict[str, Dict[str, Any]] = {"cpu": CPU_QUICK_PRESET, "none": {}}
