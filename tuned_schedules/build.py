@@ -38,13 +38,13 @@ ENTRIES = {
                                 "--batch_size", "64", "--num_validation_samples", "32", "--num_heldout_samples",
                                 "128", "--teacher_steps", "50", "--seed", "0", "--no_progress"]),
     "mnist-ddim-10-g1": ("cli", ["--num_inference_steps", "10", "--no_progress"]),
-    # the grid modes: the learned grid is in the table (plain set_timesteps(10) samples on it)
-    "mnist-ddim-10-grid-g1": ("cli", ["--tune", "grid", "--teacher_steps", "40", "--grid_search_evaluations", "10",
-                                      "--num_validation_samples", "32", "--num_heldout_samples", "48",
-                                      "--no_progress"]),
-    "mnist-ddim-10-grid-tau-g1": ("cli", ["--tune", "grid+tau", "--teacher_steps", "40", "--grid_search_evaluations",
-                                          "10", "--num_validation_samples", "32", "--num_heldout_samples", "48",
-                                          "--no_progress"]),
+    # the grid modes (the learned grid is in the table: plain set_timesteps(10) samples on it)
+    "gmm-digits-ddim-10-grid-g1": ("gmm", dict(scheduler="ddim", num_inference_steps=10, tune="grid",
+                                               num_samples=256, batch_size=256, num_validation_samples=128,
+                                               num_heldout_samples=512, seed=0)),
+    "gmm-digits-ddim-10-grid-tau-g1": ("gmm", dict(scheduler="ddim", num_inference_steps=10, tune="grid+tau",
+                                                   num_samples=256, batch_size=256, num_validation_samples=128,
+                                                   num_heldout_samples=512, seed=0)),
 }
 
 
