@@ -12,7 +12,7 @@ nvidia-smi -L
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name(0))"
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_schedulers.py -k cuda 2>&1 | tail -4 | tee $OUT/cuda_tests.txt
 mkdir -p /tmp/res
-timeout ${BENCH_TIMEOUT:-290} python3 benchmarks/run_all.py --full --device cuda --total-budget-s ${BUDGET:-255} --out-dir /tmp/res 2>&1 | tee $OUT/bench_log.txt
+timeout ${BENCH_TIMEOUT:-290} python3 -m benchmarks.run_all --full --device cuda --total-budget-s ${BUDGET:-255} --out-dir /tmp/res 2>&1 | tee $OUT/bench_log.txt
 echo "run_all exit $?"
 tar czf $OUT/results.tgz -C /tmp/res .
 ls -la $OUT

@@ -21,8 +21,11 @@ FIXTURE = "<fixture entry>"
 ENDPOINT_TEACHER_STEPS = 50
 
 
-def test_bundled_dir_is_the_top_level_tuned_schedules():
-    assert hub.bundled_schedules_dir().resolve() == (REPO_ROOT / "tuned_schedules").resolve()
+def test_bundled_dir_is_the_package_data_folder():
+    """One location, no symlink: the entries are package data in the source tree."""
+    where = hub.bundled_schedules_dir()
+    assert where == REPO_ROOT / "src" / "diffusers_timetuner" / "tuned_schedules"
+    assert not where.is_symlink()
 
 
 def test_index_is_up_to_date():
@@ -158,8 +161,7 @@ def _copy_source_tree(dst: Path) -> None:
     for name in ("pyproject.toml", "setup.cfg", "README.md", "LICENSE"):
         if (REPO_ROOT / name).exists():
             shutil.copy2(REPO_ROOT / name, dst / name)
-    shutil.copytree(REPO_ROOT / "src", dst / "src", symlinks=True, ignore=ignore)  # keep the package symlink
-    shutil.copytree(REPO_ROOT / "tuned_schedules", dst / "tuned_schedules", ignore=ignore)
+    shutil.copytree(REPO_ROOT / "src", dst / "src", ignore=ignore)  # the bundled entries are inside the package
 
 
 def test_wheel_ships_tuned_schedules_and_finds_them(tmp_path, fixture_entry):
@@ -168,7 +170,7 @@ def test_wheel_ships_tuned_schedules_and_finds_them(tmp_path, fixture_entry):
     src = tmp_path / "src_tree"
     src.mkdir()
     _copy_source_tree(src)
-    shutil.copytree(fixture_entry, src / "tuned_schedules" / fixture_entry.name)
+    shutil.copytree(fixture_entry, src / "src" / "diffusers_timetuner" / "tuned_schedules" / fixture_entry.name)
     out = tmp_path / "wheel"
     build = subprocess.run(
         [sys.executable, "-c", f"from setuptools import build_meta as b; print(b.build_wheel({str(out)!r}))"],

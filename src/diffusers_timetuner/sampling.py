@@ -39,6 +39,17 @@ def grid_timesteps(scheduler) -> torch.Tensor:
     return grid if grid is not None else scheduler.timesteps
 
 
+def init_noise_sigma(scheduler) -> float:
+    """x_T = noise * this: the scheduler's ``init_noise_sigma`` (flow-matching schedulers have none: 1)."""
+    return getattr(scheduler, "init_noise_sigma", 1.0)
+
+
+def scale_model_input(scheduler, x: torch.Tensor, timestep) -> torch.Tensor:
+    """``scheduler.scale_model_input`` where it exists (flow-matching schedulers feed the state unscaled)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, timestep)
+
+
 class StepOutput(NamedTuple):
     """What one sampler step made: x_{t_{i-1}}, the network's output and its input (after ``scale_model_input``)."""
 
@@ -56,7 +67,7 @@ def denoising_step(denoiser, scheduler, x: torch.Tensor, timestep, cond: Conditi
     grid key, which by the scheduler contract is exactly the step a tuned scheduler takes. ``extra``: ``step``'s
     keyword arguments (:func:`step_kwargs`).
     """
-    x_in = scheduler.scale_model_input(x, timestep)
+    x_in = scale_model_input(scheduler, x, timestep)
     model_output = denoiser(x_in, timestep if model_time is None else model_time, cond)
     prev = scheduler.step(model_output, timestep, x, **(extra or {})).prev_sample
     return StepOutput(prev, model_output, x_in)
@@ -91,7 +102,7 @@ def sample(
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
     extra = step_kwargs(scheduler, eta, generator)
     grid = grid_timesteps(scheduler)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * init_noise_sigma(scheduler)
     for i, tau in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
         prev, model_output, _ = denoising_step(denoiser, scheduler, x, tau, cond, extra=extra)
         if callback is not None:

@@ -35,6 +35,7 @@ from .inputs import (
 from .stats import VALIDATION_METRICS
 from .strategies import get_strategy
 from .teacher import DEFAULT_FINE_TEACHER_STEPS, FINE_TEACHER_NAME, FineTeacher, Teacher, default_teacher_steps
+from .prediction import timestep_bounds
 from .validate import VALIDATED_ARGS as _VALIDATED_ARGS, validate_calibration_args
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,9 @@ def calibrate(
     num_validation_samples, num_heldout_samples = config.num_validation_samples, config.num_heldout_samples
     teacher_steps, guard, guard_margin = config.teacher_steps, config.guard, config.guard_margin
     validation_metric, eta, seed = config.validation_metric, config.eta, config.seed
+    sigmas, mu = config.sigmas, config.mu
+    if sigmas is not None and timesteps is not None:
+        raise ValueError("Pass either a custom `timesteps` grid or a custom `sigmas` grid, not both.")
     if config.adam_steps is not None and optimizer_kwargs is None and optimizer == "adam":
         optimizer_kwargs = {"num_steps": int(config.adam_steps)}
     dist = Distributed(accelerator)
@@ -206,6 +210,12 @@ def calibrate(
             raise ValueError(f"num_inference_steps={num_inference_steps!r} disagrees with the custom grid of "
                              f"{len(timesteps)} timesteps: pass only `timesteps` (one table, n = len(timesteps)).")
         num_inference_steps = len(timesteps)
+    if sigmas is not None:
+        sigmas = [float(v) for v in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
+        if num_inference_steps is not None and [int(n) for n in np.atleast_1d(num_inference_steps)] != [len(sigmas)]:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} disagrees with the custom grid of "
+                             f"{len(sigmas)} sigmas: pass only `sigmas` (one table, n = len(sigmas)).")
+        num_inference_steps = len(sigmas)
     if num_inference_steps is None:
         num_inference_steps = 10
     if isinstance(num_inference_steps, int):
@@ -235,6 +245,7 @@ def calibrate(
             )
     if timesteps is not None:
         check_custom_grid(untuned, timesteps)
+    check_flow_settings(untuned, sigmas, mu)
     tune = config.tune
     if tune != "tau":
         check_grid_tunable(untuned)
@@ -280,8 +291,8 @@ def calibrate(
 
     # The report's settings: every CalibrationConfig field (resolved: step counts, grid, objective, strategy and
     # optimiser by name), then the run-time facts no setting holds.
-    resolved = config.replace(num_inference_steps=steps, timesteps=timesteps, objective=objective_obj.name,
-                              strategy=strategy_obj.name,
+    resolved = config.replace(num_inference_steps=steps, timesteps=timesteps, sigmas=sigmas,
+                              objective=objective_obj.name, strategy=strategy_obj.name,
                               optimizer=getattr(optimizer_obj, "name", type(optimizer_obj).__name__))
     settings = {
         **resolved.to_dict(),
@@ -298,7 +309,7 @@ def calibrate(
     log = (lambda msg: logger.info(msg)) if dist.is_main_process else (lambda msg: None)
 
     result_sched, reports = base, {}
-    bounds = (0.0, float(train_steps - 1))
+    bounds = timestep_bounds(untuned)
 
     def metric_for(rollout) -> str:
         metric = validation_metric
@@ -311,10 +322,12 @@ def calibrate(
 
     def tau_table(n, grid, teacher=None):
         """Tau for n steps on ``grid`` (None: the scheduler's own) with the chosen strategy; guarded on that grid."""
-        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=grid)
+        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=grid, sigmas=sigmas, mu=mu)
+        objective_obj.check(rollout)
+        check_untuned_finite(rollout, shape, cond_set.take(range(1)))
         if teacher is None:
             teacher = fine_teacher
-        if teacher is None:  # teacher="same": the calibrated sampler at about 5 n steps
+        if teacher is None:  # teacher="same" or a non-VP sampler: the calibrated sampler at about 5 n steps
             m = int(teacher_steps or default_teacher_steps(untuned, n, rollout.grid_list))
             teacher = Teacher(denoiser, untuned, m, device=device, coarse_grid=rollout.grid_list)
         if objective_obj.name == "teacher_local" and teacher.grid_indices(rollout.grid_list[1:]) is None:
@@ -332,7 +345,7 @@ def calibrate(
 
     # One accurate teacher for every step count, its trajectories cached per batch; its own error is reported.
     fine_teacher, yardstick = None, None
-    if config.teacher == "dpmsolver++":
+    if config.teacher == "dpmsolver++" and FineTeacher.supports(untuned):
         fine_teacher = FineTeacher(denoiser, untuned, int(teacher_steps or DEFAULT_FINE_TEACHER_STEPS), device=device)
 
     for n in steps:
@@ -378,6 +391,8 @@ def calibrate(
                 if chosen in ("grid", "grid+tau") else dict(info, tune=tune, grid_fallback=chosen)
         m = teacher.num_inference_steps
         info["teacher_steps"] = m
+        if hasattr(untuned, "time_shift_record"):  # flow matching: the shift / mu the table is for (checked on load)
+            info["time_shift"] = untuned.time_shift_record(mu)
         candidate = result_sched.with_tuned_timesteps(n, taus, grid=table_grid, info=info)
         metric = metric_for(held_rollout)
         held = evaluate_heldout(held_rollout, candidate, teacher, heldout.noise, heldout.cond, dist, batch_size,
@@ -398,7 +413,7 @@ def calibrate(
             rep.warnings.append(msg)
             if dist.is_main_process:
                 logger.warning(msg)
-        elif (tune == "tau" and all(timesteps_close(a, b) for a, b in zip(taus, default_grid))) or (
+        elif (tune == "tau" and all(timesteps_close(a, b) for a, b in zip(cal.fitted, default_grid))) or (
                 grid_report is not None and grid_report["chosen"] == "untuned"):
             msg = (f"NO GAIN for n={n}: the table is tau = t (the validation guard kept no tuned step). It samples "
                    "exactly like the untuned scheduler; try more calibration samples or another objective.")
@@ -413,6 +428,47 @@ def calibrate(
     return CalibrationResult(result_sched, reports, settings)
 
 
+
+
+def check_untuned_finite(rollout: Rollout, shape, cond) -> None:
+    """Refuse a sampler whose untuned run from one x_T already ends in NaN / inf (nothing to tune against).
+
+    Diffusers' UniPC with ``solver_type="bh1"`` and ``final_sigmas_type="zero"`` does this on any model."""
+    before = rollout.denoiser.num_forward_samples
+    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)).to(rollout.device)
+    state = rollout.initial_state(rollout.noise_to_state(x), cond)
+    final = rollout.run(state, rollout.grid_list).x
+    rollout.denoiser.num_forward_samples = before  # a check, not calibration work
+    if not bool(torch.isfinite(final).all()):
+        sched = rollout.scheduler
+        hint = (" (UniPC bh1 with final_sigmas_type='zero' divides by zero at the last step: use "
+                "final_sigmas_type='sigma_min' or solver_type='bh2')" if "UniPC" in type(sched).__name__ else "")
+        raise ValueError(f"The untuned {type(sched).__name__} with n={rollout.num_inference_steps} gives non-finite "
+                         f"samples{hint}; fix the scheduler config before calibrating.")
+
+
+def check_flow_settings(scheduler, sigmas, mu) -> None:
+    """Refuse ``sigmas`` / ``mu`` where they do not apply, and a dynamic-shift scheduler without ``mu``."""
+    name = type(scheduler).__name__
+    flow_euler = hasattr(scheduler, "time_shift_record")
+    if sigmas is not None:
+        if not flow_euler:
+            raise ValueError(f"A custom `sigmas` grid is for flow-matching schedulers (FlowMatchEuler); {name} takes "
+                             "a custom grid as `timesteps`.")
+        if not all(0.0 < v <= 1.0 for v in sigmas) or any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"`sigmas` must be strictly descending values in (0, 1] (the parent appends the final "
+                             f"0), got {sigmas}.")
+    if not flow_euler:
+        if mu is not None:
+            raise ValueError(f"`mu` is the dynamic time shift of flow-matching schedulers; {name} has none.")
+        return
+    dynamic = bool(scheduler.config.use_dynamic_shifting)
+    if dynamic and mu is None:
+        raise ValueError(f"{name} has use_dynamic_shifting=True: pass the `mu` the table is for (Flux pipelines "
+                         "compute it from the image size, e.g. diffusers.pipelines.flux.pipeline_flux.calculate_shift).")
+    if mu is not None and not dynamic:
+        raise ValueError(f"`mu` only applies with use_dynamic_shifting=True; {name} uses the static "
+                         f"shift={scheduler.config.shift}.")
 
 
 def _worse_advice(held: Dict[str, Any], guarded: bool) -> str:

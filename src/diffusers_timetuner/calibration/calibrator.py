@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..denoiser import slice_conditioning
+from ..sampling import init_noise_sigma
 from ..table import timesteps_close
 from .distributed import Distributed
 from .guard import choose_prefix
@@ -86,8 +87,10 @@ class StepCountCalibrator:
         return isinstance(self.optimizer, JointOptimizer)
 
     def run(self, strategy) -> List[float]:
-        """The table for n: ``strategy.run(self)``, its taus made distinct (:func:`distinct_taus`)."""
-        return distinct_taus(strategy.run(self), self.bounds, self.log)
+        """The table for n: ``strategy.run(self)``, its taus made distinct (:func:`distinct_taus`); the taus as
+        fitted stay in ``self.fitted`` (a Heun table left at tau = t repeats grid times)."""
+        self.fitted = [float(t) for t in strategy.run(self)]
+        return distinct_taus(self.fitted, self.bounds, self.log)
 
     # ------------------------------------------------------------------------------------------------ states
     def chunks(self, cset: CalibrationSet, from_data: bool, seed: int, teacher: bool) -> Dict[int, ChunkState]:
@@ -103,7 +106,7 @@ class StepCountCalibrator:
             state = r.initial_state(x_T, cond, seed=seed * 1_000_003 + int(idx[0]), **extras)
             if teacher:
                 state.extras["teacher_states"] = self.teacher.targets(
-                    x_T, float(r.scheduler.init_noise_sigma), cond, r.grid_list
+                    x_T, float(init_noise_sigma(r.scheduler)), cond, r.grid_list
                 )
             chunks[c] = state
         return chunks

@@ -29,6 +29,13 @@ class CalibrationConfig:
     timesteps: Optional[List[int]] = field(
         default=None, metadata={"help": "A custom grid t_K > ... > t_1 (descending integers) to calibrate one table "
                                         "on; sample with pipe(..., timesteps=<the same grid>)."})
+    sigmas: Optional[List[float]] = field(
+        default=None, metadata={"help": "Flow matching: a custom sigma grid 1 >= s_K > ... > s_1 > 0 (before the "
+                                        "scheduler's shift) to calibrate one table on; sample with "
+                                        "pipe(..., sigmas=<the same grid>)."})
+    mu: Optional[float] = field(
+        default=None, metadata={"help": "Flow matching with use_dynamic_shifting: the time shift mu the table is "
+                                        "for (Flux pipelines compute it from the image size); recorded in the table."})
     tune: str = field(default="tau", metadata={
         "help": "What is learned: tau (the paper: the time the network sees, on the scheduler's grid), grid (the "
                 "grid t_K > ... > t_1 itself, tau = t) or grid+tau (both). grid modes need a solver that runs on a "

@@ -63,13 +63,15 @@ def check_float_timesteps(denoiser, shape, cond, device, train_steps: int) -> fl
 
 
 def sample_shape_of(model, data, sample_shape):
+    """What the network takes: ``sample_shape``, else its config's, else the data's (checked against it by the
+    caller, so data of another shape is refused rather than taken as the model's shape)."""
     if sample_shape is not None:
         return tuple(int(s) for s in sample_shape)
-    if data is not None:
-        return tuple(data.shape[1:])
     cfg = getattr(model, "config", None)
     size = getattr(cfg, "sample_size", None)
     channels = getattr(cfg, "in_channels", None)
+    if (size is None or channels is None) and data is not None:
+        return tuple(data.shape[1:])
     if size is None or channels is None:
         raise ValueError("Cannot infer the sample shape from the model's config: pass sample_shape=(C, H, W).")
     size = (size, size) if isinstance(size, int) else tuple(size)

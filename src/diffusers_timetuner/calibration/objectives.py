@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from .nonfinite import finite_losses
 from .rollout import ChunkState, Rollout, alpha_sigma_at
 
 # Teacher moved to teacher.py; re-exported for callers that import it from here.
@@ -45,6 +46,9 @@ class Objective:
     tunes_last_step = False
     local = True  # evaluates one step only (parallel strategy possible)
 
+    def check(self, rollout: Rollout) -> None:
+        """Raise a ValueError if this objective does not apply to the rollout's sampler (before any tuning)."""
+
     def prepare_step(self, rollout: Rollout, state: ChunkState) -> None:
         """Cache tau-independent quantities of step ``state.j`` in ``state.extras``."""
 
@@ -61,11 +65,22 @@ class PaperObjective(Objective):
 
     name = "paper"
 
+    def check(self, rollout: Rollout) -> None:
+        """Refuse samplers eq. 9 / 10 are not defined for (a ValueError saying what to use instead)."""
+        if rollout.num_evaluations != rollout.num_inference_steps:
+            raise ValueError(
+                f"objective={self.name!r} compares noise predictions at consecutive grid times t_i -> t_(i-1); "
+                f"{type(rollout.scheduler).__name__} evaluates the network twice per step (its predictor state is "
+                "not a grid state), so eq. 9 / 10 are not defined for it. Use objective='teacher_local' or 'endpoint'."
+            )
+        alpha_sigma_at(rollout.scheduler, float(rollout.keys[0]))  # consistency models: refused there
+
     def prepare_step(self, rollout, state):
         with torch.no_grad():
             # eps_theta(x~_{t_i}, t_i): the untuned time t_i, on the current (already tuned) trajectory.
             state.extras["target"] = rollout.epsilon_at_grid(state)
 
+    @finite_losses
     def losses(self, rollout, state, tau, taus):
         nxt = rollout.step(state, tau)  # x~_{t_{i-1}} = f_tau(x~_{t_i}, tau_i)
         eps_next = rollout.epsilon_at_grid(nxt)  # eps_theta(x~_{t_{i-1}}, t_{i-1})
@@ -91,9 +106,13 @@ class TeacherLocalObjective(Objective):
     needs_teacher = True
     tunes_last_step = True
 
+    @finite_losses
     def losses(self, rollout, state, tau, taus):
         nxt = rollout.step(state, tau)
-        return per_sample_sq(nxt.x, state.extras["teacher_states"][state.j + 1])
+        if nxt.j < rollout.num_evaluations and rollout.mid_step(nxt):
+            # Heun's predictor: score the state after its corrector (at the corrector's current tau)
+            nxt = rollout.step(nxt, taus[nxt.j])
+        return per_sample_sq(nxt.x, state.extras["teacher_states"][nxt.j])
 
 
 class EndpointObjective(Objective):
@@ -104,6 +123,7 @@ class EndpointObjective(Objective):
     tunes_last_step = True
     local = False
 
+    @finite_losses
     def losses(self, rollout, state, tau, taus):
         final = rollout.run(rollout.step(state, tau), taus)
         return per_sample_sq(final.x, state.extras["teacher_states"][-1])

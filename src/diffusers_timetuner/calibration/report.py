@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..sampling import sample_trajectory
+from ..sampling import init_noise_sigma, sample_trajectory
 from ..table import HeldOutResult
 from .stats import metric_value, paired_change
 
@@ -89,8 +89,8 @@ def evaluate_heldout(rollout, tuned_scheduler, teacher, noise, cond, dist, batch
     """
     from ..denoiser import slice_conditioning
 
-    n = rollout.num_inference_steps
     grid = rollout.grid_list
+    n = len(grid)  # one entry per model evaluation (2n - 1 for Heun)
     sums = {"tuned": torch.zeros(n, dtype=torch.float64), "untuned": torch.zeros(n, dtype=torch.float64)}
     have = torch.zeros(n, dtype=torch.float64)
     finals = torch.zeros((3, *noise.shape), dtype=torch.float64) if metric == "energy_distance" else None
@@ -98,8 +98,8 @@ def evaluate_heldout(rollout, tuned_scheduler, teacher, noise, cond, dist, batch
     for idx in dist.shard(noise.shape[0], batch_size):
         x = noise[idx].to(rollout.device)
         c = slice_conditioning(cond, idx)
-        targets = teacher.targets(x * rollout.scheduler.init_noise_sigma, float(rollout.scheduler.init_noise_sigma),
-                                  c, grid)[1:]
+        sigma_T = float(init_noise_sigma(rollout.scheduler))
+        targets = teacher.targets(x * sigma_T, sigma_T, c, grid)[1:]
         if finals is not None:
             finals[2, idx] = targets[-1].double().cpu()
         for k, (name, sched) in enumerate((("tuned", tuned_scheduler), ("untuned", rollout.scheduler))):

@@ -40,7 +40,8 @@ class SequentialStrategy:
         taus = list(grid)  # untuned: tau_i = t_i
         chunks = cal.chunks(cal.calib, self.from_data, cal.seed, obj.needs_teacher)
         val = cal.chunks(cal.validation, False, cal.seed + 1, True) if cal.guard else None
-        last = n if obj.tunes_last_step else n - 1  # the paper never tunes the last step (t_1 -> t_0)
+        evals = cal.rollout.num_evaluations  # n, or 2n - 1 for Heun (one tau per model evaluation)
+        last = evals if obj.tunes_last_step else evals - 1  # the paper never tunes the last step (t_1 -> t_0)
         if cal.joint:
             return cal.fit_all(chunks, val, last)
 
@@ -103,6 +104,9 @@ class ParallelStrategy:
     def run(self, cal: StepCountCalibrator) -> List[float]:
         r, n, obj = cal.rollout, cal.n, cal.objective
         order = int(getattr(r.scheduler.config, "solver_order", 1) or 1)
+        if r.num_evaluations != n:
+            raise ValueError(f"The parallel strategy needs one model evaluation per step; {type(r.scheduler).__name__} "
+                             "makes two. Use strategy='sequential' or 'data_free'.")
         if order > 1:
             raise ValueError(
                 f"The parallel strategy needs a one-step solver, but {type(r.scheduler).__name__} has solver_order="

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..denoiser import NonFiniteOutputError
 from ..sampling import grid_timesteps, sample, sample_trajectory
 from ..table import matching_indices
 from .rollout import to_epsilon
@@ -22,7 +23,9 @@ class Teacher:
 
     The teacher runs the same (untuned) scheduler configuration with ``num_inference_steps`` steps through
     :func:`~diffusers_timetuner.sampling.sample_trajectory`; stochastic schedulers (DDPM) are replaced by DDIM (eta=0)
-    so that "the teacher's sample from x_T" is well defined.
+    so that "the teacher's sample from x_T" is well defined. A flow-matching Euler teacher integrates on the coarse
+    sigma grid (shift, mu and custom sigmas included) with every interval split into ``ceil(M / n)`` equal sigma
+    steps, so it passes through every coarse grid time.
 
     Args:
         denoiser: the same denoiser as the coarse sampler (same guidance).
@@ -43,10 +46,33 @@ class Teacher:
             sched = TimeTunerDDIMScheduler.from_config(sched.config)
         self.scheduler = sched
         self.device = device
+        if "FlowMatch" in type(sched).__name__:
+            if coarse_grid is None:
+                raise ValueError("A flow-matching teacher refines the coarse sigma grid: pass coarse_grid.")
+            self._refine_flow_grid(coarse_grid)
+            return
         self.scheduler.set_timesteps(self.num_inference_steps, device=device)
         self.grid = grid_timesteps(self.scheduler).detach().to(torch.float64).cpu()
         if coarse_grid is not None and self.grid_indices(coarse_grid) is None:
             self._add_coarse_times(coarse_grid)
+
+    def _refine_flow_grid(self, coarse_grid) -> None:
+        """Flow-matching Euler on the coarse sigmas (t / T, then the terminal 0), each interval split into equal
+        sigma steps; an unshifted copy of the config takes these sigmas as they are."""
+        total = float(self.scheduler.config.num_train_timesteps)
+        nodes = [float(t) / total for t in coarse_grid] + [0.0]
+        per = max(1, -(-self.num_inference_steps // len(coarse_grid)))
+        sigmas = []
+        for hi, lo in zip(nodes[:-1], nodes[1:]):
+            sigmas += [hi + (lo - hi) * k / per for k in range(per)]
+        self.scheduler = type(self.scheduler).from_config(
+            self.scheduler.config, shift=1.0, use_dynamic_shifting=False, shift_terminal=None, use_karras_sigmas=False,
+            use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=False, invert_sigmas=False,
+            tuned_timesteps=None, tuned_grids=None, tuning_info=None,
+        )
+        self.scheduler.set_timesteps(sigmas=sigmas, device=self.device)
+        self.grid = grid_timesteps(self.scheduler).detach().to(torch.float64).cpu()
+        self.num_inference_steps = len(sigmas)
 
     def _add_coarse_times(self, coarse_grid) -> None:
         """Make the teacher pass through every (integer) coarse grid time: its own grid plus the coarse one, as a
@@ -73,7 +99,11 @@ class Teacher:
         # Same normalised noise: the coarse state is noise * init_noise_sigma of the coarse scheduler.
         noise = x_T / float(init_noise_sigma)
         sched = copy.deepcopy(self.scheduler)
-        return sample_trajectory(self.denoiser, sched, noise, None, cond, generator=torch.Generator().manual_seed(0))
+        try:
+            return sample_trajectory(self.denoiser, sched, noise, None, cond,
+                                     generator=torch.Generator().manual_seed(0))
+        except NonFiniteOutputError as err:  # say that it was the teacher, not a step of the calibrated sampler
+            raise err.at(f"in the {len(sched.timesteps)}-step teacher sampler", "timestep(s)") from None
 
     def targets(self, x_T, init_noise_sigma, cond, coarse_grid: Sequence[float]) -> List[Optional[torch.Tensor]]:
         """Teacher states aligned with the coarse trajectory: entry j is the teacher at coarse grid[j] (None where
@@ -83,9 +113,10 @@ class Teacher:
         return [states[k] if k is not None else None for k in idx] + [states[-1]]
 
     def _index_of(self, t: float) -> Optional[int]:
-        """Position of grid time t in the teacher's grid (the table's timestep tolerance), or None."""
+        """Position of grid time t in the teacher's grid (the table's timestep tolerance), or None. The last hit: a
+        Heun teacher visits each grid time twice, first as its predictor, then corrected."""
         hits = matching_indices(self.grid.numpy(), float(t))
-        return int(hits[0]) if len(hits) else None
+        return int(hits[-1]) if len(hits) else None
 
 
 def default_teacher_steps(scheduler, num_inference_steps: int, coarse_grid: Optional[Sequence[float]] = None) -> int:
@@ -102,6 +133,8 @@ def default_teacher_steps(scheduler, num_inference_steps: int, coarse_grid: Opti
     first = min(cap, 5 * n)
     if coarse_grid is None:
         return first
+    if "FlowMatch" in type(scheduler).__name__:
+        return 5 * n  # the flow teacher refines the coarse grid itself
     probe = copy.deepcopy(scheduler)
     # preferred: 5 n .. 20 n steps; then coarser teachers (down to 2 n) rather than none
     for m in list(range(first, min(cap, 20 * n) + 1)) + list(range(first - 1, 2 * n - 1, -1)):
@@ -162,6 +195,14 @@ class FineTeacher:
         self.alphas = _vp_alphas(self.scheduler)
         self.coarse_scheduler = scheduler
         self._cache: Dict[tuple, FineTrajectory] = {}
+
+    @staticmethod
+    def supports(scheduler) -> bool:
+        """A variance-preserving noise schedule (betas) whose states the fine teacher's can be mapped to: DDIM,
+        DDPM, DPM-Solver, Euler, UniPC; not flow matching, consistency models or Heun (their own teacher)."""
+        cfg = scheduler.config
+        return ("beta_schedule" in cfg and getattr(scheduler, "alphas_cumprod", None) is not None
+                and not cfg.get("use_flow_sigmas", False) and "Heun" not in type(scheduler).__name__)
 
     @staticmethod
     def _key(noise: torch.Tensor, cond) -> tuple:
