@@ -227,7 +227,10 @@ class FineTeacher:
                 states.append(info["prev_sample"])
 
         sched = copy.deepcopy(self.scheduler)
-        sample(self.denoiser, sched, noise.to(self.device), None, cond, callback=keep)
+        try:
+            sample(self.denoiser, sched, noise.to(self.device), None, cond, callback=keep)
+        except NonFiniteOutputError as err:  # say that it was the teacher, not a step of the calibrated sampler
+            raise err.at(f"in the {len(sched.timesteps)}-step teacher sampler", "timestep(s)") from None
         traj = FineTrajectory(list(self.times), states, eps)
         self._cache[key] = traj
         return traj
@@ -268,7 +271,10 @@ class FineTeacher:
         longer = copy.deepcopy(self.scheduler)
         longer.set_timesteps(min(self.num_inference_steps * factor, int(self.scheduler.config.num_train_timesteps)),
                              device=self.device)
-        ref = sample(self.denoiser, longer, noise.to(self.device), None, cond)
+        try:
+            ref = sample(self.denoiser, longer, noise.to(self.device), None, cond)
+        except NonFiniteOutputError as err:
+            raise err.at(f"in the {len(longer.timesteps)}-step teacher sampler", "timestep(s)") from None
         err = (mine - ref).double().pow(2).flatten(1).sum(1)
         return {"teacher_steps": self.num_inference_steps, "reference_steps": len(longer.timesteps),
                 "endpoint_mse": float(err.mean()), "endpoint_mse_se": float(err.std() / max(len(err), 2) ** 0.5),
