@@ -91,7 +91,7 @@ def test_cli_errors(tiny_pipeline_dir, tmp_path):
     from diffusers_timetuner.cli.calibrate import main, parse_args
 
     with pytest.raises(ValueError, match="Unknown scheduler"):
-        main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "a", "--scheduler", "heun")))
+        main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "a", "--scheduler", "pndm")))
     with pytest.raises(ValueError, match="unconditional"):
         main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "b", "--guidance_scale", "2")))
     with pytest.raises(ValueError, match="no `data` was given"):
