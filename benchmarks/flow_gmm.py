@@ -132,7 +132,8 @@ def markdown(results) -> str:
     for c in results["cells"]:
         t = c["tuned"]
         rows.append([c["family"], c["nfe"], c["untuned"]["fd"], *[t[o]["fd"] if o in t else None for o in objectives],
-                     None if c.get("best_fd_change") is None else f"{100 * c['best_fd_change']:+.1f}% ({c['best_objective']})",
+                     None if c.get("best_fd_change") is None
+                     else f"{100 * c['best_fd_change']:+.1f}% ({c['best_objective']})",
                      c["untuned"]["l2_to_floor"], *[t[o]["l2_to_floor"] if o in t else None for o in objectives]])
     tgt = results["target"]
     verdict = ("not measured" if tgt["measured_change"] is None else

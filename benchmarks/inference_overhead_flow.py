@@ -74,7 +74,8 @@ def build_flux():
         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
     ).eval()
     g = torch.Generator().manual_seed(1)
-    kwargs = dict(prompt_embeds=torch.randn(1, 7, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 32, generator=g))
+    kwargs = dict(prompt_embeds=torch.randn(1, 7, 32, generator=g),
+                  pooled_prompt_embeds=torch.randn(1, 32, generator=g))
     comps = dict(transformer=transformer, vae=_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
                  tokenizer_2=None)
     config = dict(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
@@ -202,7 +203,8 @@ def markdown(results) -> str:
         rows.append([r["pipeline"], r["nfe"], f"{1e3 * r['median_s']['untuned']:.2f}",
                      f"{1e3 * r['median_s']['tuned']:.2f}", f"{r['median_paired_ratio']:.4f}",
                      f"[{lo:.4f}, {hi:.4f}]", f"{r['ratio_of_medians']:.4f}", f"{r['ratio_bound']:.5f}",
-                     f"{1e6 * r['scheduler_s_per_step']['untuned']:.0f} / {1e6 * r['scheduler_s_per_step']['tuned']:.0f}",
+                     f"{1e6 * r['scheduler_s_per_step']['untuned']:.0f} / "
+                     f"{1e6 * r['scheduler_s_per_step']['tuned']:.0f}",
                      r["verdict"]])
     n = results["settings"]["reps"]
     return ("# Inference overhead: flow-matching pipelines\n\nTuned `TimeTunerFlowMatchEulerDiscreteScheduler` "

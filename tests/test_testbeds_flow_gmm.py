@@ -46,7 +46,8 @@ def test_velocity_matches_finite_difference_score(flow, s):
 
 @pytest.mark.parametrize("s", [0.2, 0.6, 1.0])
 def test_velocity_matches_monte_carlo(s):
-    # E[eps - x_0 | x_s = x] by self-normalised importance sampling over exact x_0 draws, weights N(x; (1-s) x_0, s^2 I)
+    # E[eps - x_0 | x_s = x] by self-normalised importance sampling over exact x_0 draws,
+    # weights N(x; (1-s) x_0, s^2 I)
     model = _small()
     x0 = model.sample_data(200_000, torch.Generator().manual_seed(2)).reshape(200_000, -1).double()
     x = torch.tensor([[0.3, -0.4], [1.0, 0.5]], dtype=torch.float64)

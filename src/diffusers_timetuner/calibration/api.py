@@ -465,7 +465,8 @@ def check_flow_settings(scheduler, sigmas, mu) -> None:
     dynamic = bool(scheduler.config.use_dynamic_shifting)
     if dynamic and mu is None:
         raise ValueError(f"{name} has use_dynamic_shifting=True: pass the `mu` the table is for (Flux pipelines "
-                         "compute it from the image size, e.g. diffusers.pipelines.flux.pipeline_flux.calculate_shift).")
+                         "compute it from the image size, e.g. "
+                         "diffusers.pipelines.flux.pipeline_flux.calculate_shift).")
     if mu is not None and not dynamic:
         raise ValueError(f"`mu` only applies with use_dynamic_shifting=True; {name} uses the static "
                          f"shift={scheduler.config.shift}.")

@@ -105,8 +105,8 @@ class ParallelStrategy:
         r, n, obj = cal.rollout, cal.n, cal.objective
         order = int(getattr(r.scheduler.config, "solver_order", 1) or 1)
         if r.num_evaluations != n:
-            raise ValueError(f"The parallel strategy needs one model evaluation per step; {type(r.scheduler).__name__} "
-                             "makes two. Use strategy='sequential' or 'data_free'.")
+            raise ValueError("The parallel strategy needs one model evaluation per step; "
+                             f"{type(r.scheduler).__name__} makes two. Use strategy='sequential' or 'data_free'.")
         if order > 1:
             raise ValueError(
                 f"The parallel strategy needs a one-step solver, but {type(r.scheduler).__name__} has solver_order="

@@ -447,7 +447,12 @@ class TimeTunerMixin:
         if info is not None:
             infos[key] = dict(info)
             # record what the table was made for, so that every load path can refuse another scheduler
-            infos[key].setdefault(MADE_FOR_KEY, scheduler_fingerprint(type(self).__name__, self.config))
+            # Only the class's own settings: `from_config` of another family's config keeps that family's keys as
+            # hidden config entries (e.g. DDIM's `rescale_betas_zero_snr` on a Heun scheduler), which a freshly
+            # constructed scheduler of this class does not have.
+            own = self._get_init_keys(type(self))
+            own_config = {k: v for k, v in self.config.items() if k in own}
+            infos[key].setdefault(MADE_FOR_KEY, scheduler_fingerprint(type(self).__name__, own_config))
         return type(self).from_config(
             self.config, tuned_timesteps=tables, tuned_grids=grids or None, tuning_info=infos or None
         )

@@ -6,7 +6,8 @@ x_0 ~ sum_k w_k N(mu_k, S_k) gives x_s ~ sum_k w_k N((1 - s) mu_k, (1 - s)^2 S_k
 
     v*(x, s) = E[eps - x_0 | x_s = x] = sum_k r_k(x, s) (E_k[eps | x] - E_k[x_0 | x]),
 
-with r_k the posterior of component k and, in the eigenbasis S_k = U_k diag(lambda) U_k^T, z = U_k^T (x - (1 - s) mu_k),
+with r_k the posterior of component k and, in the eigenbasis S_k = U_k diag(lambda) U_k^T,
+z = U_k^T (x - (1 - s) mu_k),
 var = (1 - s)^2 lambda + s^2:  E_k[eps | x] = U_k (s z / var),  E_k[x_0 | x] = mu_k + U_k ((1 - s) lambda z / var).
 Both are finite at s = 0 and s = 1. `FlowMatchingGaussianMixture` returns exactly that, so every error a
 flow-matching sampler makes with it is the sampler's own truncation error.
@@ -22,7 +23,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .gmm import GaussianMixtureDenoiser, GaussianMixtureDenoiserOutput
+from .gmm import GaussianMixtureDenoiser, GaussianMixtureDenoiserOutput, cached_decomposition
 
 
 class FlowMatchingGaussianMixture(ModelMixin, ConfigMixin):
@@ -59,7 +60,7 @@ class FlowMatchingGaussianMixture(ModelMixin, ConfigMixin):
     @classmethod
     def from_parameters(cls, weights, means, covariances, sample_size=None, in_channels: int = 1,
                         num_train_timesteps: int = 1000) -> "FlowMatchingGaussianMixture":
-        """Build from explicit mixture parameters (checked as `GaussianMixtureDenoiser.from_parameters` checks them)."""
+        """Build from explicit mixture parameters (checked as `GaussianMixtureDenoiser.from_parameters` does)."""
         vp = GaussianMixtureDenoiser.from_parameters(weights, means, covariances, sample_size=sample_size,
                                                      in_channels=in_channels)
         return cls.from_mixture(vp, num_train_timesteps=num_train_timesteps)
@@ -82,13 +83,7 @@ class FlowMatchingGaussianMixture(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------------------ exact quantities
     def _decomposition(self):
-        key = (self.covariances._version, self.means._version, self.weights._version, self.covariances.device)
-        if self._cache_key != key:
-            cov = self.covariances.double()
-            lam, u = torch.linalg.eigh((cov + cov.transpose(1, 2)) / 2)
-            self._cache = (self.weights.double().log(), self.means.double(), u, lam.clamp(min=0))
-            self._cache_key = key
-        return self._cache
+        return cached_decomposition(self)
 
     def sigmas_of(self, timestep, batch: int, device) -> torch.Tensor:
         """s = timestep / num_train_timesteps as float64 (B,); refuses s outside [0, 1] or non-finite values."""
@@ -144,7 +139,8 @@ class FlowMatchingGaussianMixture(ModelMixin, ConfigMixin):
             raise ValueError(f"FlowMatchingGaussianMixture is unconditional: got {', '.join(given)}.")
         b = sample.shape[0]
         if sample[0].numel() != self.means.shape[1]:
-            raise ValueError(f"Expected samples with {self.means.shape[1]} values each, got shape {tuple(sample.shape)}.")
+            raise ValueError(f"Expected samples with {self.means.shape[1]} values each, "
+                             f"got shape {tuple(sample.shape)}.")
         v = self.velocity(sample.reshape(b, -1).double(), self.sigmas_of(timestep, b, sample.device))
         out = v.reshape(sample.shape).to(sample.dtype)
         return GaussianMixtureDenoiserOutput(sample=out) if return_dict else (out,)

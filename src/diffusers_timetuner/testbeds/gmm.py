@@ -22,6 +22,19 @@ from ..noise_schedule import alpha_bar_at  # also exported as testbeds.alpha_bar
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def cached_decomposition(mixture: torch.nn.Module):
+    """float64 (log w, mu, U, lambda) of a mixture's ``weights`` / ``means`` / ``covariances`` buffers (eigh of the
+    symmetrised covariances), cached on ``mixture._cache`` until a buffer is replaced or changed in place."""
+    key = (id(mixture.covariances), mixture.covariances._version, id(mixture.means), mixture.means._version,
+           id(mixture.weights), mixture.weights._version, mixture.covariances.device)
+    if mixture._cache_key != key:
+        cov = mixture.covariances.double()
+        lam, u = torch.linalg.eigh((cov + cov.transpose(1, 2)) / 2)
+        mixture._cache = (mixture.weights.double().log(), mixture.means.double(), u, lam.clamp(min=0))
+        mixture._cache_key = key
+    return mixture._cache
+
+
 class GaussianMixtureDenoiserOutput(BaseOutput):
     """Output of `GaussianMixtureDenoiser.forward`.
 
@@ -174,15 +187,7 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
     # Exact quantities
     # ------------------------------------------------------------------------------------------------------------
     def _decomposition(self):
-        """float64 (log w, mu, U, lambda), recomputed only when the covariance buffer changes."""
-        key = (id(self.covariances), self.covariances._version, id(self.means), self.means._version,
-               id(self.weights), self.weights._version, self.covariances.device)
-        if self._cache_key != key:
-            cov = self.covariances.double()
-            lam, u = torch.linalg.eigh((cov + cov.transpose(1, 2)) / 2)
-            self._cache = (self.weights.double().log(), self.means.double(), u, lam.clamp(min=0))
-            self._cache_key = key
-        return self._cache
+        return cached_decomposition(self)
 
     def _timesteps(self, timestep, batch: int, device) -> torch.Tensor:
         t = torch.as_tensor(timestep, device=device)

@@ -17,67 +17,34 @@ Example:
     OMP_NUM_THREADS=1 PYTHONPATH=src python -m diffusers_timetuner.testbeds.fashion.train \
         --output_dir /tmp/fashion --max_minutes 60 --threads 1
 """
-import argparse
 import copy
 import json
-import math
 import os
-import shlex
 import sys
-import time
 
-import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
-from ..mnist.train import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, _device, _ema_update, _hardware, _save_grid
+from ..mnist.train import epsilon_loss, train_alphas_cumprod
 from ..mnist.train import make_scheduler  # noqa: F401  (the same DDIM sampler as the eps MNIST testbed)
-
-NULL_CLASS = 10
-SAMPLE_SIZE = 16
-
-
-def make_unet() -> UNet2DModel:
-    """The flow MNIST testbed's network (`mnist_flow.train.make_unet`): 16 -> 8 -> 4, channels (16, 32, 32), one
-    ResNet layer per block, attention at 8x8; 281k parameters, sized for a shared CPU."""
-    return UNet2DModel(
-        sample_size=SAMPLE_SIZE,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32, 32),
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        num_class_embeds=NULL_CLASS + 1,
-    )
-
+# The flow MNIST testbed's network: 16 -> 8 -> 4, channels (16, 32, 32), one ResNet layer per block, attention at
+# 8x8; 281k parameters, sized for a shared CPU.
+from ..mnist_flow.train import SAMPLE_SIZE, make_unet
+from ..training import (
+    command_line,
+    parse_training_args,
+    resolve_device,
+    sample_grid,
+    tee_log,
+    train_loop,
+    weights_sha256,
+)
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--data_dir", default=None, help="folder of the Fashion-MNIST .gz files (default: Debian's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_steps", type=int, default=100_000)
-    p.add_argument("--max_minutes", type=float, default=60.0, help="wall-clock budget for the training loop")
-    p.add_argument("--save_every_minutes", type=float, default=5.0, help="write the EMA weights this often")
-    p.add_argument("--stop_file", default=None, help="end training (and save) as soon as this file exists")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup_steps", type=int, default=300)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--label_dropout", type=float, default=0.12, help="probability of training on the null class")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
-    p.add_argument("--log_every", type=int, default=200)
-    p.add_argument("--grid_steps", type=int, default=100, help="DDIM steps for grid.png")
-    args = p.parse_args(argv)
-    if args.max_minutes <= 0 or args.max_steps <= 0 or args.batch_size <= 0 or args.save_every_minutes <= 0:
-        p.error("--max_minutes, --max_steps, --batch_size and --save_every_minutes must be positive")
-    if not 0.0 <= args.label_dropout < 1.0:
-        p.error("--label_dropout must be in [0, 1)")
-    return args
+    def data_dir(p):
+        p.add_argument("--data_dir", default=None, help="folder of the Fashion-MNIST .gz files (default: Debian's)")
+
+    return parse_training_args(__doc__.split("\n")[0], argv, max_minutes=60.0, grid_sampler="DDIM", checkpoints=True,
+                               add_arguments=data_dir)
 
 
 def _write_weights(ema, output_dir):
@@ -89,68 +56,15 @@ def train(args, log=print):
     """Run the training loop; returns (ema_unet on CPU float32, stats dict)."""
     from ..data import FASHION_MNIST_DIR, downsample, load_fashion_mnist
 
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    images, labels = load_fashion_mnist("train", args.data_dir or FASHION_MNIST_DIR)
-    images, labels = downsample(images, SAMPLE_SIZE).to(device), labels.to(device)
-    n = images.shape[0]
+    def load_data():
+        images, labels = load_fashion_mnist("train", args.data_dir or FASHION_MNIST_DIR)
+        return downsample(images, SAMPLE_SIZE), labels
 
-    unet = make_unet().to(device).train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    noise_sched = DDPMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END, beta_schedule="linear"
+    loss_fn = epsilon_loss(train_alphas_cumprod(resolve_device(args.device)))
+    return train_loop(
+        args, make_unet, load_data, loss_fn, f"train images {{n}} at {SAMPLE_SIZE}x{SAMPLE_SIZE}", log,
+        write_checkpoint=lambda ema: _write_weights(ema, args.output_dir),
     )
-    alphas_cumprod = noise_sched.alphas_cumprod.to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    n_params = sum(p.numel() for p in unet.parameters())
-    log(f"device {device} | {_hardware(device)} | params {n_params} | train images {n} at {SAMPLE_SIZE}x{SAMPLE_SIZE}")
-
-    start, step, running, last_save = time.time(), 0, None, time.time()
-    while step < args.max_steps and (time.time() - start) < 60.0 * args.max_minutes:
-        if args.stop_file and os.path.exists(args.stop_file):
-            log(f"stop file {args.stop_file} found: ending training at step {step}")
-            break
-        idx = torch.randint(0, n, (args.batch_size,), device=device, generator=gen)
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(y.shape, device=device, generator=gen) < args.label_dropout] = NULL_CLASS
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (args.batch_size,), device=device, generator=gen)
-        eps = torch.randn(x0.shape, device=device, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = F.mse_loss(unet(xt, t, class_labels=y).sample.float(), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        _ema_update(ema, unet, min(args.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        lv = loss.item() if step % 50 == 0 or step == 1 else None
-        if lv is not None:
-            running = lv if running is None else 0.9 * running + 0.1 * lv
-        if step % args.log_every == 0:
-            log(f"step {step} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} elapsed {time.time() - start:.0f}s")
-        if time.time() - last_save > 60.0 * args.save_every_minutes:
-            _write_weights(ema.float().cpu() if device.type != "cpu" else ema, args.output_dir)
-            log(f"checkpoint: EMA weights written at step {step}")
-            last_save = time.time()
-    wall = time.time() - start
-    if not math.isfinite(running if running is not None else float("nan")):
-        raise RuntimeError(f"training diverged or ran no logged step (loss {running}); nothing written")
-    log(f"done: {step} steps, final loss (EMA of logged losses) {running:.4f}, {wall:.0f}s")
-    stats = {
-        "steps": step,
-        "final_loss": running,
-        "wall_seconds": wall,
-        "hardware": _hardware(device),
-        "params": n_params,
-        "batch_size": args.batch_size,
-    }
-    return ema.float().cpu(), stats
 
 
 def save(unet: UNet2DModel, stats: dict, args, argv) -> None:
@@ -160,13 +74,8 @@ def save(unet: UNet2DModel, stats: dict, args, argv) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     _write_weights(unet, args.output_dir)
     pipe = ClassConditionalImagePipeline(unet=copy.deepcopy(unet), scheduler=make_scheduler())
-    pipe.set_progress_bar_config(disable=True)
-    labels = torch.arange(10).repeat_interleave(10)
-    grid = pipe(
-        class_labels=labels, num_inference_steps=args.grid_steps, generator=torch.Generator().manual_seed(args.seed)
-    ).images
-    _save_grid(grid, os.path.join(args.output_dir, "grid.png"))
-    command = "python -m diffusers_timetuner.testbeds.fashion.train " + " ".join(shlex.quote(a) for a in argv)
+    sample_grid(pipe, args, os.path.join(args.output_dir, "grid.png"))
+    command = command_line("diffusers_timetuner.testbeds.fashion.train", argv)
     with open(os.path.join(args.output_dir, "PROVENANCE.md"), "w") as f:
         f.write(
             "# Bundled Fashion-MNIST UNet: provenance\n\n"
@@ -185,24 +94,10 @@ def save(unet: UNet2DModel, stats: dict, args, argv) -> None:
         f.write("- stats: `" + json.dumps(stats) + "`\n")
 
 
-def weights_sha256(model_dir: str) -> str:
-    """SHA-256 of ``unet/diffusion_pytorch_model.safetensors`` (recorded in PROVENANCE.md, checked by the tests)."""
-    import hashlib
-
-    with open(os.path.join(model_dir, "unet", "diffusion_pytorch_model.safetensors"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def main(args=None, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv) if args is None else args
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "train_log.txt"), "a") as logf:
-        def log(msg):
-            print(msg, flush=True)
-            logf.write(msg + "\n")
-            logf.flush()
-
+    with tee_log(args.output_dir) as log:
         unet, stats = train(args, log=log)
     save(unet, stats, args, argv)
     return stats
