@@ -76,10 +76,33 @@ def test_network_returning_nan_stops_at_the_probe():
 
 def test_network_returning_nan_mid_trajectory_names_the_timestep():
     sched = ddim()
-    # The teacher (a many-step sampler from the same x_T) runs before any step is tuned: NaN below 300 hits it there.
+    # Before any step is tuned, calibrate() runs the untuned 4-step sampler (grid [750, 500, 250, 0]) once to refuse
+    # a sampler that already ends non-finite: NaN below t = 300 hits it at its step 2 (grid t = 250).
     net = NaNBelow(sched.alphas_cumprod, threshold=300.0)
-    with pytest.raises(ValueError, match=r"NaNBelow returned non-finite values \(NaN or inf\) in the \d+-step teacher "
-                                         r"sampler, fed timestep\(s\) \[2"):
+    with pytest.raises(ValueError, match=r"NaNBelow returned non-finite values \(NaN or inf\) at step 2 of the 4-step "
+                                         r"sampler \(grid t = 250\), fed tau \[250"):
+        calibrate(net, sched, **_kw(data=gaussian_data(8), strategy="sequential"))
+
+
+class NaNBetween(GaussianEps):
+    """The exact Gaussian model, but NaN for timesteps strictly between `lo` and `hi`."""
+
+    def __init__(self, abar, lo, hi):
+        super().__init__(abar)
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x, t, **kw):
+        out = super().forward(x, t, **kw)
+        return out * math.nan if self.lo < float(t.reshape(-1)[0]) < self.hi else out
+
+
+def test_network_returning_nan_in_the_teacher_says_teacher():
+    sched = ddim()
+    # The coarse grid [750, 500, 250, 0] and the probe (500, 500.5) miss (600, 700); the many-step teacher, computed
+    # before any tau is tried, steps through that range first.
+    net = NaNBetween(sched.alphas_cumprod, 600.0, 700.0)
+    with pytest.raises(ValueError, match=r"NaNBetween returned non-finite values \(NaN or inf\) in the \d+-step teacher "
+                                         r"sampler, fed timestep\(s\) \[6"):
         calibrate(net, sched, **_kw(data=gaussian_data(8), strategy="sequential"))
 
 

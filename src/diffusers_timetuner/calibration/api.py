@@ -352,6 +352,9 @@ def calibrate(
         tick = time.perf_counter()
         fwd0 = denoiser.num_forward_samples
         info = dict(settings, package="diffusers-timetuner", package_version=_version())
+        # refuse a sampler that already ends non-finite before any teacher work (names its step, not the teacher's)
+        check_untuned_finite(Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=timesteps,
+                                     sigmas=sigmas, mu=mu), shape, cond_set.take(range(1)))
         if fine_teacher is not None:
             if yardstick is None:
                 k = min(8, len(calib))
