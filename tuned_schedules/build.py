@@ -48,6 +48,13 @@ ENTRIES = {
         "--pretrained_model_name_or_path", "mnist_flow", "--scheduler", "flow_euler", "--num_inference_steps", "10",
         "--objective", "endpoint", "--num_samples", "64", "--batch_size", "64", "--num_validation_samples", "64",
         "--num_heldout_samples", "128", "--teacher_steps", "100", "--seed", "0", "--no_progress"]),
+    # the grid modes (the learned grid is in the table: plain set_timesteps(10) samples on it)
+    "gmm-digits-ddim-10-grid-g1": ("gmm", dict(scheduler="ddim", num_inference_steps=10, tune="grid",
+                                               num_samples=256, batch_size=256, num_validation_samples=128,
+                                               num_heldout_samples=512, seed=0)),
+    "gmm-digits-ddim-10-grid-tau-g1": ("gmm", dict(scheduler="ddim", num_inference_steps=10, tune="grid+tau",
+                                                   num_samples=256, batch_size=256, num_validation_samples=128,
+                                                   num_heldout_samples=512, seed=0)),
 }
 
 
@@ -126,7 +133,7 @@ def heldout_errors(scheduler, n: int, num_samples: int | None = None) -> dict:
 
     from diffusers_timetuner import testbeds
     from diffusers_timetuner.calibration.conditions import build_conditions, resolve_model
-    from diffusers_timetuner.calibration.objectives import Teacher
+    from diffusers_timetuner.calibration.teacher import FINE_TEACHER_NAME, FineTeacher, Teacher
     from diffusers_timetuner.calibration.rollout import Rollout
     from diffusers_timetuner.calibration.families import untuned_copy
     from diffusers_timetuner.denoiser import Denoiser, slice_conditioning
@@ -147,8 +154,11 @@ def heldout_errors(scheduler, n: int, num_samples: int | None = None) -> dict:
     noise = torch.randn((total, *shape), generator=torch.Generator().manual_seed(int(info["seed"]) + 2))[:k]
     cond = cond_set.take(range(k))
     untuned = untuned_copy(scheduler)
-    rollout = Rollout(denoiser, untuned, n, eta=info.get("eta"))
-    teacher = Teacher(denoiser, untuned, int(info["teacher_steps"]), coarse_grid=rollout.grid_list)
+    rollout = Rollout(denoiser, untuned, n, eta=info.get("eta"))  # the default grid: the untuned baseline
+    if info.get("teacher") == FINE_TEACHER_NAME:  # the grid modes' DPM-Solver++ 2M teacher
+        teacher = FineTeacher(denoiser, untuned, int(info["teacher_steps"]))
+    else:
+        teacher = Teacher(denoiser, untuned, int(info["teacher_steps"]), coarse_grid=rollout.grid_list)
     if teacher.num_inference_steps != int(info["teacher_steps"]):
         raise ValueError("the teacher grid differs from the recorded one")
     sigma = float(init_noise_sigma(rollout.scheduler))
@@ -207,11 +217,12 @@ def write_provenance(out: Path, command: str, wall: float) -> None:
              f"{s['num_heldout_samples']} held-out samples; seed {s['seed']}", "",
              "Held-out (fresh x_T drawn with seed + 2; mean over samples of the squared distance, summed over pixels, "
              "between the final sample and the teacher's final sample from the same x_T):", "",
-             "| n | teacher steps | tau table | untuned | tuned | change | forward samples | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| n | teacher steps | grid | tau table | untuned | tuned | change | forward samples | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n, rep in sorted(report["step_counts"].items(), key=lambda kv: int(kv[0])):
         h = rep["heldout"]
-        lines.append(f"| {n} | {h['teacher_steps']} | {[round(t, 2) for t in rep['taus']]} | "
+        lines.append(f"| {n} | {h['teacher_steps']} | {[round(t) for t in rep['grid']]} | "
+                     f"{[round(t, 2) for t in rep['taus']]} | "
                      f"{h['endpoint_mse_untuned']:.5g} | {h['endpoint_mse_tuned']:.5g} | "
                      f"{100 * h['relative_change']:+.1f}% | {rep['forward_samples']} | {rep['seconds']:.0f} |")
     check_path = out / CHECK_NAME

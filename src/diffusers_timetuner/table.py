@@ -7,6 +7,8 @@ order, in the units of ``scheduler.timesteps`` (what the network receives). It l
 - ``tuned_grids``: ``{"<n>": [t_K, ..., t_1]}``, the grid the table was tuned on (optional per n, checked by the
   scheduler at ``set_timesteps``);
 - ``tuning_info``: ``{"<n>": {...}}``, free-form JSON provenance (objective, strategy, guidance scale, model id...).
+  ``tuning_info["<n>"]["learned_grid"] = true`` marks ``tuned_grids["<n>"]`` as a *learned* grid: plain
+  ``set_timesteps(n)`` then samples on it (instead of refusing the scheduler's own, different grid).
 
 This module only parses, validates and normalises those values (string keys, Python floats); it imports neither
 torch models nor diffusers, so calibration and hub code can use it on its own.
@@ -24,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "LEARNED_GRID_KEY",
     "TAU_ATOL",
     "TAU_RTOL",
     "TauTable",
@@ -45,6 +48,9 @@ __all__ = [
 # table must differ by more than that (the duplicate check uses the same rule as the scheduler's step lookup).
 TAU_RTOL = 1e-6
 TAU_ATOL = 1e-5
+
+# tuning_info[n][LEARNED_GRID_KEY] = True: the recorded grid was learned, and set_timesteps(n) samples on it.
+LEARNED_GRID_KEY = "learned_grid"
 
 _CONFIG_KEYS = ("tuned_timesteps", "tuned_grids", "tuning_info")
 # The largest finite float32: `scheduler.timesteps` holds the taus in float32, so a larger value would become inf.
@@ -160,6 +166,13 @@ class TauTable:
     def key(self) -> str:
         """The table's key in the config (`str(num_inference_steps)`)."""
         return str(self.num_inference_steps)
+
+    @property
+    def learned_grid(self) -> list[int] | None:
+        """The recorded grid when it was learned (``info["learned_grid"]``): `set_timesteps(n)` samples on it."""
+        if self.grid is None or not (self.info or {}).get(LEARNED_GRID_KEY):
+            return None
+        return [int(round(t)) for t in self.grid]
 
 
 def normalize_step_key(key: Any, *, config_key: str = "tuned_timesteps") -> str:
@@ -344,6 +357,13 @@ def parse_tau_tables(
                     f"`tuning_info[\"{key}\"]` is not plain JSON ({err}); store numbers, strings, lists and dicts "
                     "(convert tensors with `.tolist()`)."
                 ) from None
+        if info is not None and info.get(LEARNED_GRID_KEY):
+            if grid is None or any(float(v) != int(v) for v in grid) or len(set(grid)) != len(grid):
+                raise ValueError(
+                    f"`tuning_info[\"{key}\"]` marks a learned grid, but `tuned_grids[\"{key}\"]` is "
+                    f"{list(grid) if grid is not None else None}: a learned grid is recorded there as strictly "
+                    "descending integers, one per tau. Record it, or drop the mark."
+                )
         tables[n] = TauTable(num_inference_steps=n, taus=tuple(taus), grid=grid, info=info)
     return tables
 

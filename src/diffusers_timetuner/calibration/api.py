@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, slice_conditioning
 from ..table import HELD_OUT_KEY, timesteps_close
 from .checkpoint import CheckpointStore
 from .config import DEFAULT_OBJECTIVE, DEFAULT_OPTIMIZER, CalibrationConfig
@@ -28,12 +28,13 @@ from .report import StepCountReport, evaluate_heldout, heldout_record, plot_repo
 from .rollout import Rollout
 from .families import resolve_scheduler, untuned_copy
 from .calibrator import StepCountCalibrator, distinct_taus  # noqa: F401  (distinct_taus: public here too)
+from .grid_search import check_grid_tunable, guard_grid_table, learn_grid
 from .inputs import (
     check_custom_grid, check_float_timesteps, draw_set, model_device, sample_shape_of, split_data,
 )
 from .stats import VALIDATION_METRICS
 from .strategies import get_strategy
-from .teacher import Teacher, default_teacher_steps
+from .teacher import DEFAULT_FINE_TEACHER_STEPS, FINE_TEACHER_NAME, FineTeacher, Teacher, default_teacher_steps
 from .prediction import timestep_bounds
 from .validate import VALIDATED_ARGS as _VALIDATED_ARGS, validate_calibration_args
 
@@ -245,6 +246,9 @@ def calibrate(
     if timesteps is not None:
         check_custom_grid(untuned, timesteps)
     check_flow_settings(untuned, sigmas, mu)
+    tune = config.tune
+    if tune != "tau":
+        check_grid_tunable(untuned)
 
     objective_obj = get_objective(objective)
     strategy = strategy or ("sequential" if data is not None else "data_free")
@@ -306,50 +310,114 @@ def calibrate(
 
     result_sched, reports = base, {}
     bounds = timestep_bounds(untuned)
-    for n in steps:
-        tick = time.perf_counter()
-        fwd0 = denoiser.num_forward_samples
-        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
-        objective_obj.check(rollout)
-        check_untuned_finite(rollout, shape, cond_set.take(range(1)))
-        m = int(teacher_steps or default_teacher_steps(untuned, n, rollout.grid_list))
-        teacher = Teacher(denoiser, untuned, m, device=device, coarse_grid=rollout.grid_list)
-        m = teacher.num_inference_steps
-        if objective_obj.name == "teacher_local" and teacher.grid_indices(rollout.grid_list[1:]) is None:
-            raise ValueError(
-                f"objective='teacher_local' needs the teacher's grid ({m} steps) to contain the coarse grid "
-                f"{rollout.grid_list}; choose teacher_steps so that it does (e.g. a multiple of {n} dividing "
-                f"{train_steps} with leading spacing), or use objective='endpoint'."
-            )
+
+    def metric_for(rollout) -> str:
         metric = validation_metric
         if metric == "auto":
             metric = "energy_distance" if rollout.stochastic else "endpoint_mse"
         if metric == "energy_distance" and min(num_heldout_samples, len(validation) if validation else 2) < 2:
             raise ValueError("validation_metric='energy_distance' compares sets of samples: it needs "
                              "num_heldout_samples >= 2 and num_validation_samples >= 2.")
+        return metric
+
+    def tau_table(n, grid, teacher=None):
+        """Tau for n steps on ``grid`` (None: the scheduler's own) with the chosen strategy; guarded on that grid."""
+        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=grid, sigmas=sigmas, mu=mu)
+        objective_obj.check(rollout)
+        check_untuned_finite(rollout, shape, cond_set.take(range(1)))
+        if teacher is None:
+            teacher = fine_teacher
+        if teacher is None:  # teacher="same" or a non-VP sampler: the calibrated sampler at about 5 n steps
+            m = int(teacher_steps or default_teacher_steps(untuned, n, rollout.grid_list))
+            teacher = Teacher(denoiser, untuned, m, device=device, coarse_grid=rollout.grid_list)
+        if objective_obj.name == "teacher_local" and teacher.grid_indices(rollout.grid_list[1:]) is None:
+            raise ValueError(
+                f"objective='teacher_local' needs the teacher's grid ({teacher.num_inference_steps} steps) to contain "
+                f"the coarse grid {rollout.grid_list}; choose teacher_steps so that it does (e.g. a multiple of {n} "
+                f"dividing {train_steps} with leading spacing), or use objective='endpoint'."
+            )
         cal = StepCountCalibrator(rollout, objective_obj, optimizer_obj, dist, calib, batch_size, seed, bounds,
-                                  teacher=teacher, validation=validation, guard=guard, checkpoint=store, log=log,
-                                  progress=progress, validation_metric=metric, guard_margin=float(guard_margin))
-        taus = cal.run(strategy_obj)  # Heun's repeated grid times, left untuned, move by 0.01
-        info = dict(settings, teacher_steps=m, package="diffusers-timetuner", package_version=_version())
+                                  teacher=teacher, validation=validation, guard=guard,
+                                  checkpoint=store if grid == timesteps else None, log=log, progress=progress,
+                                  validation_metric=metric_for(rollout), guard_margin=float(guard_margin))
+        taus = cal.run(strategy_obj)
+        return rollout, cal, taus, teacher
+
+    # One accurate teacher for every step count, its trajectories cached per batch; its own error is reported.
+    fine_teacher, yardstick = None, None
+    if config.teacher == "dpmsolver++" and FineTeacher.supports(untuned):
+        fine_teacher = FineTeacher(denoiser, untuned, int(teacher_steps or DEFAULT_FINE_TEACHER_STEPS), device=device)
+
+    for n in steps:
+        tick = time.perf_counter()
+        fwd0 = denoiser.num_forward_samples
+        info = dict(settings, package="diffusers-timetuner", package_version=_version())
+        # refuse a sampler that already ends non-finite before any teacher work (names its step, not the teacher's)
+        check_untuned_finite(Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=timesteps,
+                                     sigmas=sigmas, mu=mu), shape, cond_set.take(range(1)))
+        if fine_teacher is not None:
+            if yardstick is None:
+                k = min(8, len(calib))
+                yardstick = fine_teacher.self_error(calib.noise[:k].to(device),
+                                                    slice_conditioning(calib.cond, range(k)))
+                log(f"teacher: {FINE_TEACHER_NAME} at {yardstick['teacher_steps']} steps; its squared endpoint "
+                    f"distance to a {yardstick['reference_steps']}-step run is {yardstick['endpoint_mse']:.3g} "
+                    f"(+/- {yardstick['endpoint_mse_se']:.2g} SE; a sample's squared norm: "
+                    f"{yardstick['sample_sq_norm']:.3g}), the error bar of every figure below")
+            info["teacher"] = FINE_TEACHER_NAME
+        records, grid_report = [], None
+        if tune == "tau":
+            rollout, cal, taus, teacher = tau_table(n, timesteps)
+            records, table_grid, held_rollout = cal.records, rollout.grid_list, rollout
+        else:
+            teacher = fine_teacher
+            held_rollout = Rollout(denoiser, untuned, n, eta=eta, device=device)  # the default grid: the baseline
+            metric = metric_for(held_rollout)
+            plan = learn_grid(denoiser, untuned, n, calib, teacher, dist=dist, batch_size=batch_size, seed=seed,
+                              eta=eta, metric=metric, max_evaluations=config.grid_search_evaluations, log=log,
+                              progress=progress)
+            grid_report = {"tune": tune, "search": plan.to_dict(), "teacher": FINE_TEACHER_NAME,
+                           "teacher_steps": teacher.num_inference_steps, "teacher_error": yardstick}
+            if tune == "grid":
+                table_grid = [float(t) for t in plan.grid]
+                taus = list(table_grid)
+            else:
+                rollout, cal, taus, _ = tau_table(n, plan.grid, teacher)
+                records, table_grid = cal.records, rollout.grid_list
+            learned = dict(info, learned_grid=True, tune=tune, grid_search=plan.to_dict())
+            candidates = [(tune, result_sched.with_tuned_timesteps(n, taus, grid=table_grid, info=learned))]
+            chosen, table_grid, taus, verdicts = guard_grid_table(
+                n, candidates, untuned, denoiser, validation, teacher, metric, batch_size, eta, guard,
+                float(guard_margin), log, fallback=lambda: tau_table(n, None, teacher), records=records)
+            grid_report.update(chosen=chosen, guard=verdicts)
+            info = dict(info, learned_grid=True, tune=tune, grid_search=plan.to_dict()) \
+                if chosen in ("grid", "grid+tau") else dict(info, tune=tune, grid_fallback=chosen)
+        m = teacher.num_inference_steps
+        info["teacher_steps"] = m
         if hasattr(untuned, "time_shift_record"):  # flow matching: the shift / mu the table is for (checked on load)
             info["time_shift"] = untuned.time_shift_record(mu)
-        candidate = result_sched.with_tuned_timesteps(n, taus, grid=rollout.grid_list, info=info)
-        held = evaluate_heldout(rollout, candidate, teacher, heldout.noise, heldout.cond, dist, batch_size, metric)
+        candidate = result_sched.with_tuned_timesteps(n, taus, grid=table_grid, info=info)
+        metric = metric_for(held_rollout)
+        held = evaluate_heldout(held_rollout, candidate, teacher, heldout.noise, heldout.cond, dist, batch_size,
+                                metric)
         info[HELD_OUT_KEY] = heldout_record(held).to_json()  # what the hub reads back (hub.recorded_held_out)
-        result_sched = result_sched.with_tuned_timesteps(n, taus, grid=rollout.grid_list, info=info)
-        rep = StepCountReport(num_inference_steps=n, grid=rollout.grid_list, taus=[float(t) for t in taus],
-                              steps=list(cal.records), heldout=held, seconds=time.perf_counter() - tick,
+        result_sched = result_sched.with_tuned_timesteps(n, taus, grid=table_grid, info=info)
+        rep = StepCountReport(num_inference_steps=n, grid=list(table_grid), taus=[float(t) for t in taus],
+                              steps=list(records), heldout=held, seconds=time.perf_counter() - tick,
                               forward_samples=int(dist.sum(torch.tensor(float(denoiser.num_forward_samples - fwd0)))),
-                              backward_samples=sum(r.backward_samples for r in cal.records))
+                              backward_samples=sum(r.backward_samples for r in records), grid_tuning=grid_report,
+                              teacher={"solver": info.get("teacher", "same sampler"), "steps": m,
+                                       "self_error": yardstick})
+        default_grid = held_rollout.grid_list
         if held["worse_than_untuned"]:
             msg = (f"TUNING MADE IT WORSE for n={n}: held-out {metric} to the {m}-step teacher "
                    f"{held['untuned']:.5g} (untuned) -> {held['tuned']:.5g} (tuned){_se_note(held)}. "
-                   + _worse_advice(held, cal.guard))
+                   + _worse_advice(held, bool(guard and validation is not None)))
             rep.warnings.append(msg)
             if dist.is_main_process:
                 logger.warning(msg)
-        elif all(timesteps_close(a, b) for a, b in zip(cal.fitted, rollout.grid_list)):
+        elif (tune == "tau" and all(timesteps_close(a, b) for a, b in zip(cal.fitted, default_grid))) or (
+                grid_report is not None and grid_report["chosen"] == "untuned"):
             msg = (f"NO GAIN for n={n}: the table is tau = t (the validation guard kept no tuned step). It samples "
                    "exactly like the untuned scheduler; try more calibration samples or another objective.")
             rep.warnings.append(msg)

@@ -58,6 +58,8 @@ class StepCountReport:
     forward_samples: int = 0
     backward_samples: int = 0
     warnings: List[str] = field(default_factory=list)
+    grid_tuning: Optional[Dict[str, Any]] = None  # tune="grid" / "grid+tau": the search, the guard's verdicts
+    teacher: Optional[Dict[str, Any]] = None  # the reference: solver, steps, its own error to a longer run
 
     @property
     def worse_than_untuned(self) -> bool:

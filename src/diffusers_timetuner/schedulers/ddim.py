@@ -109,12 +109,20 @@ class TimeTunerDDIMScheduler(TimeTunerMixin, DDIMScheduler):
             grid = quadratic_timesteps(num_inference_steps, T)
         self._check_table_available(self._count_evaluations(num_inference_steps, timesteps))
         with self._restore_on_error():
+            learned = self._learned_grid(num_inference_steps, timesteps)
             if grid is None:
                 super().set_timesteps(num_inference_steps, device)
             else:
                 self.num_inference_steps = len(grid)
                 self.timesteps = torch.from_numpy(grid).to(device)
             self._custom_grid = grid is not None
+
+            def to_learned(g, d):
+                self.num_inference_steps = len(g)
+                self.timesteps = torch.tensor(g, dtype=torch.int64, device=d)
+                self._custom_grid = True
+
+            self._set_learned_grid(to_learned, learned, device)
             self._apply_tau_table()
 
     def step(

@@ -82,11 +82,14 @@ class TimeTunerDDPMScheduler(TimeTunerMixin, DDPMScheduler):
                 raise ValueError(f"`num_inference_steps` must be in [1, {T}], got {num_inference_steps}.")
             quadratic = quadratic_timesteps(num_inference_steps, T).tolist()
         with self._restore_on_error():
+            learned = self._learned_grid(num_inference_steps, timesteps)
             if quadratic is not None:
                 super().set_timesteps(device=device, timesteps=quadratic)
                 self.num_inference_steps = num_inference_steps
             else:
                 super().set_timesteps(num_inference_steps, device, timesteps=timesteps)
+            self._set_learned_grid(lambda g, d: super(TimeTunerDDPMScheduler, self).set_timesteps(
+                device=d, timesteps=g), learned, device)
             self._apply_tau_table()
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:

@@ -106,7 +106,10 @@ class TimeTunerDPMSolverScheduler(TimeTunerMixin, DPMSolverMultistepScheduler):
         """
         self._check_table_available(self._count_evaluations(num_inference_steps, timesteps))
         with self._restore_on_error():
+            learned = self._learned_grid(num_inference_steps, timesteps)
             super().set_timesteps(num_inference_steps, device, mu=mu, timesteps=timesteps)
+            self._set_learned_grid(lambda g, d: super(TimeTunerDPMSolverScheduler, self).set_timesteps(
+                device=d, mu=mu, timesteps=g), learned, device)
             self._apply_tau_table()
 
     def step(

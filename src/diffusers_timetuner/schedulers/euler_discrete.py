@@ -82,7 +82,10 @@ class TimeTunerEulerDiscreteScheduler(TimeTunerMixin, EulerDiscreteScheduler):
         """The parent's `set_timesteps` (grid and sigmas), then the tau table for that step count, if any."""
         self._check_table_available(self._count_evaluations(num_inference_steps, timesteps, sigmas))
         with self._restore_on_error():
+            learned = self._learned_grid(num_inference_steps, timesteps, sigmas)
             super().set_timesteps(num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
+            self._set_learned_grid(lambda g, d: super(TimeTunerEulerDiscreteScheduler, self).set_timesteps(
+                device=d, timesteps=g), learned, device)
             self._apply_tau_table()
 
     def step(

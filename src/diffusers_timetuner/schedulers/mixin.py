@@ -287,6 +287,24 @@ class TimeTunerMixin:
             return len(sigmas) - 1
         return num_inference_steps
 
+    def _learned_grid(self, num_inference_steps=None, timesteps=None, sigmas=None) -> list[int] | None:
+        """The learned grid plain `set_timesteps(n)` samples on: the table for n records one (``tuning_info[n]
+        ["learned_grid"]``) and no explicit `timesteps` / `sigmas` were given; else `None`."""
+        if num_inference_steps is None or timesteps is not None or sigmas is not None:
+            return None
+        table = self._tau_tables.get(self._steps_for_evaluations(int(num_inference_steps)))
+        return None if table is None else table.learned_grid
+
+    def _set_learned_grid(self, set_parent, learned: list[int] | None, device) -> None:
+        """After the parent's `set_timesteps(n)`: move to the learned grid when it differs from the parent's own
+        (a learned grid equal to the default keeps the parent's arithmetic bit for bit)."""
+        if learned is None:
+            return
+        produced = self.timesteps.detach().cpu().tolist()
+        if len(produced) == len(learned) and all(timesteps_close(a, b) for a, b in zip(produced, learned)):
+            return
+        set_parent(learned, device)
+
     def _check_table_available(self, n: int | None) -> None:
         """Raise before touching any state when tables exist but none is for n."""
         if n is None or not self._tau_tables or n in self._tau_tables:
