@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from accelerate import Accelerator
 
-import torch  # noqa: E402
+from diffusers_timetuner import calibrate
 
-from benchmarks import common  # noqa: E402
+from . import families, testbeds
 
 
 def main():
@@ -29,12 +29,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from accelerate import Accelerator
-
     acc = Accelerator(cpu=True)
-    testbed = common.load_testbed(args.testbed, torch.device("cpu"))
-    sched = common.make_scheduler("ddim", testbed.noise_config)
-    calibrate = common.calibrate_fn()
+    testbed = testbeds.load_testbed(args.testbed, torch.device("cpu"))
+    sched = families.make_scheduler("ddim", testbed.noise_config)
     acc.wait_for_everyone()
     t0 = time.perf_counter()
     data = (testbed.data, testbed.labels) if testbed.labels is not None else testbed.data

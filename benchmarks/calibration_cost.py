@@ -6,7 +6,7 @@ samples. Combinations that `calibrate` rejects are listed with its error message
 parallel strategy's unit of work with 1 vs 2 processes (``torchrun --standalone --nproc_per_node N``, CPU, gloo;
 docs/facts.md, 3), measured by `benchmarks/_dist_worker.py`.
 
-Usage: PYTHONPATH=src python benchmarks/calibration_cost.py --quick|--medium|--full [--device auto|cpu|cuda]
+Usage: python -m benchmarks.calibration_cost --quick|--medium|--full [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import diffusers_timetuner
 
-from benchmarks import common  # noqa: E402
-from benchmarks.peers import counts  # noqa: E402
-from benchmarks.quality_vs_nfe import Evaluator  # noqa: E402
+from . import cli_args, evaluation, families, table_cache, testbeds, writer
+from .peers import counts
+from .quality_vs_nfe import Evaluator
 
 NAME = "calibration_cost"
 SIZES = {
@@ -33,11 +32,11 @@ SIZES = {
                   procs=[], worker=None),
     # Adam only with the local objectives: back-propagating through a roll-out objective 500 times per step costs
     # minutes per table (CPU: ~110 s for the exact model at NFE 10).
-    "medium": dict(testbeds={"gmm": 2000}, nfe=10, objectives=list(common.OBJECTIVES),
+    "medium": dict(testbeds={"gmm": 2000}, nfe=10, objectives=list(table_cache.OBJECTIVES),
                    adam_objectives=["paper", "paper_x0"],
                    optimizers=["default", "adam"], strategies=["sequential", "parallel"], batch=500, procs=[1, 2],
                    worker=dict(testbed="mnist", samples=16, nfe=4)),
-    "full": dict(testbeds={"gmm": 10000, "mnist": 5000}, nfe=10, objectives=list(common.OBJECTIVES),
+    "full": dict(testbeds={"gmm": 10000, "mnist": 5000}, nfe=10, objectives=list(table_cache.OBJECTIVES),
                  adam_objectives=["paper", "paper_x0"],
                  optimizers=["default", "adam"], strategies=["sequential", "parallel"], batch=5000, procs=[1, 2],
                  worker=dict(testbed="mnist", samples=32, nfe=4)),
@@ -46,29 +45,29 @@ SIZES = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    return common.add_common_args(parser).parse_args(argv)
+    return cli_args.add_common_args(parser).parse_args(argv)
 
 
 def cost_table(testbed, n, cfg, evaluator, args, device, run):
     rows = {}
     for obj in cfg["objectives"]:
         for opt in cfg["optimizers"]:
-            if opt == common.REFERENCE_OPTIMIZER and obj not in cfg.get("adam_objectives", [obj]):
+            if opt == table_cache.REFERENCE_OPTIMIZER and obj not in cfg.get("adam_objectives", [obj]):
                 continue  # medium: Adam through a roll-out objective costs minutes per table on CPU
             for strategy in cfg["strategies"]:
                 key = f"{obj}/{opt}/{strategy}"
                 if run.out_of_time(f"{testbed.name} {key}"):
                     continue
-                common.log(f"{NAME}: {testbed.name} {key}")
-                cal, err = common.try_calibration(
+                cli_args.log(f"{NAME}: {testbed.name} {key}")
+                cal, err = table_cache.try_calibration(
                     testbed, "ddim", cfg["nfe"], device, tables_dir=run.tables_dir, use_cache=not args.no_cache,
-                    objective=obj, optimizer=opt, strategy=strategy, calib=common.calib_for(args.size, testbed.name),
-                    seed=args.seed)
+                    objective=obj, optimizer=opt, strategy=strategy,
+                    calib=table_cache.calib_for(args.size, testbed.name), seed=args.seed)
                 if cal is None:  # a combination the package does not offer (ValueError), or a failure
                     rows[key] = {"unavailable": err}
                     continue
-                x = common.generate(testbed, cal.scheduler(testbed, "ddim"), cfg["nfe"], n, args.seed, device,
-                                    batch_size=cfg["batch"], family="ddim")
+                x = evaluation.generate(testbed, cal.scheduler(testbed, "ddim"), cfg["nfe"], n, args.seed, device,
+                                        batch_size=cfg["batch"], family="ddim")
                 rows[key] = {**counts(cal.report), "quality": evaluator(x), "taus": cal.taus,
                              "measured_on": cal.device, "cached": cal.cached}
     return rows
@@ -78,21 +77,19 @@ def throughput(cfg, args):
     """Samples per second of one `calibrate` call (parallel strategy, paper objective, DDIM), 1 vs 2 CPU processes
     (one thread each), on the MNIST UNet (compute-bound; on the cheap exact model the gloo reductions dominate)."""
     out = {}
-    worker = Path(__file__).resolve().parent / "_dist_worker.py"
-    import diffusers_timetuner  # the workers import the same package copy as this process
-
+    # the workers import the same package copy as this process, and `benchmarks` from the repository root
     pkg_root = str(Path(diffusers_timetuner.__file__).resolve().parents[1])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [pkg_root, str(common.REPO), os.environ.get("PYTHONPATH", "")]))
+        [pkg_root, str(cli_args.REPO), os.environ.get("PYTHONPATH", "")]))
     for procs in cfg["procs"]:
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "out.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-                   str(worker), "--out", str(result), "--samples", str(cfg["worker"]["samples"]),
-                   "--nfe", str(cfg["worker"]["nfe"]), "--testbed", cfg["worker"]["testbed"],
-                   "--seed", str(args.seed)]
-            common.log(f"{NAME}: throughput with {procs} process(es)")
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+                   "--module", "benchmarks._dist_worker", "--out", str(result),
+                   "--samples", str(cfg["worker"]["samples"]), "--nfe", str(cfg["worker"]["nfe"]),
+                   "--testbed", cfg["worker"]["testbed"], "--seed", str(args.seed)]
+            cli_args.log(f"{NAME}: throughput with {procs} process(es)")
+            proc = subprocess.run(cmd, cwd=cli_args.REPO, env=env, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
             out[str(procs)] = json.loads(result.read_text())
@@ -103,15 +100,15 @@ def throughput(cfg, args):
 
 
 def main(args) -> dict:
-    device = common.setup(args)
-    run = common.Run(NAME, args, device)
+    device = cli_args.setup(args)
+    run = writer.Run(NAME, args, device)
     cfg = SIZES[args.size]
     results = {"settings": cfg, "testbeds": {}}
     for tb_name, n in cfg["testbeds"].items():
-        testbed = common.load_testbed(tb_name, device)
+        testbed = testbeds.load_testbed(tb_name, device)
         evaluator = Evaluator(testbed, n, args.seed, None)
-        untuned = common.generate(testbed, common.make_scheduler("ddim", testbed.noise_config), cfg["nfe"], n,
-                                  args.seed, device, batch_size=cfg["batch"], family="ddim")
+        untuned = evaluation.generate(testbed, families.make_scheduler("ddim", testbed.noise_config), cfg["nfe"], n,
+                                      args.seed, device, batch_size=cfg["batch"], family="ddim")
         results["testbeds"][tb_name] = {"n_samples": n, "untuned": evaluator(untuned),
                                         "runs": cost_table(testbed, n, cfg, evaluator, args, device, run)}
     results["throughput"] = {} if run.out_of_time("throughput 1 vs 2 processes") else throughput(cfg, args)
@@ -128,7 +125,7 @@ def markdown(results, cfg) -> str:
                 rows.append([key, None, None, None, None, f"no table: {e['unavailable']}"])
                 continue
             rows.append([key, e["forward"], e["backward"], e["wall_time_s"], e["quality"]["fd"], e["measured_on"]])
-        out.append(common.markdown_table(["objective/optimiser/strategy", "forward evals", "backward evals",
+        out.append(writer.markdown_table(["objective/optimiser/strategy", "forward evals", "backward evals",
                                           "wall s", "FD", "measured on"], rows))
     tp = results["throughput"]
     if tp:
@@ -137,7 +134,7 @@ def markdown(results, cfg) -> str:
         w = next(v for v in tp.values() if isinstance(v, dict))
         out.append(f"\n## Throughput, 1 vs 2 processes (CPU, torchrun, 1 thread each; calibrate, parallel strategy, "
                    f"{w['testbed']}, DDIM NFE={w['nfe']}, {w['calibration_samples']} calibration samples)\n\n")
-        out.append(common.markdown_table(["processes", "samples/s", "wall s", "world size"], rows))
+        out.append(writer.markdown_table(["processes", "samples/s", "wall s", "world size"], rows))
         if "speedup_2_over_1" in tp:
             out.append(f"\nSpeed-up 2 over 1 process: {tp['speedup_2_over_1']:.2f}x; max |tau(2) - tau(1)| = "
                        f"{tp['max_abs_tau_difference_2_vs_1']:.3g}\n")
@@ -146,7 +143,7 @@ def markdown(results, cfg) -> str:
 
 def plot(results):
     tbs = list(results["testbeds"])
-    fig, axes = common.figure(ncols=len(tbs), nrows=1, size=(5.5, 3.6))
+    fig, axes = writer.figure(ncols=len(tbs), nrows=1, size=(5.5, 3.6))
     for c, tb in enumerate(tbs):
         ax = axes[0][c]
         runs = {k: e for k, e in results["testbeds"][tb]["runs"].items() if "unavailable" not in e}

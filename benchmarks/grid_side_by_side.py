@@ -8,7 +8,7 @@ same solver code. Per cell (testbed, sampler, NFE):
 - best hand grid: quadratic, log-SNR or Karras, whichever has the lowest endpoint L2 to the teacher on a separate
   calibration x_T set (never the evaluation set);
 - tau only: ``calibrate(...)`` with the package defaults (the paper's method on the default grid);
-- grid only / grid + tau: ``calibrate(..., tune="grid" | "grid+tau")`` where the installed package has it;
+- grid only / grid + tau: ``calibrate(..., tune="grid" | "grid+tau")``;
 - GITS (ICML 2024, ``peers_grid/gits.py``): DP over a 61-timestamp iPNDM teacher trajectory (one grid per testbed
   and NFE, shared by both samplers);
 - LD3 (ICLR 2025, ``peers_grid/ld3.py``): learned grid + decoupled model time (a tau table), trained through a
@@ -23,29 +23,41 @@ Headline cells run first (MNIST DDIM@10, DPM-Solver++@5, GMM DDIM@10); with ``--
 not measured. Finished cells are cached in ``results/grid_side_by_side_cache/`` (one JSON per cell and method), so
 separate processes (``--testbeds gmm`` / ``--testbeds mnist``) can run in parallel and a last run assembles them.
 
-Usage: PYTHONPATH=src python benchmarks/grid_side_by_side.py --quick|--medium|--full [--testbeds gmm mnist]
+Usage: python -m benchmarks.grid_side_by_side --quick|--medium|--full [--testbeds gmm mnist]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from accelerate import PartialState
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from diffusers_timetuner import sample
+from diffusers_timetuner.calibration import CalibrationConfig, calibrate
 
-from benchmarks import common  # noqa: E402
-from benchmarks.peers_grid import gits, ld3  # noqa: E402
-from benchmarks.peers_grid.continuous import ContinuousSchedule  # noqa: E402
+from . import grids
+from .cli_args import add_common_args, log, setup
+from .evaluation import endpoint_l2, fd_pixels, generate, mnist_metrics, seeded_noise
+from .families import FAMILIES, make_scheduler, scheduler_grid, tuned_taus
+from .peers_grid import gits, ld3
+from .peers_grid.continuous import ContinuousSchedule
+from .provenance import code_fingerprint, git_commit, json_default, utc_now
+from .table_cache import (
+    Calibration,
+    calib_for,
+    calibration_settings,
+    package_default_objective,
+    report_count,
+    try_calibration,
+)
+from .testbeds import load_testbed
+from .writer import Run, figure, markdown_table, rel_change
 
 NAME = "grid_side_by_side"
 METHODS = ("untuned", "hand_grid", "tau", "grid", "grid+tau", "gits", "ld3")
@@ -55,7 +67,7 @@ LABELS = {"untuned": "untuned", "hand_grid": "best hand grid", "tau": "tau only"
 HAND_GRIDS = ("quadratic", "logsnr", "karras")
 HEADLINE = [("mnist", "ddim", 10), ("mnist", "dpmpp", 5), ("gmm", "ddim", 10)]
 NFES = [4, 5, 6, 8, 10]
-FAMILIES = ["ddim", "dpmpp"]
+SAMPLERS = ["ddim", "dpmpp"]
 
 SIZES = {
     # CI smoke run: the exact model only, one cell, tiny peers
@@ -67,10 +79,10 @@ SIZES = {
     # CPU: the exact model in full with the published peer settings; the MNIST UNet only at the two headline cells,
     # on 64 samples, GITS on 8 warm-up samples, LD3 on 6 / 6 samples and 1 + 1 rounds
     "medium": dict(
-        gmm=dict(n=2000, families=FAMILIES, nfes=NFES, floor_steps=1000, select_n=256,
+        gmm=dict(n=2000, families=SAMPLERS, nfes=NFES, floor_steps=1000, select_n=256,
                  gits=dict(num_steps_tea=61, num_warmup=256), ld3=dict(num_train=50, num_valid=50)),
         # (measured here: ~30 ms per sample and evaluation with the machine to itself, ~10x more when shared)
-        mnist=dict(n=64, families=FAMILIES, nfes=NFES, cells=[("ddim", 10), ("dpmpp", 5)], floor_steps=50,
+        mnist=dict(n=64, families=SAMPLERS, nfes=NFES, cells=[("ddim", 10), ("dpmpp", 5)], floor_steps=50,
                    select_n=16, gits=dict(num_steps_tea=61, num_warmup=8),
                    ld3=dict(num_train=6, num_valid=6, rounds_v1=1, rounds_v2=1, max_seconds=400),
                    tune_calib=dict(num_samples=16, batch_size=16, validation_samples=8, heldout_samples=8,
@@ -78,9 +90,9 @@ SIZES = {
         batch=500),
     # The published sizes (a GPU): >= 2000 FD-MNIST samples, the peers' own sample counts
     "full": dict(
-        gmm=dict(n=10000, families=FAMILIES, nfes=NFES, floor_steps=1000, select_n=256,
+        gmm=dict(n=10000, families=SAMPLERS, nfes=NFES, floor_steps=1000, select_n=256,
                  gits=dict(num_steps_tea=61, num_warmup=256), ld3=dict(num_train=50, num_valid=50)),
-        mnist=dict(n=2000, families=FAMILIES, nfes=NFES, floor_steps=200, select_n=128,
+        mnist=dict(n=2000, families=SAMPLERS, nfes=NFES, floor_steps=200, select_n=128,
                    gits=dict(num_steps_tea=61, num_warmup=256), ld3=dict(num_train=50, num_valid=50)),
         batch=2000),
 }
@@ -88,7 +100,7 @@ SIZES = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser)
+    add_common_args(parser)
     parser.add_argument("--testbeds", nargs="+", default=["gmm", "mnist"], choices=("gmm", "mnist"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--cells", nargs="+", default=None, metavar="TESTBED:SAMPLER@NFE",
@@ -104,31 +116,33 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------------------------
 # schedulers: every method ends here
 # --------------------------------------------------------------------------------------------------------------
-def build_scheduler(family: str, noise_config: Dict, nfe: int, grid: Optional[List[int]] = None,
-                    taus: Optional[List[float]] = None, source: str = ""):
-    """The package's TimeTuner scheduler for `family` on `grid` (None: its default spacing) with tau table `taus`."""
-    if grid is None:
-        sched = common.make_scheduler(family, noise_config)
-    else:
-        extra = {"use_lu_lambdas": False} if family == "dpmpp" else {}  # diffusers refuses timesteps= with it
-        sched = common.make_fixed_grid_scheduler(family, noise_config, grid, **extra)
+def build_scheduler(family: str, noise_config: Dict, nfe: int, grid: Optional[Sequence[int]] = None,
+                    taus: Optional[Sequence[float]] = None, source: str = "") -> Tuple[object, Optional[List[int]]]:
+    """(scheduler, timesteps): the package's TimeTuner scheduler of `family` with tau table `taus` (None: untuned)
+    and the custom grid to sample it on (``set_timesteps(timesteps=grid)``; None: its default spacing for `nfe`).
+
+    The grid is set once here, so that a grid the scheduler refuses (duplicates, out of range) raises ValueError
+    before any sampling."""
+    # diffusers' DPM-Solver refuses timesteps= with use_lu_lambdas
+    overrides = {"use_lu_lambdas": False} if grid is not None and family == "dpmpp" else {}
+    sched = make_scheduler(family, noise_config, **overrides)
+    timesteps = None if grid is None else [int(t) for t in grid]
     if taus is not None:
-        if grid is None:
-            grid = [int(t) for t in common.scheduler_grid(sched, nfe)]
-        sched = sched.with_tuned_timesteps(nfe, [float(t) for t in taus], grid=[int(t) for t in grid],
+        table_grid = timesteps or [int(t) for t in scheduler_grid(sched, nfe)]
+        sched = sched.with_tuned_timesteps(nfe, [float(t) for t in taus], grid=table_grid,
                                            info={"source": source or "benchmarks"})
-    return sched
+    if timesteps is not None:
+        sched.set_timesteps(timesteps=timesteps)
+    return sched, timesteps
 
 
 def karras_grid(noise_config: Dict, nfe: int) -> List[int]:
     """diffusers' Karras spacing (rho = 7 in sigma, mapped to the nearest training timestep) for this schedule."""
-    sched = common.make_scheduler("dpmpp", noise_config, use_lu_lambdas=False, use_karras_sigmas=True)
-    return [int(t) for t in common.scheduler_grid(sched, nfe)]
+    sched = make_scheduler("dpmpp", noise_config, use_lu_lambdas=False, use_karras_sigmas=True)
+    return [int(t) for t in scheduler_grid(sched, nfe)]
 
 
 def hand_grid(kind: str, noise_config: Dict, nfe: int) -> List[int]:
-    from benchmarks import grids
-
     if kind == "quadratic":
         return grids.quadratic_grid(nfe, int(noise_config.get("num_train_timesteps", 1000)))
     if kind == "logsnr":
@@ -145,7 +159,7 @@ class Bench:
         self.n = cfg["n"]
         self.labels = None if testbed.num_classes is None else testbed.labels_for(self.n, "cpu")["class_labels"]
         self.exact = testbed.exact_sampler(self.n, args.seed + 7) if testbed.exact_sampler is not None else None
-        self.schedule = ContinuousSchedule.from_scheduler(common.make_scheduler("ddim", testbed.noise_config))
+        self.schedule = ContinuousSchedule.from_scheduler(make_scheduler("ddim", testbed.noise_config))
         self._floor = None
         self._calib = None
 
@@ -160,14 +174,16 @@ class Bench:
         fn.denoiser = den
         return fn
 
-    def generate(self, sched, nfe, family, n=None, seed=None):
-        return common.generate(self.tb, sched, nfe, n or self.n, self.args.seed if seed is None else seed,
-                               self.device, batch_size=self.batch, family=family)
+    def generate(self, sched, nfe, family, n=None, seed=None, timesteps=None):
+        """Samples from the evaluation x_T (or `seed`'s); `timesteps`: a custom grid instead of `nfe`'s spacing."""
+        return generate(self.tb, sched, None if timesteps is not None else nfe, n or self.n,
+                        self.args.seed if seed is None else seed, self.device, batch_size=self.batch, family=family,
+                        timesteps=timesteps)
 
     def metrics(self, samples):
-        out = {"fd": common.fd_pixels(samples, self.exact)} if self.exact is not None else \
-            common.mnist_metrics(samples, self.labels)
-        out["endpoint_l2"] = common.endpoint_l2(samples, self.floor()["samples"])
+        out = {"fd": fd_pixels(samples, self.exact)} if self.exact is not None else \
+            mnist_metrics(samples, self.labels, self.device)
+        out["endpoint_l2"] = endpoint_l2(samples, self.floor()["samples"])
         return out
 
     def floor(self):
@@ -178,11 +194,11 @@ class Bench:
             if path.exists():
                 self._floor = torch.load(path)
                 return self._floor
-            common.log(f"{NAME}: {self.tb.name} floor, DDIM {steps} steps, {self.n} samples")
+            log(f"{NAME}: {self.tb.name} floor, DDIM {steps} steps, {self.n} samples")
             t0 = time.perf_counter()
-            x = self.generate(common.make_scheduler("ddim", self.tb.noise_config), steps, "ddim")
-            q = common.fd_pixels(x, self.exact) if self.exact is not None else None
-            m = {"fd": q} if q is not None else common.mnist_metrics(x, self.labels)
+            x = self.generate(make_scheduler("ddim", self.tb.noise_config), steps, "ddim")
+            q = fd_pixels(x, self.exact) if self.exact is not None else None
+            m = {"fd": q} if q is not None else mnist_metrics(x, self.labels, self.device)
             self._floor = {"samples": x, "metrics": m, "steps": steps, "seconds": time.perf_counter() - t0}
             torch.save(self._floor, path)
         return self._floor
@@ -199,16 +215,16 @@ class Bench:
             ld3_cfg = self.cfg["ld3"]
             m = max(self.cfg["select_n"], ld3_cfg["num_train"] + ld3_cfg["num_valid"])
             seed = self.args.seed + 1000
-            x_T = common.seeded_noise(m, self.tb.sample_shape, seed)
+            x_T = seeded_noise(m, self.tb.sample_shape, seed)
             labels = None if self.tb.num_classes is None else self.tb.labels_for(m, "cpu")["class_labels"]
             steps = self.cfg["floor_steps"]
             path = self._sample_cache(f"teacher{steps}_m{m}")
             if path.exists():
                 self._calib = torch.load(path)
                 return self._calib
-            common.log(f"{NAME}: {self.tb.name} teacher (DDIM {steps} steps) on {m} calibration samples")
+            log(f"{NAME}: {self.tb.name} teacher (DDIM {steps} steps) on {m} calibration samples")
             t0 = time.perf_counter()
-            y = self.generate(common.make_scheduler("ddim", self.tb.noise_config), steps, "ddim", n=m, seed=seed)
+            y = self.generate(make_scheduler("ddim", self.tb.noise_config), steps, "ddim", n=m, seed=seed)
             self._calib = {"x_T": x_T, "labels": labels, "target": y, "teacher_steps": steps,
                            "seconds": time.perf_counter() - t0}
             torch.save(self._calib, path)
@@ -235,12 +251,12 @@ def method_hand_grid(bench, family, nfe, shared):
     for kind in HAND_GRIDS:
         try:
             grid = hand_grid(kind, bench.tb.noise_config, nfe)
-            sched = build_scheduler(family, bench.tb.noise_config, nfe, grid)
+            sched, timesteps = build_scheduler(family, bench.tb.noise_config, nfe, grid)
         except ValueError as err:  # e.g. a spacing with duplicate timesteps at this NFE
             scores[kind] = {"error": str(err).splitlines()[0]}
             continue
-        x = bench.generate(sched, nfe, family, n=k, seed=bench.args.seed + 1000)
-        scores[kind] = {"grid": grid, "calibration_endpoint_l2": common.endpoint_l2(x, calib["target"][:k])}
+        x = bench.generate(sched, nfe, family, n=k, seed=bench.args.seed + 1000, timesteps=timesteps)
+        scores[kind] = {"grid": grid, "calibration_endpoint_l2": endpoint_l2(x, calib["target"][:k])}
     ok = {kk: v for kk, v in scores.items() if "grid" in v}
     best = min(ok, key=lambda kk: ok[kk]["calibration_endpoint_l2"])
     cost = bench.teacher_cost(k)
@@ -250,20 +266,20 @@ def method_hand_grid(bench, family, nfe, shared):
 
 
 def _tau_calibration(bench, family, nfe):
-    kwargs = dict(objective=common.package_default_objective(), calib=common.calib_for(bench.args.size, bench.tb.name),
+    kwargs = dict(objective=package_default_objective(), calib=calib_for(bench.args.size, bench.tb.name),
                   seed=bench.args.seed)
     if bench.args.reuse_tables_of_older_code:
         stale = _older_table(bench, family, nfe, kwargs)
         if stale is not None:
             return stale, None
-    return common.try_calibration(bench.tb, family, nfe, bench.device, tables_dir=bench.args.tables_dir_resolved,
-                                  use_cache=not bench.args.no_cache, **kwargs)
+    return try_calibration(bench.tb, family, nfe, bench.device, tables_dir=bench.args.tables_dir_resolved,
+                           use_cache=not bench.args.no_cache, **kwargs)
 
 
 def _older_table(bench, family, nfe, kwargs):
     """The newest cached calibrate() table with these exact settings made by an older package code (the result says
     so); None when the current code has its own table or none exists."""
-    settings = common.calibration_settings(bench.tb, family, nfe, **kwargs)
+    settings = calibration_settings(bench.tb, family, nfe, **kwargs)
     tables = Path(bench.args.tables_dir_resolved)
     found = []
     for path in tables.glob(f"{bench.tb.name}_{family}_n{nfe}_{settings['objective']}_*.json"):
@@ -278,9 +294,9 @@ def _older_table(bench, family, nfe, kwargs):
     if not found:
         return None
     _, path, entry = max(found)
-    common.log(f"{NAME}: using {path.name} (calibrate() table of package code {entry['settings']['code']})")
-    return common.Calibration(entry["taus"], entry["grid"], entry["report"], entry["settings"], True, str(path),
-                              entry.get("device", ""), entry.get("created_utc", ""))
+    log(f"{NAME}: using {path.name} (calibrate() table of package code {entry['settings']['code']})")
+    return Calibration(entry["taus"], entry["grid"], entry["report"], entry["settings"], True, str(path),
+                       entry.get("device", ""), entry.get("created_utc", ""))
 
 
 def method_tau(bench, family, nfe, shared):
@@ -289,52 +305,39 @@ def method_tau(bench, family, nfe, shared):
         return {"error": err}
     rep = cal.report
     return {"grid": None, "taus": cal.taus, "cost": {
-        "forward": common.report_count(rep, "forward_samples"), "backward": common.report_count(rep,
-                                                                                                "backward_samples"),
-        "wall_time_s": common.report_count(rep, "wall_time_s")}, "cached_table": cal.cached,
+        "forward": report_count(rep, "forward_samples"), "backward": report_count(rep, "backward_samples"),
+        "wall_time_s": report_count(rep, "wall_time_s")}, "cached_table": cal.cached,
         "calibrate_settings": {"objective": cal.settings["objective"], "num_samples": cal.settings["num_samples"]},
         "table_file": Path(cal.path).name, "table_package_code": cal.settings.get("code")}
 
 
 def tune_supported() -> bool:
-    """Whether the installed calibrate() learns grids (``tune="grid" | "grid+tau"``)."""
-    from diffusers_timetuner.calibration import CalibrationConfig, calibrate
-
-    fields = getattr(CalibrationConfig, "__dataclass_fields__", {})
-    return "tune" in fields or "tune" in inspect.signature(calibrate).parameters
+    """Whether the installed calibrate() learns grids (``CalibrationConfig(tune="grid" | "grid+tau")``)."""
+    return "tune" in CalibrationConfig.__dataclass_fields__
 
 
 def _method_tune(mode):
     def run(bench, family, nfe, shared):
-        if not tune_supported():
-            return {"not_measured": "calibrate() of this package version has no tune= option"}
-        from accelerate import PartialState
-
-        from diffusers_timetuner.calibration import CalibrationConfig, calibrate
-
-        c = bench.cfg.get("tune_calib") or common.calib_for(bench.args.size, bench.tb.name)
+        c = bench.cfg.get("tune_calib") or calib_for(bench.args.size, bench.tb.name)
         config = CalibrationConfig(num_samples=c["num_samples"], batch_size=c["batch_size"], seed=bench.args.seed,
                                    num_validation_samples=c["validation_samples"],
                                    num_heldout_samples=c["heldout_samples"], teacher_steps=c.get("teacher_steps"))
-        kwargs = dict(config=config, progress=False, accelerator=PartialState(cpu=bench.device.type == "cpu"))
-        if "tune" in getattr(CalibrationConfig, "__dataclass_fields__", {}):
-            kwargs["config"] = config.replace(tune=mode)
-        else:
-            kwargs["tune"] = mode
-        kwargs["data"] = (bench.tb.data, bench.tb.labels) if bench.tb.labels is not None else bench.tb.data
+        config = config.replace(tune=mode)
+        data = (bench.tb.data, bench.tb.labels) if bench.tb.labels is not None else bench.tb.data
         t0 = time.perf_counter()
         try:
             # calibrate(tune=grid...) needs a scheduler that takes custom grids: DPM-Solver++ without use_lu_lambdas
-            base = common.make_scheduler(family, bench.tb.noise_config,
-                                         **({"use_lu_lambdas": False} if family == "dpmpp" else {}))
-            result = calibrate(bench.tb.model, base, nfe, **kwargs)
+            base = make_scheduler(family, bench.tb.noise_config,
+                                  **({"use_lu_lambdas": False} if family == "dpmpp" else {}))
+            result = calibrate(bench.tb.model, base, nfe, config, data=data, progress=False,
+                               accelerator=PartialState(cpu=bench.device.type == "cpu"))
         except (ValueError, NotImplementedError) as err:
             return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
         wall = time.perf_counter() - t0
-        sched = result.scheduler
-        grid = [int(t) for t in common.scheduler_grid(sched, nfe)]
+        sched = result.scheduler  # plain set_timesteps(nfe) samples on its learned grid
+        grid = [int(t) for t in scheduler_grid(sched, nfe)]
         rep = result.reports[nfe]
-        return {"scheduler": sched, "grid": grid, "taus": common.tuned_taus(sched, nfe), "calibration_sizes": c,
+        return {"scheduler": sched, "grid": grid, "taus": tuned_taus(sched, nfe), "calibration_sizes": c,
                 "cost": {"forward": int(rep.forward_samples), "backward": int(rep.backward_samples),
                          "wall_time_s": wall}}
 
@@ -345,7 +348,7 @@ def method_gits(bench, family, nfe, shared):
     key = ("gits", nfe)
     if key not in shared:  # one DP grid per testbed and NFE: GITS's grid does not depend on the student solver
         g = bench.cfg["gits"]
-        x = common.seeded_noise(g["num_warmup"], bench.tb.sample_shape, bench.args.seed + 2000)
+        x = seeded_noise(g["num_warmup"], bench.tb.sample_shape, bench.args.seed + 2000)
         labels = None if bench.tb.num_classes is None else bench.tb.labels_for(g["num_warmup"], "cpu")[
             "class_labels"]
         t0 = time.perf_counter()
@@ -376,10 +379,10 @@ def method_ld3(bench, family, nfe, shared):
     cost["backward"] += res.backward_samples
     cost["wall_time_s"] += res.seconds
     # how much rounding the grid changed the sampler: validation loss of the continuous vs the rounded grid
-    sched = build_scheduler(family, bench.tb.noise_config, nfe, rounded["grid"], res.taus, source="LD3")
-    rounded_loss = _rounded_valid_loss(bench, sched, family, nfe, x[ntr:ntr + nva], sl(lab, slice(ntr, ntr + nva)),
-                                       y[ntr:ntr + nva])
-    return {"grid": rounded["grid"], "taus": res.taus, "cost": cost, "scheduler": sched,
+    sched, timesteps = build_scheduler(family, bench.tb.noise_config, nfe, rounded["grid"], res.taus, source="LD3")
+    rounded_loss = _rounded_valid_loss(bench, sched, timesteps, family, x[ntr:ntr + nva],
+                                       sl(lab, slice(ntr, ntr + nva)), y[ntr:ntr + nva])
+    return {"grid": rounded["grid"], "taus": res.taus, "cost": cost, "scheduler": sched, "timesteps": timesteps,
             "continuous_times": res.times, "rounding": dict(rounded, valid_loss_continuous=res.valid_loss,
                                                             valid_loss_rounded=rounded_loss),
             "valid_loss_init": res.valid_loss_init, "iterations": res.iterations,
@@ -387,12 +390,11 @@ def method_ld3(bench, family, nfe, shared):
 
 
 @torch.no_grad()
-def _rounded_valid_loss(bench, sched, family, nfe, x_T, labels, target):
+def _rounded_valid_loss(bench, sched, timesteps, family, x_T, labels, target):
     """LD3's validation loss (per-sample pixel MSE to the teacher) of the rounded grid through the package sampler."""
-    sampling = common.sampling_module()
-    fam = common.FAMILIES[family]
-    cond = None if labels is None else {"class_labels": labels}
-    out = sampling.sample(bench.tb.denoiser(1.0), sched, x_T.to(bench.device), nfe, cond, eta=fam.eta)
+    cond = None if labels is None else {"class_labels": labels.to(bench.device)}
+    sched.set_timesteps(timesteps=timesteps, device=bench.device)
+    out = sample(bench.tb.denoiser(1.0), sched, x_T.to(bench.device), None, cond, eta=FAMILIES[family].eta)
     return float((out.float().cpu() - target).pow(2).flatten(1).mean(dim=1).mean())
 
 
@@ -436,7 +438,7 @@ def _cell_prefix(args, cell, method) -> str:
 
 def cache_path(cache_dir: Path, args, cell, method) -> Path:
     """Where a new result of this cell and method goes (the digest names the code that made it)."""
-    key = json.dumps({"package": common._code_fingerprint(), "peers": _peer_fingerprint()}, sort_keys=True)
+    key = json.dumps({"package": code_fingerprint(), "peers": _peer_fingerprint()}, sort_keys=True)
     return cache_dir / f"{_cell_prefix(args, cell, method)}{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
 
 
@@ -460,14 +462,17 @@ def run_method(bench, cell, method, shared):
     out = RUNNERS[method](bench, family, nfe, shared)
     if "error" in out or "not_measured" in out:
         return {k: v for k, v in out.items() if k in ("error", "not_measured")}
-    sched = out.pop("scheduler", None) or build_scheduler(family, bench.tb.noise_config, nfe, out["grid"],
-                                                          out["taus"], source=method)
+    if "scheduler" in out:  # the method built its own (calibrate's result, LD3's rounded grid)
+        sched, timesteps = out.pop("scheduler"), out.pop("timesteps", None)
+    else:
+        sched, timesteps = build_scheduler(family, bench.tb.noise_config, nfe, out["grid"], out["taus"],
+                                           source=method)
     t0 = time.perf_counter()
-    x = bench.generate(sched, nfe, family)
+    x = bench.generate(sched, nfe, family, timesteps=timesteps)
     out["sampling_seconds"] = time.perf_counter() - t0
     out["metrics"] = bench.metrics(x)
-    out["grid_used"] = [int(t) for t in common.scheduler_grid(sched, nfe)]
-    out["taus_used"] = common.tuned_taus(sched, nfe)
+    out["grid_used"] = [int(t) for t in scheduler_grid(sched, nfe, timesteps=timesteps)]
+    out["taus_used"] = tuned_taus(sched, nfe)
     return out
 
 
@@ -481,8 +486,8 @@ def gap_share(value, untuned, floor):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup(args)
-    run = common.Run(NAME, args, device)
+    device = setup(args)
+    run = Run(NAME, args, device)
     args.tables_dir_resolved = run.tables_dir
     sizes = SIZES[args.size]
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.out_dir) / f"{NAME}_cache"
@@ -511,10 +516,10 @@ def main(argv=None):
                         "not_measured": "time budget spent"}
                     continue
                 if tb_name not in benches:
-                    benches[tb_name] = Bench(common.load_testbed(tb_name, device), cfg, args, device,
+                    benches[tb_name] = Bench(load_testbed(tb_name, device), cfg, args, device,
                                              sizes["batch"])
                 bench = benches[tb_name]
-                common.log(f"{NAME}: {tb_name} {family}@{nfe} {LABELS[method]}")
+                log(f"{NAME}: {tb_name} {family}@{nfe} {LABELS[method]}")
                 t0 = time.perf_counter()
                 try:
                     entry = run_method(bench, cell, method, shared.setdefault(tb_name, {}))
@@ -525,10 +530,10 @@ def main(argv=None):
                     f = bench.floor()
                     entry["floor"] = {"metrics": f["metrics"], "steps": f["steps"]}
                     entry["seed"] = args.seed
-                    entry["code"] = {"package": common._code_fingerprint(), "peers": _peer_fingerprint(),
-                                     "git_commit": common.git_commit(), "created_utc": common._utc_now()}
+                    entry["code"] = {"package": code_fingerprint(), "peers": _peer_fingerprint(),
+                                     "git_commit": git_commit(), "created_utc": utc_now()}
                     cache_path(cache_dir, args, cell, method).write_text(
-                        json.dumps(entry, indent=1, default=common._json_default))
+                        json.dumps(entry, indent=1, default=json_default))
             results.setdefault(tb_name, {}).setdefault(f"{family}@{nfe}", {})[method] = entry
             if "floor" in entry:
                 floors[tb_name] = entry["floor"]
@@ -561,7 +566,7 @@ def targets(results, floors):
         out[f"mnist_{cell}_grid+tau_gap_closed"] = share
     fd, _ = _fd(results, "gmm", "ddim@10", "grid+tau")
     base, _ = _fd(results, "gmm", "ddim@10", "untuned")
-    out["gmm_ddim@10_grid+tau_fd_change"] = common.rel_change(fd, base)
+    out["gmm_ddim@10_grid+tau_fd_change"] = rel_change(fd, base)
     out["gmm_ddim@10_grid+tau_fd_50pct_lower"] = None if fd is None or base is None else bool(fd <= 0.5 * base)
     never_worse, wins, ratios = [], [], []
     for tb, cells in results.items():
@@ -618,14 +623,14 @@ def markdown(summary, args) -> str:
                     notes.append(f"{tb} {cell} {LABELS[m]}: {why}")
                     row.append("n/m")
             rows.append(row)
-        lines.append(common.markdown_table(header, rows))
-        lines.append(f"\nEndpoint L2 to the floor sample (share of the untuned distance removed):\n")
+        lines.append(markdown_table(header, rows))
+        lines.append("\nEndpoint L2 to the floor sample (share of the untuned distance removed):\n")
         rows = []
         for cell, ms in res[tb].items():
             rows.append([cell] + [f"{ms[m]['metrics']['endpoint_l2']:.4g} "
                                   f"({_fmt(ms[m].get('gap_closed_endpoint_l2'), True)})"
                                   if "metrics" in ms.get(m, {}) else "n/m" for m in args.methods])
-        lines.append(common.markdown_table(header, rows))
+        lines.append(markdown_table(header, rows))
         lines.append("\nCalibration cost: forward / backward sample-evaluations of the network, wall seconds "
                      "(teacher samples included; GITS's grid is shared by both samplers of one NFE):\n")
         rows = []
@@ -636,7 +641,7 @@ def markdown(summary, args) -> str:
                 row.append("-" if not c else f"{_fmt(c.get('forward'))} / {_fmt(c.get('backward'))} / "
                                              f"{_fmt(c.get('wall_time_s'))} s")
             rows.append(row)
-        lines.append(common.markdown_table(header, rows))
+        lines.append(markdown_table(header, rows))
         rows = []
         for cell, ms in res[tb].items():
             e = ms.get("ld3", {})
@@ -646,13 +651,13 @@ def markdown(summary, args) -> str:
                              _fmt(r["valid_loss_rounded"]), _fmt(e.get("valid_loss_init"))])
         if rows:
             lines.append("\nLD3 rounding to integer timesteps (validation MSE to the teacher):\n")
-            lines.append(common.markdown_table(["cell", "max grid change", "continuous grid", "rounded grid",
+            lines.append(markdown_table(["cell", "max grid change", "continuous grid", "rounded grid",
                                                 "initial (uniform) grid"], rows))
         rows = [[cell, ms["hand_grid"].get("chosen")] for cell, ms in res[tb].items() if "chosen" in
                 ms.get("hand_grid", {})]
         if rows:
             lines.append("\nHand grid chosen on the calibration x_T (endpoint L2 to the teacher):\n")
-            lines.append(common.markdown_table(["cell", "grid"], rows))
+            lines.append(markdown_table(["cell", "grid"], rows))
     prov = []
     for tb in res:
         for cell, ms in res[tb].items():
@@ -665,14 +670,38 @@ def markdown(summary, args) -> str:
                     prov.append(f"- {tb} {cell} {LABELS[m]}: calibrate(tune=...) sizes {ms[m]['calibration_sizes']}")
     if prov:
         lines.append("\n## Provenance of the calibrations\n\n" + "\n".join(prov) + "\n")
+    lines += code_lines(res)
     lines.append("\n## Targets\n")
-    lines.append(common.markdown_table(["target", "value"], [[k, v] for k, v in summary["targets"].items()]))
+    lines.append(markdown_table(["target", "value"], [[k, v] for k, v in summary["targets"].items()]))
     if notes:
         lines.append("\n**Not measured / failed:**\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     lines.append("\nLD3 uses the pixel MSE to the teacher (its repository's `L2`); its default LPIPS needs VGG weights "
                  "that cannot be downloaded here. GITS uses the L2 cost of the paper (the repository also offers a "
                  "trajectory-deviation cost).\n")
     return "\n".join(lines)
+
+
+def code_lines(res) -> List[str]:
+    """Which package / peer code made the figures (entries come from the per-cell cache, whatever code made them):
+    a figure whose code is not the current one may differ on a fresh run."""
+    current = {"package": code_fingerprint(), "peers": _peer_fingerprint()}
+    made_by: Dict[Tuple[str, str], List[str]] = {}
+    for tb, cells in res.items():
+        for cell, ms in cells.items():
+            for m, e in ms.items():
+                if "metrics" in e:
+                    code = e.get("code") or {}
+                    key = (code.get("package", "not recorded"), code.get("peers", "not recorded"))
+                    made_by.setdefault(key, []).append(f"{tb} {cell} {LABELS[m]}")
+    out = ["\n## Code that made the figures\n",
+           f"Current code: package `{current['package']}`, peers `{current['peers']}` (fingerprints of the package's "
+           "calibration / scheduler / sampling sources and of `peers_grid/`).\n"]
+    for (package, peers), entries in sorted(made_by.items()):
+        stale = [what for what, fp in (("package", package), ("peers", peers)) if fp != current[what]]
+        verdict = "the current code" if not stale else \
+            f"older {' and '.join(stale)} code: a fresh run (`--no-cache`) may give other figures"
+        out.append(f"- package `{package}`, peers `{peers}` ({verdict}): {len(entries)} figures")
+    return out + [""]
 
 
 def headline_lines(summary) -> List[str]:
@@ -683,12 +712,12 @@ def headline_lines(summary) -> List[str]:
     for tb, fam, nfe in HEADLINE:
         ms = res.get(tb, {}).get(f"{fam}@{nfe}")
         if not ms or tb not in floors:
-            out.append(f"- {tb} {common.FAMILIES[fam].label}@{nfe}: not measured.")
+            out.append(f"- {tb} {FAMILIES[fam].label}@{nfe}: not measured.")
             continue
         parts = [f"{LABELS[m]} {ms[m]['metrics']['fd']:.4g} ({_fmt(ms[m].get('gap_closed_fd'), True)}; endpoint "
                  f"{_fmt(ms[m].get('gap_closed_endpoint_l2'), True)})" for m in METHODS if "metrics" in ms.get(m, {})]
         missing = [LABELS[m] for m in METHODS if "metrics" not in ms.get(m, {})]
-        out.append(f"- {tb} {common.FAMILIES[fam].label}@{nfe} (floor FD {floors[tb]['metrics']['fd']:.4g}): "
+        out.append(f"- {tb} {FAMILIES[fam].label}@{nfe} (floor FD {floors[tb]['metrics']['fd']:.4g}): "
                    + "; ".join(parts) + (f"; not measured: {', '.join(missing)}" if missing else "") + ".")
     return out + [""]
 
@@ -696,7 +725,7 @@ def headline_lines(summary) -> List[str]:
 def make_figure(results, floors):
     panels = []
     for tb, cells in results.items():
-        for fam in FAMILIES:
+        for fam in SAMPLERS:
             pts = {}
             for cell, ms in cells.items():
                 f, n = cell.split("@")
@@ -709,7 +738,7 @@ def make_figure(results, floors):
                 panels.append((tb, fam, pts))
     if not panels:
         return None
-    fig, axes = common.figure(ncols=len(panels))
+    fig, axes = figure(ncols=len(panels))
     for ax, (tb, fam, pts) in zip(axes[0], panels):
         for m in METHODS:
             if m in pts:
@@ -717,7 +746,7 @@ def make_figure(results, floors):
                 ax.plot(xs, ys, marker="o", label=LABELS[m], color=f"C{METHODS.index(m)}")  # same colour per method
         if tb in floors:
             ax.axhline(floors[tb]["metrics"]["fd"], color="k", ls=":", label="floor")
-        ax.set_title(f"{tb}: {common.FAMILIES[fam].label}")
+        ax.set_title(f"{tb}: {FAMILIES[fam].label}")
         ax.set_xlabel("NFE")
         ax.set_ylabel("FD" if tb == "gmm" else "FD-MNIST")
         ax.set_yscale("log")

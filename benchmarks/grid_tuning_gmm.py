@@ -71,7 +71,8 @@ def main():
     payload = {"command": f"PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/grid_tuning_gmm.py --family {a.family} "
                           f"--nfe {a.nfe} --num_samples {a.num_samples}",
                "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                            "diffusers_timetuner": diffusers_timetuner.__version__, "python": platform.python_version()},
+                            "diffusers_timetuner": diffusers_timetuner.__version__,
+                            "python": platform.python_version()},
                "device": "cpu (1 thread)", "fd_samples": 4000, "exact_samples": 8000,
                "calibration_samples": a.num_samples, "rows": rows}
     os.makedirs(a.out, exist_ok=True)
@@ -79,7 +80,8 @@ def main():
     with open(stem + ".json", "w") as f:
         json.dump(payload, f, indent=1)
     lines = [f"# GMM {a.family}@{a.nfe}: grid tuning", "", f"`{payload['command']}`", "",
-             "| method | FD | FD change | held-out endpoint change | forward samples | cost vs tau |", "|---|---|---|---|---|---|"]
+             "| method | FD | FD change | held-out endpoint change | forward samples | cost vs tau |",
+             "|---|---|---|---|---|---|"]
     for name, v in rows.items():
         lines.append(f"| {name} | {v['fd']:.4f} | {100 * v['fd_change_vs_untuned']:+.1f}% | "
                      + (f"{100 * v['heldout_endpoint_change']:+.1f}%" if "heldout_endpoint_change" in v else "-")

@@ -2,28 +2,29 @@
 
 A grid is either expressed through the scheduler config or, where the scheduler has no such option (or where
 calibrate's 10n-step teacher could not use it: quadratic spacing has duplicates beyond ~29 steps), as a fixed
-custom grid (`common.make_fixed_grid_scheduler`): ``set_timesteps(n)`` then uses it, and `calibrate` tunes on it.
+custom grid: `calibrate(..., timesteps=grid)` tunes on it and sampling passes ``timesteps=grid`` to the scheduler.
 """
 
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-from . import common
+from diffusers_timetuner.sampling import grid_timesteps
+from diffusers_timetuner.schedulers import quadratic_timesteps
+
+from . import families
 
 GRID_KINDS = ("uniform", "quadratic", "logsnr")
 
 
 def logsnr_grid(noise_config: Dict, nfe: int) -> List[int]:
     """The log-SNR-uniform integer grid of diffusers' DPM-Solver (``use_lu_lambdas=True``) for this noise schedule."""
-    sched = common.make_scheduler("dpmpp", noise_config, use_lu_lambdas=True)
+    sched = families.make_scheduler("dpmpp", noise_config, use_lu_lambdas=True)
     sched.set_timesteps(nfe)
-    return [int(t) for t in common.sampling_module().grid_timesteps(sched)]
+    return [int(t) for t in grid_timesteps(sched)]
 
 
 def quadratic_grid(nfe: int, num_train_timesteps: int = 1000) -> List[int]:
-    from diffusers_timetuner.schedulers import quadratic_timesteps
-
     return [int(t) for t in quadratic_timesteps(nfe, num_train_timesteps)]
 
 
@@ -33,7 +34,7 @@ def grid_spec(family: str, kind: str, noise_config: Dict, nfe: int) -> Tuple[Dic
     Overrides equal to the family's own config are dropped, so that the calibration-table cache key is the same as
     the other scripts' for the same scheduler."""
     overrides, custom = _grid_spec(family, kind, noise_config, nfe)
-    base = common.FAMILIES[family].config
+    base = families.FAMILIES[family].config
     return {k: v for k, v in overrides.items() if base.get(k, _MISSING) != v}, custom
 
 

@@ -11,24 +11,20 @@ the overhead the scheduler itself can add. Timings are reported, never asserted 
 The overhead per step is a fixed cost of the scheduler, so a smaller batch (a shorter network step) makes the
 ratio a stricter test; --medium uses batch 4 to fit many repetitions into about a minute on a CPU.
 
-Usage: PYTHONPATH=src python benchmarks/inference_overhead.py --quick|--medium|--full [--device auto|cpu|cuda]
+Usage: python -m benchmarks.inference_overhead --quick|--medium|--full [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks import common  # noqa: E402
+from . import cli_args, families, table_cache, testbeds, writer
 
 NAME = "inference_overhead"
 TARGET = 1.01  # target: tuned / untuned pipeline call <= 1.01
@@ -47,7 +43,7 @@ SIZES = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    return common.add_common_args(parser).parse_args(argv)
+    return cli_args.add_common_args(parser).parse_args(argv)
 
 
 def _sync(device):
@@ -117,25 +113,25 @@ def time_schedulers_interleaved(schedulers, nfe, shape, rounds, reps):
 
 def synthetic_table(scheduler, nfe):
     """A valid tau table that differs from the grid everywhere (t + 0.25, or t - 0.25 at the top of the range)."""
-    grid = common.scheduler_grid(scheduler, nfe)
+    grid = families.scheduler_grid(scheduler, nfe)
     top = scheduler.config.num_train_timesteps - 1
     taus = [t + 0.25 if t < top else t - 0.25 for t in grid]
     return scheduler.with_tuned_timesteps(nfe, taus, grid=grid)
 
 
 def main(args) -> dict:
-    device = common.setup(args)
-    run = common.Run(NAME, args, device)
+    device = cli_args.setup(args)
+    run = writer.Run(NAME, args, device)
     cfg = SIZES[args.size]
-    testbed = common.load_testbed("mnist", device)
+    testbed = testbeds.load_testbed("mnist", device)
     nfe = cfg["nfe"]
-    untuned = common.make_scheduler("ddim", testbed.noise_config)
+    untuned = families.make_scheduler("ddim", testbed.noise_config)
     cal, err = None, None
     if cfg["table"] == "calibrated":
-        objective = common.package_default_objective() if cfg["objective"] == "default" else cfg["objective"]
-        cal, err = common.try_calibration(testbed, "ddim", nfe, device, tables_dir=run.tables_dir,
-                                          use_cache=not args.no_cache, objective=objective,
-                                          calib=common.calib_for(args.size, testbed.name), seed=args.seed)
+        objective = table_cache.package_default_objective() if cfg["objective"] == "default" else cfg["objective"]
+        cal, err = table_cache.try_calibration(testbed, "ddim", nfe, device, tables_dir=run.tables_dir,
+                                               use_cache=not args.no_cache, objective=objective,
+                                               calib=table_cache.calib_for(args.size, testbed.name), seed=args.seed)
     if cal is not None:
         tuned, table = cal.scheduler(testbed, "ddim"), Path(cal.path).name
     else:  # quick (CI), or the calibration failed (recorded): any valid table exercises the same code path
@@ -145,7 +141,7 @@ def main(args) -> dict:
     pipe = testbed.pipeline.to(device)
     pipe.set_progress_bar_config(disable=True)
     labels = (torch.arange(cfg["batch"]) % testbed.num_classes).tolist()
-    common.log(f"{NAME}: pipeline calls, batch {cfg['batch']}, {nfe} steps, {cfg['reps']} interleaved reps")
+    cli_args.log(f"{NAME}: pipeline calls, batch {cfg['batch']}, {nfe} steps, {cfg['reps']} interleaved reps")
     with torch.no_grad():
         times, first = time_pipeline(pipe, schedulers, labels, nfe, cfg["reps"], cfg["warmup"], device)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -159,7 +155,7 @@ def main(args) -> dict:
     }
 
     shape = (cfg["batch"], *testbed.sample_shape)
-    common.log(f"{NAME}: scheduler-only timings ({cfg['sched_rounds']} x {cfg['sched_reps']} loops each)")
+    cli_args.log(f"{NAME}: scheduler-only timings ({cfg['sched_rounds']} x {cfg['sched_reps']} loops each)")
     # the bound: the pipeline's own two schedulers (its table), same batch shape, no network
     own = time_schedulers_interleaved(schedulers, nfe, shape, cfg["sched_rounds"], cfg["sched_reps"])
     diff = own["tuned"] - own["untuned"]
@@ -167,9 +163,9 @@ def main(args) -> dict:
              "pipeline_untuned_s_per_step": pipeline["untuned_s_per_step"],
              "ratio_bound": 1.0 + diff / pipeline["untuned_s_per_step"]}
     sched_only = {}
-    for family in common.FAMILIES:
-        pair = {"untuned": common.make_scheduler(family, testbed.noise_config),
-                "tuned": synthetic_table(common.make_scheduler(family, testbed.noise_config), nfe)}
+    for family in families.FAMILIES:
+        pair = {"untuned": families.make_scheduler(family, testbed.noise_config),
+                "tuned": synthetic_table(families.make_scheduler(family, testbed.noise_config), nfe)}
         sched_only[family] = time_schedulers_interleaved(pair, nfe, shape, cfg["sched_rounds"], cfg["sched_reps"])
     results = {"settings": cfg, "target": TARGET, "pipeline": pipeline, "scheduler_bound": bound,
                "scheduler_only_s_per_step": sched_only}
@@ -183,7 +179,7 @@ def markdown(results) -> str:
     out = [f"# Inference overhead\n\nPipeline call (MNIST UNet, DDIM, batch {s['batch']}, {s['nfe']} steps, {n} "
            f"interleaved repetitions, order alternating): median untuned {p['median_s']['untuned']:.4g} s, tuned "
            f"{p['median_s']['tuned']:.4g} s.\n\n"]
-    out.append(common.markdown_table(["statistic", "tuned / untuned"], [
+    out.append(writer.markdown_table(["statistic", "tuned / untuned"], [
         [f"median of the {n} paired ratios (per repetition)", f"{p['median_paired_ratio']:.4f}"],
         [f"bootstrap 95% CI of that median ({p['bootstrap']['resamples']} resamples, seed "
          f"{p['bootstrap']['seed']})", f"[{lo:.4f}, {hi:.4f}]"],
@@ -204,9 +200,9 @@ def markdown(results) -> str:
     out.append("Scheduler alone (set_timesteps + step, no network; synthetic table grid +/- 0.25 for the tuned "
                f"column; median of {s['sched_rounds']} interleaved rounds of {s['sched_reps']} sampling loops), "
                "microseconds per step:\n\n")
-    rows = [[common.FAMILIES[f].label, 1e6 * v["untuned"], 1e6 * v["tuned"], 1e6 * (v["tuned"] - v["untuned"])]
+    rows = [[families.FAMILIES[f].label, 1e6 * v["untuned"], 1e6 * v["tuned"], 1e6 * (v["tuned"] - v["untuned"])]
             for f, v in results["scheduler_only_s_per_step"].items()]
-    out.append(common.markdown_table(["sampler", "untuned us/step", "tuned us/step", "tuned - untuned"], rows))
+    out.append(writer.markdown_table(["sampler", "untuned us/step", "tuned us/step", "tuned - untuned"], rows))
     return "".join(out)
 
 
@@ -222,7 +218,7 @@ def verdict(results) -> str:
 
 
 def plot(results):
-    fig, axes = common.figure(ncols=2, nrows=1, size=(4.6, 3.4))
+    fig, axes = writer.figure(ncols=2, nrows=1, size=(4.6, 3.4))
     p, b = results["pipeline"], results["scheduler_bound"]
     target = results.get("target", TARGET)
     ax = axes[0][0]

@@ -8,25 +8,20 @@
    TimeTuner-DDIM, same x_T and labels. The Time-Shift window / cutoff are swept and every setting is reported; its
    best setting is chosen on the evaluation samples themselves (favourable to the peer).
 
-Usage: PYTHONPATH=src python benchmarks/peers.py --quick|--medium|--full [--device auto|cpu|cuda]
+Usage: python -m benchmarks.peers --quick|--medium|--full [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from diffusers import DDIMScheduler
 
-import torch  # noqa: E402
-from diffusers import DDIMScheduler  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from benchmarks.quality_vs_nfe import Evaluator  # noqa: E402
-from benchmarks.time_shift import TimeShiftDDIM  # noqa: E402
+from . import cli_args, evaluation, families, table_cache, testbeds, writer
+from .quality_vs_nfe import Evaluator
+from .time_shift import TimeShiftDDIM
 
 NAME = "peers"
 SIZES = {
@@ -36,18 +31,18 @@ SIZES = {
     # tables are quality_vs_nfe's, same settings, from the cache) - its optimiser comparison is GPU work.
     "medium": dict(testbeds={"gmm": 2000, "mnist": 200}, floor_steps=1000, opt_nfes=[5, 10], opt_objectives=["paper"],
                    ts_nfes=[5, 10, 20], ts_settings=[(10, 300), (20, 300), (40, 200), (10, 550)],
-                   tt_objectives=list(common.OBJECTIVES), batch=500,
+                   tt_objectives=list(table_cache.OBJECTIVES), batch=500,
                    overrides={"mnist": dict(opt_nfes=[], ts_nfes=[10], tt_objectives=["teacher_local", "paper"])}),
     "full": dict(testbeds={"gmm": 10000, "mnist": 5000}, floor_steps=1000, opt_nfes=[5, 10],
                  opt_objectives=["paper", "paper_x0"],
                  ts_nfes=[5, 10, 20], ts_settings=[(10, 300), (20, 300), (40, 200), (10, 550), (40, 550)],
-                 tt_objectives=list(common.OBJECTIVES), batch=5000),
+                 tt_objectives=list(table_cache.OBJECTIVES), batch=5000),
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    return common.add_common_args(parser).parse_args(argv)
+    return cli_args.add_common_args(parser).parse_args(argv)
 
 
 def r_values(taus, grid, T=1000):
@@ -58,9 +53,9 @@ def r_values(taus, grid, T=1000):
 def counts(report):
     """Model evaluations (samples through the network, forward and backward separately) and wall time of one
     `calibrate` call, as its report states them (teacher, roll-outs and the held-out check included)."""
-    return {"forward": common.report_count(report, "forward_samples"),
-            "backward": common.report_count(report, "backward_samples") or 0.0,
-            "wall_time_s": common.report_count(report, "wall_time_s")}
+    return {"forward": table_cache.report_count(report, "forward_samples"),
+            "backward": table_cache.report_count(report, "backward_samples") or 0.0,
+            "wall_time_s": table_cache.report_count(report, "wall_time_s")}
 
 
 def compare_optimizers(testbed, n, cfg, evaluator, args, device, run):
@@ -69,22 +64,22 @@ def compare_optimizers(testbed, n, cfg, evaluator, args, device, run):
         for nfe in cfg["opt_nfes"]:
             if run.out_of_time(f"{testbed.name} optimisers {obj} NFE={nfe}"):
                 continue
-            common.log(f"{NAME}: {testbed.name} optimisers, {obj}, DDIM NFE={nfe}")
-            tried = {opt: common.try_calibration(
+            cli_args.log(f"{NAME}: {testbed.name} optimisers, {obj}, DDIM NFE={nfe}")
+            tried = {opt: table_cache.try_calibration(
                 testbed, "ddim", nfe, device, tables_dir=run.tables_dir, use_cache=not args.no_cache,
-                objective=obj, optimizer=opt, calib=common.calib_for(args.size, testbed.name),
-                seed=args.seed) for opt in (common.DEFAULT_OPTIMIZER, common.REFERENCE_OPTIMIZER)}
+                objective=obj, optimizer=opt, calib=table_cache.calib_for(args.size, testbed.name),
+                seed=args.seed) for opt in (table_cache.DEFAULT_OPTIMIZER, table_cache.REFERENCE_OPTIMIZER)}
             if any(cal is None for cal, _ in tried.values()):
                 out[f"{obj}_n{nfe}"] = {"failed": {o: e for o, (c, e) in tried.items() if c is None}}
                 continue
             cals = {opt: cal for opt, (cal, _) in tried.items()}
             entry = {}
             for opt, cal in cals.items():
-                x = common.generate(testbed, cal.scheduler(testbed, "ddim"), nfe, n, args.seed, device,
-                                    batch_size=cfg["batch"], family="ddim")
+                x = evaluation.generate(testbed, cal.scheduler(testbed, "ddim"), nfe, n, args.seed, device,
+                                        batch_size=cfg["batch"], family="ddim")
                 entry[opt] = {"taus": cal.taus, "grid": cal.grid, "r": r_values(cal.taus, cal.grid),
                               **counts(cal.report), "quality": evaluator(x)}
-            d, a = entry[common.DEFAULT_OPTIMIZER], entry[common.REFERENCE_OPTIMIZER]
+            d, a = entry[table_cache.DEFAULT_OPTIMIZER], entry[table_cache.REFERENCE_OPTIMIZER]
             evals_d = (d["forward"] or 0) + (d["backward"] or 0)
             evals_a = (a["forward"] or 0) + (a["backward"] or 0)
             entry["max_abs_r_difference"] = max(abs(x - y) for x, y in zip(d["r"], a["r"]))
@@ -97,14 +92,14 @@ def compare_optimizers(testbed, n, cfg, evaluator, args, device, run):
 
 def ddim_scheduler(testbed):
     """A plain diffusers DDIMScheduler with the benchmark's DDIM config (TimeTuner's untuned DDIM is bit-identical)."""
-    config = dict(common.make_scheduler("ddim", testbed.noise_config).config)
+    config = dict(families.make_scheduler("ddim", testbed.noise_config).config)
     params = inspect.signature(DDIMScheduler.__init__).parameters
     return DDIMScheduler(**{k: v for k, v in config.items() if k in params})
 
 
 @torch.no_grad()
 def time_shift_samples(testbed, ts, nfe, n, seed, device, batch):
-    noise = common.seeded_noise(n, testbed.sample_shape, seed)
+    noise = evaluation.seeded_noise(n, testbed.sample_shape, seed)
     cond_all = testbed.labels_for(n, "cpu")
     den = testbed.denoiser(1.0)
     out, shifts = [], []
@@ -121,23 +116,23 @@ def compare_time_shift(testbed, n, cfg, evaluator, args, device, run):
     for nfe in cfg["ts_nfes"]:
         if run.out_of_time(f"{testbed.name} time-shift NFE={nfe}"):
             continue
-        common.log(f"{NAME}: {testbed.name} time-shift vs TimeTuner, DDIM NFE={nfe}")
-        untuned = common.generate(testbed, common.make_scheduler("ddim", testbed.noise_config), nfe, n, args.seed,
-                                  device, batch_size=cfg["batch"], family="ddim")
+        cli_args.log(f"{NAME}: {testbed.name} time-shift vs TimeTuner, DDIM NFE={nfe}")
+        untuned = evaluation.generate(testbed, families.make_scheduler("ddim", testbed.noise_config), nfe, n,
+                                      args.seed, device, batch_size=cfg["batch"], family="ddim")
         entry = {"untuned": evaluator(untuned), "timetuner": {}, "time_shift": {}}
         # Sanity: with window 0 the Time-Shift loop is plain DDIM (must match the shared loop).
         ts0, _ = time_shift_samples(testbed, TimeShiftDDIM(ddim_scheduler(testbed), 0, 0), nfe, min(n, 64),
                                     args.seed, device, cfg["batch"])
         entry["time_shift_window0_max_abs_diff_vs_untuned"] = float((ts0 - untuned[: ts0.shape[0]]).abs().max())
         for obj in cfg["tt_objectives"]:
-            cal, err = common.try_calibration(testbed, "ddim", nfe, device, tables_dir=run.tables_dir,
-                                              use_cache=not args.no_cache, objective=obj,
-                                              calib=common.calib_for(args.size, testbed.name), seed=args.seed)
+            cal, err = table_cache.try_calibration(testbed, "ddim", nfe, device, tables_dir=run.tables_dir,
+                                                   use_cache=not args.no_cache, objective=obj, seed=args.seed,
+                                                   calib=table_cache.calib_for(args.size, testbed.name))
             if cal is None:
                 entry.setdefault("timetuner_failed", {})[obj] = err
                 continue
-            x = common.generate(testbed, cal.scheduler(testbed, "ddim"), nfe, n, args.seed, device,
-                                batch_size=cfg["batch"], family="ddim")
+            x = evaluation.generate(testbed, cal.scheduler(testbed, "ddim"), nfe, n, args.seed, device,
+                                    batch_size=cfg["batch"], family="ddim")
             entry["timetuner"][obj] = evaluator(x)
         for w, c in cfg["ts_settings"]:
             ts = TimeShiftDDIM(ddim_scheduler(testbed), window=w, cutoff=c)
@@ -159,18 +154,18 @@ def ddim_scheduler_grid(testbed, nfe):
 
 
 def main(args) -> dict:
-    device = common.setup(args)
-    run = common.Run(NAME, args, device)
+    device = cli_args.setup(args)
+    run = writer.Run(NAME, args, device)
     cfg = SIZES[args.size]
     results = {"settings": cfg, "testbeds": {}}
     for tb_name, n in cfg["testbeds"].items():
-        testbed = common.load_testbed(tb_name, device)
+        testbed = testbeds.load_testbed(tb_name, device)
         tb_cfg = {**cfg, **cfg.get("overrides", {}).get(tb_name, {})}  # per-testbed sizes (medium MNIST)
         floor = None
         if testbed.exact_sampler is not None:  # endpoint L2 against the many-step DDIM sample (cheap on the GMM)
-            floor = common.generate(testbed, common.make_scheduler("ddim", testbed.noise_config),
-                                    cfg["floor_steps"], n,
-                                    args.seed, device, batch_size=cfg["batch"], family="ddim")
+            floor = evaluation.generate(testbed, families.make_scheduler("ddim", testbed.noise_config),
+                                        cfg["floor_steps"], n,
+                                        args.seed, device, batch_size=cfg["batch"], family="ddim")
         evaluator = Evaluator(testbed, n, args.seed, floor)
         results["testbeds"][tb_name] = {
             "n_samples": n,
@@ -189,11 +184,11 @@ def markdown(results) -> str:
             if "failed" in e:
                 rows.append([key, f"calibration failed: {e['failed']}"] + [None] * 9)
                 continue
-            d, a = e[common.DEFAULT_OPTIMIZER], e[common.REFERENCE_OPTIMIZER]
+            d, a = e[table_cache.DEFAULT_OPTIMIZER], e[table_cache.REFERENCE_OPTIMIZER]
             rows.append([key, e["max_abs_r_difference"], d["forward"], d["backward"], a["forward"], a["backward"],
                          e["evaluation_ratio_adam_over_default"], d["wall_time_s"], a["wall_time_s"],
                          d["quality"]["fd"], a["quality"]["fd"]])
-        out.append(common.markdown_table(
+        out.append(writer.markdown_table(
             ["objective/NFE", "max abs dr", "default fwd", "default bwd", "adam fwd", "adam bwd", "evals adam/default",
              "default s", "adam s", "FD default", "FD adam"], rows))
         out.append("\n### Time-Shift sampler vs TimeTuner (DDIM, same x_T)\n\n")
@@ -205,24 +200,24 @@ def markdown(results) -> str:
             rows.append([nfe, e["untuned"]["fd"], f"{best['fd']:.4g} ({e['time_shift_best']})",
                          None if best_tt is None else f"{tt[best_tt]:.4g} ({best_tt})",
                          e["time_shift_window0_max_abs_diff_vs_untuned"]])
-        out.append(common.markdown_table(
+        out.append(writer.markdown_table(
             ["NFE", "DDIM untuned FD", "Time-Shift best FD (setting)", "TimeTuner best FD (objective)",
              "TS w=0 vs DDIM max abs diff"], rows))
         rows = [[nfe, k, v["fd"]] for nfe, e in r["time_shift"].items() for k, v in e["time_shift"].items()]
-        out.append("\nEvery Time-Shift setting:\n\n" + common.markdown_table(["NFE", "setting", "FD"], rows))
+        out.append("\nEvery Time-Shift setting:\n\n" + writer.markdown_table(["NFE", "setting", "FD"], rows))
     return "".join(out)
 
 
 def plot(results):
     tbs = list(results["testbeds"])
-    fig, axes = common.figure(ncols=2, nrows=len(tbs), size=(4.4, 3.2))
+    fig, axes = writer.figure(ncols=2, nrows=len(tbs), size=(4.4, 3.2))
     for r, tb in enumerate(tbs):
         res = results["testbeds"][tb]
         ax = axes[r][0]
         for key, e in res["optimizers"].items():
             if "failed" in e:
                 continue
-            for opt, style in ((common.DEFAULT_OPTIMIZER, "o-"), (common.REFERENCE_OPTIMIZER, "x--")):
+            for opt, style in ((table_cache.DEFAULT_OPTIMIZER, "o-"), (table_cache.REFERENCE_OPTIMIZER, "x--")):
                 ax.plot(range(len(e[opt]["r"])), e[opt]["r"], style, label=f"{key} {opt}")
         ax.set_title(f"{tb}: tuned r = tau/t per step", fontsize=9)
         if not res["optimizers"]:  # e.g. medium MNIST: the optimiser comparison is not run at this size

@@ -7,19 +7,15 @@
 Samplers: DDIM, DDPM (eta = 1), DPM-Solver-2 (singlestep), DPM-Solver++ (multistep); the many-step DDIM sampler is
 the floor. Every sampler, NFE and objective uses the same x_T (and class labels) for its samples.
 
-Usage: PYTHONPATH=src python benchmarks/quality_vs_nfe.py --quick|--medium|--full [--device auto|cpu|cuda]
+Usage: python -m benchmarks.quality_vs_nfe --quick|--medium|--full [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common  # noqa: E402
+from . import cli_args, evaluation, families, table_cache, testbeds, writer
 
 NAME = "quality_vs_nfe"
 ALL_FAMILIES = ["ddim", "ddpm", "dpm2", "dpmpp"]
@@ -40,7 +36,7 @@ SIZES = {
         mnist=dict(n=200, families=["ddim", "dpm2", "dpmpp"], nfes=[5, 10],
                    cells=[("ddim", 10), ("dpm2", 5), ("dpmpp", 5)], guidance=[1.0], floor_steps=30,
                    objectives=["default", "paper"]),
-        objectives=list(common.OBJECTIVES), batch=500),
+        objectives=list(table_cache.OBJECTIVES), batch=500),
     # Full: every objective at every cell of the exact model; on the trained model every objective at NFE 5 and 10,
     # the package default and the paper's objective at the other NFEs (the endpoint objective's cost grows as NFE^2).
     "full": dict(
@@ -48,13 +44,13 @@ SIZES = {
                  joint_cells=[("ddim", 5), ("ddim", 10), ("dpmpp", 5), ("dpmpp", 10)]),
         mnist=dict(n=5000, families=ALL_FAMILIES, nfes=ALL_NFES, guidance=[1.0, GUIDANCE], floor_steps=200,
                    all_objectives_nfes=[5, 10], few_objectives=["default", "paper"]),
-        objectives=list(common.OBJECTIVES), batch=5000),
+        objectives=list(table_cache.OBJECTIVES), batch=5000),
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    return common.add_common_args(parser).parse_args(argv)
+    return cli_args.add_common_args(parser).parse_args(argv)
 
 
 class Evaluator:
@@ -67,11 +63,11 @@ class Evaluator:
 
     def __call__(self, samples, deterministic=True):
         if self.exact is not None:
-            out = {"fd": common.fd_pixels(samples, self.exact)}
+            out = {"fd": evaluation.fd_pixels(samples, self.exact)}
         else:
-            out = common.mnist_metrics(samples, self.labels)
+            out = evaluation.mnist_metrics(samples, self.labels, self.testbed.device)
         if deterministic and self.floor is not None:
-            out["endpoint_l2"] = common.endpoint_l2(samples, self.floor)
+            out["endpoint_l2"] = evaluation.endpoint_l2(samples, self.floor)
         return out
 
 
@@ -97,7 +93,7 @@ def cells(cfg):
 def objectives_for(cfg, tb, nfe):
     """Objectives of one cell, the package default first."""
     sizes = cfg[tb]
-    default = common.package_default_objective()
+    default = table_cache.package_default_objective()
     objs = [default if o == "default" else o for o in sizes.get("objectives", cfg["objectives"])]
     if nfe not in sizes.get("all_objectives_nfes", sizes["nfes"]):
         few = [default if o == "default" else o for o in sizes.get("few_objectives", objs)]
@@ -106,29 +102,29 @@ def objectives_for(cfg, tb, nfe):
 
 
 def evaluate_cell(testbed, family, nfe, g, sizes, cfg, evaluator, args, device, run):
-    fam = common.FAMILIES[family]
+    fam = families.FAMILIES[family]
     label = f"{testbed.name} g={g:g} {family} NFE={nfe}"
-    common.log(f"{NAME}: {label}")
-    x = common.generate(testbed, common.make_scheduler(family, testbed.noise_config), nfe, sizes["n"], args.seed,
-                        device, guidance_scale=g, batch_size=cfg["batch"], family=family)
+    cli_args.log(f"{NAME}: {label}")
+    x = evaluation.generate(testbed, families.make_scheduler(family, testbed.noise_config), nfe, sizes["n"], args.seed,
+                            device, guidance_scale=g, batch_size=cfg["batch"], family=family)
     entry = {"untuned": evaluator(x, not fam.stochastic), "tuned": {}, "taus": {}, "calibration": {}, "failed": {}}
     # Variants: every objective with the default optimiser, plus (joint_cells) the endpoint objective with all taus
     # tuned jointly by Adam through the whole sampler, keyed "endpoint+adam_joint".
-    variants = [(obj, obj, common.DEFAULT_OPTIMIZER) for obj in objectives_for(cfg, testbed.name, nfe)]
+    variants = [(obj, obj, table_cache.DEFAULT_OPTIMIZER) for obj in objectives_for(cfg, testbed.name, nfe)]
     if (family, nfe) in sizes.get("joint_cells", []):
         variants.append((JOINT, "endpoint", "adam_joint"))
     for obj, objective, optimizer in variants:
         if run.out_of_time(f"{label} {obj}"):
             continue
-        cal, err = common.try_calibration(testbed, family, nfe, device, tables_dir=run.tables_dir,
-                                          use_cache=not args.no_cache, objective=objective, optimizer=optimizer,
-                                          guidance_scale=g, calib=common.calib_for(args.size, testbed.name),
-                                          seed=args.seed)
+        cal, err = table_cache.try_calibration(testbed, family, nfe, device, tables_dir=run.tables_dir,
+                                               use_cache=not args.no_cache, objective=objective, optimizer=optimizer,
+                                               guidance_scale=g, calib=table_cache.calib_for(args.size, testbed.name),
+                                               seed=args.seed)
         if cal is None:
             entry["failed"][obj] = err
             continue
-        x = common.generate(testbed, cal.scheduler(testbed, family), nfe, sizes["n"], args.seed, device,
-                            guidance_scale=g, batch_size=cfg["batch"], family=family)
+        x = evaluation.generate(testbed, cal.scheduler(testbed, family), nfe, sizes["n"], args.seed, device,
+                                guidance_scale=g, batch_size=cfg["batch"], family=family)
         entry["tuned"][obj] = evaluator(x, not fam.stochastic)
         entry["taus"][obj] = cal.taus
         entry["calibration"][obj] = {"table": Path(cal.path).name, "cached": cal.cached, "report": cal.report}
@@ -136,22 +132,22 @@ def evaluate_cell(testbed, family, nfe, g, sizes, cfg, evaluator, args, device, 
 
 
 def main(args) -> dict:
-    device = common.setup(args)
-    run = common.Run(NAME, args, device)
+    device = cli_args.setup(args)
+    run = writer.Run(NAME, args, device)
     cfg = SIZES[args.size]
-    results = {"settings": cfg, "package_default_objective": common.package_default_objective(), "testbeds": {}}
+    results = {"settings": cfg, "package_default_objective": table_cache.package_default_objective(), "testbeds": {}}
     evaluators = {}
     for tb_name, g, family, nfe in cells(cfg):
         sizes = cfg[tb_name]
-        testbed = common.load_testbed(tb_name, device)
+        testbed = testbeds.load_testbed(tb_name, device)
         g_out = results["testbeds"].setdefault(tb_name, {}).get(f"g{g:g}")
         if g_out is None:  # the floor of this (testbed, guidance), on first use
             if run.out_of_time(f"{tb_name} g={g:g} (floor and all its cells)"):
                 continue
-            common.log(f"{NAME}: {tb_name} g={g:g} floor ({sizes['floor_steps']} DDIM steps, {sizes['n']} samples)")
-            floor = common.generate(testbed, common.make_scheduler("ddim", testbed.noise_config),
-                                    sizes["floor_steps"], sizes["n"], args.seed, device, guidance_scale=g,
-                                    batch_size=cfg["batch"], family="ddim")
+            cli_args.log(f"{NAME}: {tb_name} g={g:g} floor ({sizes['floor_steps']} DDIM steps, {sizes['n']} samples)")
+            floor = evaluation.generate(testbed, families.make_scheduler("ddim", testbed.noise_config),
+                                        sizes["floor_steps"], sizes["n"], args.seed, device, guidance_scale=g,
+                                        batch_size=cfg["batch"], family="ddim")
             evaluators[(tb_name, g)] = Evaluator(testbed, sizes["n"], args.seed, floor)
             g_out = {"floor": {"steps": sizes["floor_steps"], **evaluators[(tb_name, g)](floor, False)},
                      "families": {}}
@@ -190,11 +186,11 @@ def markdown(results) -> str:
                     cells = []
                     for o in objs:
                         v = e["tuned"].get(o, {}).get("fd")
-                        ch = common.rel_change(v, base)
+                        ch = writer.rel_change(v, base)
                         cells.append(None if v is None else f"{v:.4g} ({100 * ch:+.1f}%)")
-                    rows.append([common.FAMILIES[family].label, nfe, base, *cells])
-            out.append(common.markdown_table(header, rows))
-            fails = [f"{common.FAMILIES[f].label} NFE={n} {o}: {m}" for f, per_nfe in g_out["families"].items()
+                    rows.append([families.FAMILIES[family].label, nfe, base, *cells])
+            out.append(writer.markdown_table(header, rows))
+            fails = [f"{families.FAMILIES[f].label} NFE={n} {o}: {m}" for f, per_nfe in g_out["families"].items()
                      for n, e in per_nfe.items() for o, m in e.get("failed", {}).items()]
             if fails:
                 out.append("\nCalibration failed (no table):\n\n" + "".join(f"- {x}\n" for x in fails))
@@ -204,24 +200,24 @@ def markdown(results) -> str:
                     for nfe, e in per_nfe.items():
                         if "endpoint_l2" not in e["untuned"]:
                             continue
-                        rows.append([common.FAMILIES[family].label, nfe, e["untuned"]["endpoint_l2"],
+                        rows.append([families.FAMILIES[family].label, nfe, e["untuned"]["endpoint_l2"],
                                      *[e["tuned"].get(o, {}).get("endpoint_l2") for o in objs]])
                 if rows:
                     out.append(f"\nEndpoint L2 to the {floor['steps']}-step DDIM sample from the same x_T:\n\n")
-                    out.append(common.markdown_table(["sampler", "NFE", "untuned"] + objs, rows))
+                    out.append(writer.markdown_table(["sampler", "NFE", "untuned"] + objs, rows))
     return "".join(out)
 
 
 def plot(results):
     panels = [(tb, gkey) for tb, per_g in results["testbeds"].items() for gkey in per_g]
-    families = sorted({f for tb, g in panels for f in results["testbeds"][tb][g]["families"]},
-                      key=ALL_FAMILIES.index)
-    fig, axes = common.figure(ncols=len(families), nrows=len(panels), size=(3.8, 3.0))
+    shown = sorted({f for tb, g in panels for f in results["testbeds"][tb][g]["families"]},
+                   key=ALL_FAMILIES.index)
+    fig, axes = writer.figure(ncols=len(shown), nrows=len(panels), size=(3.8, 3.0))
     colors = {"untuned": "tab:red", "paper": "tab:blue", "paper_x0": "tab:orange", "teacher_local": "tab:green",
               "endpoint": "tab:purple"}
     for r, (tb, gkey) in enumerate(panels):
         g_out = results["testbeds"][tb][gkey]
-        for c, family in enumerate(families):
+        for c, family in enumerate(shown):
             ax = axes[r][c]
             per_nfe = g_out["families"].get(family)
             if per_nfe is None:
@@ -236,7 +232,7 @@ def plot(results):
                         color=colors.get(o, "k"), label=f"tuned: {o}")
             ax.axhline(g_out["floor"]["fd"], color="gray", ls=":", label=f"{g_out['floor']['steps']}-step floor")
             ax.set_yscale("log")
-            ax.set_title(f"{tb} {gkey}: {common.FAMILIES[family].label}", fontsize=9)
+            ax.set_title(f"{tb} {gkey}: {families.FAMILIES[family].label}", fontsize=9)
             ax.set_xlabel("NFE")
             ax.set_ylabel(metric_name(tb), fontsize=8)
             ax.legend(fontsize=5)

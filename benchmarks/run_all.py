@@ -3,7 +3,7 @@
 The headline table and the verdict on each target are computed from the scripts' JSON files, never typed.
 
 Usage (the published run, one GPU, a few minutes):
-    PYTHONPATH=src python benchmarks/run_all.py --full --device cuda
+    python -m benchmarks.run_all --full --device cuda
 CPU-feasible run: --medium --device cpu --threads 2; CI smoke run: --quick (seconds).
 """
 
@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common  # noqa: E402
-from benchmarks import calibration_cost, inference_overhead, peers, quality_vs_nfe, trajectory_error  # noqa: E402
+from . import cli_args, families, writer
+from . import calibration_cost, inference_overhead, peers, quality_vs_nfe, trajectory_error
 
 # quality_vs_nfe first: it computes most calibration tables, which the others then read from the cache.
 SHARES = {"quality_vs_nfe": 0.5, "trajectory_error": 0.15, "peers": 0.17, "calibration_cost": 0.13,
@@ -35,7 +31,7 @@ SCRIPTS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser)
+    cli_args.add_common_args(parser)
     parser.add_argument("--only", nargs="*", choices=list(SCRIPTS), default=None, help="run only these scripts")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild SUMMARY.md from existing JSON")
     parser.add_argument("--replot", action="store_true", help="with --summary-only: redraw every PNG from its JSON")
@@ -57,12 +53,12 @@ def main(args) -> dict:
             if args.total_budget_s is not None:
                 left = args.total_budget_s - (time.perf_counter() - start)
                 args.budget_s = max(0.0, left * SHARES[name] / sum(SHARES[n] for n in names[k:]))
-            common.log(f"run_all: start {name} ({args.size}"
-                       + (f", budget {args.budget_s:.0f} s)" if args.budget_s is not None else ")"))
+            cli_args.log(f"run_all: start {name} ({args.size}"
+                         + (f", budget {args.budget_s:.0f} s)" if args.budget_s is not None else ")"))
             t0 = time.perf_counter()
             SCRIPTS[name].main(args)
             timings[name] = time.perf_counter() - t0
-            common.log(f"run_all: done {name} in {timings[name]:.1f} s")
+            cli_args.log(f"run_all: done {name} in {timings[name]:.1f} s")
     if args.summary_only and args.replot:
         replot(out_dir)
     summary = summarize(out_dir)
@@ -70,7 +66,7 @@ def main(args) -> dict:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     (out_dir / "SUMMARY.md").write_text(summary_markdown(summary))
     (out_dir / "README_SECTION.md").write_text(readme_section(summary))
-    common.log(f"run_all: wrote {out_dir / 'SUMMARY.md'}")
+    cli_args.log(f"run_all: wrote {out_dir / 'SUMMARY.md'}")
     return summary
 
 
@@ -113,7 +109,7 @@ def target(name, goal, met, measured, note=""):
 def headroom(q, tb, g, e):
     """How far below the untuned FD the many-step floor lies (the most a better time input could plausibly win)."""
     floor = q["results"]["testbeds"][tb][g]["floor"]
-    ch = common.rel_change(floor["fd"], e["untuned"]["fd"])
+    ch = writer.rel_change(floor["fd"], e["untuned"]["fd"])
     return f"{floor['steps']}-step floor FD {floor['fd']:.4g} = {100 * ch:+.1f}% vs untuned"
 
 
@@ -125,19 +121,19 @@ def targets(q, p, o) -> list:
         out.append(target("MNIST DDIM NFE=10 FD-MNIST", "<= -30% vs untuned", None, "not measured at this size"))
     else:
         obj, v = best_tuned(e)
-        ch = common.rel_change(v, e["untuned"]["fd"])
+        ch = writer.rel_change(v, e["untuned"]["fd"])
         out.append(target("MNIST DDIM NFE=10 FD-MNIST", "<= -30% vs untuned", ch is not None and ch <= -0.30,
                           _fmt_change(e, obj, v, ch), headroom(q, "mnist", "g1", e)))
     # 2. DPM-Solver at 5 steps.
     for fam in ("dpm2", "dpmpp"):
         e = quality_cell(q, "mnist", "g1", fam, 5)
-        label = common.FAMILIES[fam].label
+        label = families.FAMILIES[fam].label
         if e is None:
             out.append(target(f"MNIST {label} NFE=5 FD-MNIST", "<= -15% vs untuned", None,
                               "not measured at this size"))
             continue
         obj, v = best_tuned(e)
-        ch = common.rel_change(v, e["untuned"]["fd"])
+        ch = writer.rel_change(v, e["untuned"]["fd"])
         out.append(target(f"MNIST {label} NFE=5 FD-MNIST", "<= -15% vs untuned", ch is not None and ch <= -0.15,
                           _fmt_change(e, obj, v, ch), headroom(q, "mnist", "g1", e)))
     # 3. No NFE worse than untuned (trained model), per objective.
@@ -183,8 +179,8 @@ def _targets_rest(q, p, o) -> list:
     else:
         obj_l, v_l = best_tuned(e, "endpoint_l2")
         obj_f, v_f = best_tuned(e)
-        ch_l = common.rel_change(v_l, e["untuned"]["endpoint_l2"])
-        ch_f = common.rel_change(v_f, e["untuned"]["fd"])
+        ch_l = writer.rel_change(v_l, e["untuned"]["endpoint_l2"])
+        ch_f = writer.rel_change(v_f, e["untuned"]["fd"])
         out.append(target("GMM DDIM NFE=10 endpoint L2", "<= -25% vs untuned", ch_l is not None and ch_l <= -0.25,
                           _fmt_change(e, obj_l, v_l, ch_l, "endpoint_l2")))
         out.append(target("GMM DDIM NFE=10 FD", "<= -40% vs untuned", ch_f is not None and ch_f <= -0.40,
@@ -251,9 +247,9 @@ def headline(q) -> list:
             for fam, per_nfe in g_out["families"].items():
                 for nfe, e in per_nfe.items():
                     obj, v = best_tuned(e)
-                    rows.append({"testbed": tb, "guidance": g[1:], "sampler": common.FAMILIES[fam].label,
+                    rows.append({"testbed": tb, "guidance": g[1:], "sampler": families.FAMILIES[fam].label,
                                  "nfe": int(nfe), "untuned_fd": e["untuned"]["fd"], "best_tuned_fd": v,
-                                 "best_objective": obj, "change": common.rel_change(v, e["untuned"]["fd"]),
+                                 "best_objective": obj, "change": writer.rel_change(v, e["untuned"]["fd"]),
                                  "floor_fd": g_out["floor"]["fd"], "floor_steps": g_out["floor"]["steps"]})
     return rows
 
@@ -269,7 +265,7 @@ def scoreboard(q) -> list:
             for per_nfe in g_out["families"].values():
                 for e in per_nfe.values():
                     for obj, m in e["tuned"].items():
-                        changes.setdefault(obj, []).append(common.rel_change(m["fd"], e["untuned"]["fd"]))
+                        changes.setdefault(obj, []).append(writer.rel_change(m["fd"], e["untuned"]["fd"]))
                     for obj in e.get("failed", {}):
                         failed[obj] = failed.get(obj, 0) + 1
         for obj in sorted(set(changes) | set(failed)):
@@ -306,7 +302,7 @@ def summarize(out_dir: Path) -> dict:
 def summary_markdown(s: dict) -> str:
     out = ["<!-- generated by benchmarks/run_all.py from the JSON files; do not edit -->\n",
            "# Benchmark summary\n\n## Runs\n\n"]
-    out.append(common.markdown_table(["script", "size", "device", "wall s", "commit"],
+    out.append(writer.markdown_table(["script", "size", "device", "wall s", "commit"],
                                      [[n, r["size"], r["device"], r["wall_time_s"], r["git_commit"][:12]]
                                       for n, r in s["runs"].items()]))
     sizes = {r["size"] for r in s["runs"].values()}
@@ -316,20 +312,20 @@ def summary_markdown(s: dict) -> str:
                    "small sample counts and comparable only within one size.\n")
     out.append("\n## Headline: FD, untuned vs best tuned table, same x_T\n\n")
     wanted = [r for r in s["headline"] if r["nfe"] in (4, 5, 10, 20)] or s["headline"]
-    out.append(common.markdown_table(
+    out.append(writer.markdown_table(
         ["testbed", "guidance", "sampler", "NFE", "untuned FD", "tuned FD", "change", "objective", "floor FD"],
         [[r["testbed"], r["guidance"], r["sampler"], r["nfe"], r["untuned_fd"], r["best_tuned_fd"],
           None if r["change"] is None else f"{100 * r['change']:+.1f}%", r["best_objective"],
           f"{r['floor_fd']:.4g} ({r['floor_steps']} steps)"] for r in wanted]))
     out.append("\n## Objectives: FD change vs untuned over every cell measured (sampler x NFE x guidance)\n\n")
-    out.append(common.markdown_table(
+    out.append(writer.markdown_table(
         ["testbed", "objective", "cells", "better", "worse", "no table (failed)", "median change", "best change"],
         [[r["testbed"], r["objective"] + (" (package default)" if r["objective"] == s.get("package_default_objective")
                                           else ""), r["cells"], r["better"], r["worse"], r["failed"],
           None if r["median_change"] is None else f"{100 * r['median_change']:+.1f}%",
           None if r["best_change"] is None else f"{100 * r['best_change']:+.1f}%"] for r in s["objectives"]]))
     out.append("\n## Targets\n\n")
-    out.append(common.markdown_table(
+    out.append(writer.markdown_table(
         ["target", "goal", "met", "measured", "note"],
         [[t["target"], t["goal"], verdict_text(t) if verdict_text(t) == "n/a" else f"**{verdict_text(t)}**",
           t["measured"], t["note"]] for t in s["targets"]]))
@@ -364,7 +360,7 @@ def readme_section(s: dict) -> str:
            f"Sizes: {', '.join(sizes)}; device: {'; '.join(devices)}. Reproduce with the command in "
            "`benchmarks/results/SUMMARY.md`; details and every figure in `benchmarks/results/`.\n\n"]
     rows = [r for r in s["headline"] if r["nfe"] in (5, 10) and r["guidance"] == "1"]
-    out.append(common.markdown_table(
+    out.append(writer.markdown_table(
         ["model", "sampler", "NFE", "untuned FD", "TimeTuner FD", "change", "objective"],
         [[r["testbed"], r["sampler"], r["nfe"], r["untuned_fd"], r["best_tuned_fd"],
           None if r["change"] is None else f"{100 * r['change']:+.1f}%", r["best_objective"]] for r in rows]))

@@ -5,20 +5,17 @@ the few-step sampler is compared with the state x_{t_i} of a 1000-step DDIM refe
 (batch mean of the per-sample L2 norm, `diffusers_timetuner.metrics.trajectory_error`). The reference contains every
 integer time, so every grid time of every sampler is matched exactly; the last point (t = -1) is the final sample.
 
-Usage: PYTHONPATH=src python benchmarks/trajectory_error.py --quick|--medium|--full [--device auto|cpu|cuda]
+Usage: python -m benchmarks.trajectory_error --quick|--medium|--full [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diffusers_timetuner.metrics import trajectory_error
 
-from benchmarks import common  # noqa: E402
-from benchmarks.grids import grid_spec  # noqa: E402
+from . import cli_args, evaluation, families, table_cache, testbeds, writer
+from .grids import grid_spec
 
 NAME = "trajectory_error"
 # (family, grid kind, NFE): the paper's panels (a) quadratic 10, (b) quadratic 20, (c) uniform 10, (d) log-SNR 10.
@@ -35,59 +32,60 @@ SIZES = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    return common.add_common_args(parser).parse_args(argv)
+    return cli_args.add_common_args(parser).parse_args(argv)
 
 
 def reference(testbed, noise, steps, device):
     """Many-step DDIM states and their times (every integer time when steps == num_train_timesteps)."""
-    sched = common.make_scheduler("ddim", testbed.noise_config, timestep_spacing="trailing")
-    return common.trajectory(testbed, sched, steps, noise, device, family="ddim")
+    sched = families.make_scheduler("ddim", testbed.noise_config, timestep_spacing="trailing")
+    return evaluation.trajectory(testbed, sched, steps, noise, device, family="ddim")
 
 
 def errors(states, times, ref_states, ref_times):
-    err = common.metrics_module().trajectory_error(states, ref_states, times=times, reference_times=ref_times)
+    err = trajectory_error(states, ref_states, times=times, reference_times=ref_times)
     return [float(e) for e in err]
 
 
 def run_panel(testbed, family, kind, nfe, noise, ref, cfg, args, device, run):
     overrides, custom = grid_spec(family, kind, testbed.noise_config, nfe)
-    sched = common.make_scheduler(family, testbed.noise_config, **overrides) if custom is None else \
-        common.make_fixed_grid_scheduler(family, testbed.noise_config, custom, **overrides)
-    states, times = common.trajectory(testbed, sched, nfe, noise, device, family=family)
+    sched = families.make_scheduler(family, testbed.noise_config, **overrides)
+    states, times = evaluation.trajectory(testbed, sched, nfe, noise, device, timesteps=custom, family=family)
     entry = {"family": family, "grid": kind, "nfe": nfe, "times": times,
              "untuned": errors(states, times, *ref), "tuned": {}, "taus": {}, "unavailable": {}}
     for obj in cfg["objectives"]:
         if run.out_of_time(f"{testbed.name} {family}/{kind}/{nfe} {obj}"):
             continue
-        cal, err = common.try_calibration(
+        cal, err = table_cache.try_calibration(
             testbed, family, nfe, device, tables_dir=run.tables_dir, use_cache=not args.no_cache, objective=obj,
-            calib=common.calib_for(args.size, testbed.name), seed=args.seed, overrides=overrides, timesteps=custom)
+            calib=table_cache.calib_for(args.size, testbed.name), seed=args.seed, overrides=overrides,
+            timesteps=custom)
         if cal is None:  # e.g. calibrate cannot take a custom grid
             entry["unavailable"][obj] = err
             continue
         tuned = cal.scheduler(testbed, family)
-        t_states, t_times = common.trajectory(testbed, tuned, nfe, noise, device, family=family)
+        t_states, t_times = evaluation.trajectory(testbed, tuned, nfe, noise, device, timesteps=cal.timesteps,
+                                                  family=family)
         entry["tuned"][obj] = errors(t_states, t_times, *ref)
         entry["taus"][obj] = cal.taus
     return entry
 
 
 def main(args) -> dict:
-    device = common.setup(args)
-    run = common.Run(NAME, args, device)
+    device = cli_args.setup(args)
+    run = writer.Run(NAME, args, device)
     cfg = SIZES[args.size]
     results = {"settings": {k: v for k, v in cfg.items()}, "testbeds": {}}
     for tb_name in cfg["testbeds"]:
-        testbed = common.load_testbed(tb_name, device)
-        noise = common.seeded_noise(cfg["n"], testbed.sample_shape, args.seed + 1000)
-        common.log(f"{NAME}: {tb_name} reference ({cfg['ref_steps']} DDIM steps, {cfg['n']} samples)")
+        testbed = testbeds.load_testbed(tb_name, device)
+        noise = evaluation.seeded_noise(cfg["n"], testbed.sample_shape, args.seed + 1000)
+        cli_args.log(f"{NAME}: {tb_name} reference ({cfg['ref_steps']} DDIM steps, {cfg['n']} samples)")
         ref = reference(testbed, noise, cfg["ref_steps"], device)
         panels = {}
         for kind, nfe in cfg["panels"]:
             for family in cfg["families"]:
                 if run.out_of_time(f"{tb_name} {family}/{kind}/{nfe}"):
                     continue
-                common.log(f"{NAME}: {tb_name} {family} {kind} NFE={nfe}")
+                cli_args.log(f"{NAME}: {tb_name} {family} {kind} NFE={nfe}")
                 panels[f"{family}_{kind}_{nfe}"] = run_panel(testbed, family, kind, nfe, noise, ref, cfg, args,
                                                              device, run)
         results["testbeds"][tb_name] = panels
@@ -106,9 +104,9 @@ def markdown(results) -> str:
         for p in panels.values():
             finals = [p["tuned"][o][-1] if o in p["tuned"] else None for o in objs]
             sums = [sum(p["tuned"][o]) if o in p["tuned"] else None for o in objs]
-            rows.append([common.FAMILIES[p["family"]].label, p["grid"], p["nfe"], p["untuned"][-1], *finals,
+            rows.append([families.FAMILIES[p["family"]].label, p["grid"], p["nfe"], p["untuned"][-1], *finals,
                          sum(p["untuned"]), *sums])
-        out.append(f"\n## {tb}\n\n" + common.markdown_table(header, rows))
+        out.append(f"\n## {tb}\n\n" + writer.markdown_table(header, rows))
         notes = [f"- {key} {o}: not calibrated ({why[:200]})\n" for key, p in panels.items()
                  for o, why in p["unavailable"].items()]
         if notes:
@@ -118,7 +116,7 @@ def markdown(results) -> str:
 
 def plot(results, cfg):
     tbs = list(results["testbeds"])
-    fig, axes = common.figure(ncols=len(cfg["panels"]), nrows=len(tbs), size=(4.2, 3.2))
+    fig, axes = writer.figure(ncols=len(cfg["panels"]), nrows=len(tbs), size=(4.2, 3.2))
     colors = {"untuned": "tab:red", "paper": "tab:blue", "paper_x0": "tab:orange", "teacher_local": "tab:green",
               "endpoint": "tab:purple"}
     styles = {"ddim": "-", "dpm2": "--", "dpmpp": ":"}
@@ -130,7 +128,7 @@ def plot(results, cfg):
                 if p is None:
                     continue
                 x = list(range(len(p["times"])))
-                lab = common.FAMILIES[family].label
+                lab = families.FAMILIES[family].label
                 ax.plot(x, p["untuned"], styles[family], color=colors["untuned"], marker=".", label=f"{lab}")
                 for o, e in p["tuned"].items():
                     ax.plot(x, e, styles[family], color=colors.get(o, "k"), marker=".", label=f"{lab} + {o}")

@@ -1,20 +1,14 @@
 """CI smoke run of the benchmarks: every script at --quick sizes, so they never rot.
 
-Runs `benchmarks/run_all.py --quick` in-process into a temporary directory (one thread), then checks that every
+Runs `python -m benchmarks.run_all --quick` in-process into a temporary directory (one thread), then checks that every
 script wrote its JSON / Markdown / PNG with the expected keys and only finite numbers, and that SUMMARY.md was
 computed from them. The figures themselves are not checked here (tiny sizes); the committed results are.
 """
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `benchmarks` lives at the repository root, next to src/
-    sys.path.insert(0, str(REPO))
 
 pytest.importorskip("sklearn", reason="the testbeds need scikit-learn (pip install diffusers-timetuner[test])")
 

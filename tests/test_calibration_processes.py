@@ -91,7 +91,7 @@ def test_cli_errors(tiny_pipeline_dir, tmp_path):
     from diffusers_timetuner.cli.calibrate import main, parse_args
 
     with pytest.raises(ValueError, match="Unknown scheduler"):
-        main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "a", "--scheduler", "heun")))
+        main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "a", "--scheduler", "pndm")))
     with pytest.raises(ValueError, match="unconditional"):
         main(parse_args(_cli_args(tiny_pipeline_dir, tmp_path / "b", "--guidance_scale", "2")))
     with pytest.raises(ValueError, match="no `data` was given"):
@@ -218,3 +218,27 @@ def test_cli_loads_the_bundled_testbeds_by_short_name_or_id():
     assert model_id == testbeds.GMM_MODEL_ID and isinstance(pipe.unet, testbeds.GaussianMixtureDenoiser)
     assert load_model(testbeds.GMM_MODEL_ID)[1] == testbeds.GMM_MODEL_ID
     assert load_model("mnist")[1] == load_model(None)[1] == testbeds.MNIST_MODEL_ID
+
+
+def test_every_config_field_is_recorded_and_an_old_checkpoint_is_refused_by_name(tmp_path):
+    """The report's settings, each table's tuning_info and the checkpoint fingerprint are built from
+    dataclasses.asdict(CalibrationConfig): a new field is recorded without extra code. A checkpoint whose fingerprint
+    has other keys (as one written before that change: `custom_grid`, no `timesteps`) is refused naming them."""
+    import dataclasses
+
+    from diffusers_timetuner.calibration import CalibrationConfig, calibrate
+
+    sched = ddim()
+    model = GaussianEps(sched.alphas_cumprod)
+    kw = dict(num_samples=4, batch_size=4, num_validation_samples=2, num_heldout_samples=2, sample_shape=(1, 2, 2),
+              checkpoint_dir=str(tmp_path), progress=False)
+    res = calibrate(model, sched, 3, **kw)
+    fields = {f.name for f in dataclasses.fields(CalibrationConfig)}
+    assert fields <= set(res.settings) and fields <= set(res.scheduler.config.tuning_info["3"])
+    assert res.settings["num_inference_steps"] == [3] and res.settings["timesteps"] is None
+    path = tmp_path / "steps_3.json"
+    payload = json.loads(path.read_text())
+    payload["fingerprint"]["custom_grid"] = payload["fingerprint"].pop("timesteps")
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=r"differs in: custom_grid, timesteps\)"):
+        calibrate(model, sched, 3, **kw)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusers_timetuner.calibration import calibrate
-from diffusers_timetuner.calibration.report import energy_distance_change_se
+from diffusers_timetuner.calibration.stats import energy_distance_change_se
 from diffusers_timetuner.calibration.rollout import Rollout
 from diffusers_timetuner.denoiser import Denoiser
 from diffusers_timetuner.metrics import pixel_frechet_distance
@@ -101,7 +101,7 @@ def _fd(gmm, scheduler, n: int) -> float:
     return pixel_frechet_distance(x, exact)
 
 
-# the benchmarks' medium settings (benchmarks/common.py CALIB["medium"])
+# the benchmarks' medium settings (benchmarks/table_cache.py CALIB["medium"])
 MEDIUM = dict(objective="paper", strategy="sequential", num_samples=128, batch_size=128, num_validation_samples=32,
               num_heldout_samples=64, seed=0, progress=False)
 
@@ -114,6 +114,12 @@ def test_ddpm_tables_are_judged_by_distribution_on_the_exact_mixture():
     gmm, sched, data = _gmm_ddpm()
     by_mse = calibrate(gmm, sched, 5, validation_metric="endpoint_mse", data=data, guard_margin=0.0, **MEDIUM)
     by_dist = calibrate(gmm, sched, 5, data=data, guard_margin=0.0, **MEDIUM)
+    # The energy distance must judge, and keep a table other than tau = t: measured, both runs propose tau_2 =
+    # 647.35 and tau_3 = 473.64 (grid 999, 799, 599, 399, 199); energy distance keeps tau_2 and refuses tau_3,
+    # endpoint_mse keeps both. A guard refusing everything (tau = t) or judging per sample fails here.
+    assert by_dist.reports[5].heldout["metric"] == "energy_distance"
+    assert by_dist.tables[5] != by_dist.reports[5].grid, by_dist.tables
+    assert by_dist.tables[5] != by_mse.tables[5], (by_dist.tables, by_mse.tables)
     untuned = _fd(gmm, type(sched).from_config(sched.config), 5)
     assert _fd(gmm, by_mse.scheduler, 5) > 1.1 * untuned
     assert _fd(gmm, by_dist.scheduler, 5) <= 1.01 * untuned

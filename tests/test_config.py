@@ -197,7 +197,7 @@ def test_cli_args_give_the_api_config_with_the_same_overrides():
 
 def test_no_argument_cli_keeps_the_cpu_sizes():
     """The README's no-argument run calibrates on 32 / 32 / 16 / 32 samples (calibration, batch, validation,
-    held-out), half the library's defaults (64 / 64 / 32 / 64)."""
+    held-out), half the library's defaults (64 / 64 / 32 / 64), against a 40-step teacher (the library's: 100)."""
     from diffusers_timetuner.calibration import CalibrationConfig
     from diffusers_timetuner.cli.calibrate import parse_args
 
@@ -205,8 +205,9 @@ def test_no_argument_cli_keeps_the_cpu_sizes():
     assert (cfg.num_samples, cfg.batch_size, cfg.num_validation_samples, cfg.num_heldout_samples) == (32, 32, 16, 32)
     api = CalibrationConfig()
     assert (api.num_samples, api.batch_size, api.num_validation_samples, api.num_heldout_samples) == (64, 64, 32, 64)
+    assert cfg.teacher_steps == 40 and api.teacher_steps is None
     assert dataclasses_equal_except(cfg, api, {"num_samples", "batch_size", "num_validation_samples",
-                                               "num_heldout_samples"})
+                                               "num_heldout_samples", "teacher_steps"})
 
 
 def dataclasses_equal_except(a, b, names) -> bool:

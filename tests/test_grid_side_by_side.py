@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.peers_grid import gits, ld3  # noqa: E402
-from benchmarks.peers_grid.continuous import ContinuousSchedule, sample  # noqa: E402
+from benchmarks.peers_grid import gits, ld3
+from benchmarks.peers_grid.continuous import ContinuousSchedule, sample
 
 
 def _brute_force_path(cost, steps, coeff):
@@ -81,26 +76,27 @@ def test_ld3_round_grid_gives_distinct_descending_integers():
     assert out["max_abs_change"] == pytest.approx(1.2)
 
 
-def _gmm():
-    from benchmarks import common
-
-    return common, common.load_testbed("gmm", torch.device("cpu"))
-
-
 @pytest.mark.parametrize("family", ["ddim", "dpmpp"])
 def test_continuous_sampler_matches_the_package_scheduler_on_an_integer_grid(family):
     torch.set_num_threads(1)
-    common, tb = _gmm()
+    from benchmarks.evaluation import generate, seeded_noise
+    from benchmarks.families import make_scheduler, tuned_taus
     from benchmarks.grid_side_by_side import build_scheduler
+    from benchmarks.testbeds import load_testbed
 
+    tb = load_testbed("gmm", torch.device("cpu"))
     grid = [999, 722, 302, 30, 0]
     taus = [999.0, 725.5, 299.0, 33.3, 2.5]  # a tau table that differs from tau = t
-    sched = build_scheduler(family, tb.noise_config, 5, grid, taus)
-    ref = common.generate(tb, sched, 5, 8, 0, "cpu", family=family)
+    sched, timesteps = build_scheduler(family, tb.noise_config, 5, grid, taus)
+    assert timesteps == grid
+    ref = generate(tb, sched, None, 8, 0, "cpu", family=family, timesteps=timesteps)
+    # the custom grid carried the table: the network saw the taus, the solver stepped on the grid
+    assert [int(t) for t in sched.grid_timesteps] == grid
+    assert [float(t) for t in sched.timesteps] == pytest.approx(taus) and tuned_taus(sched, 5) == pytest.approx(taus)
     den = tb.denoiser()
-    schedule = ContinuousSchedule.from_scheduler(common.make_scheduler("ddim", tb.noise_config))
+    schedule = ContinuousSchedule.from_scheduler(make_scheduler("ddim", tb.noise_config))
     out = sample(lambda x, t: den(x, torch.as_tensor(t, dtype=torch.float32), None),
-                 common.seeded_noise(8, tb.sample_shape, 0), torch.tensor(grid + [-1.0], dtype=torch.float64),
+                 seeded_noise(8, tb.sample_shape, 0), torch.tensor(grid + [-1.0], dtype=torch.float64),
                  torch.tensor(taus, dtype=torch.float64), family, schedule)
     # float64 arithmetic here vs float32 in the schedulers: agreement to ~1e-5 on samples of size ~1
     assert torch.allclose(out, ref, atol=1e-4)

@@ -9,9 +9,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from diffusers_timetuner.calibration import calibrate
 from diffusers_timetuner.calibration.grid_search import (
-    FineTeacher, GridEvaluator, check_grid_tunable, dynamic_programming_grid, guarded_choice, pattern_search,
+    GridEvaluator, check_grid_tunable, dynamic_programming_grid, guarded_choice, pattern_search,
 )
-from diffusers_timetuner.denoiser import Denoiser
 from diffusers_timetuner.sampling import sample
 from diffusers_timetuner.schedulers import (
     TimeTunerDDIMScheduler, TimeTunerDDPMScheduler, TimeTunerDPMSolverScheduler,
@@ -69,7 +68,8 @@ def test_pipeline_feeds_the_network_the_learned_grids_taus_without_a_timesteps_a
     pipe.scheduler = learned_table(TimeTunerDDIMScheduler, **{k: v for k, v in pipe.scheduler.config.items()
                                                               if not k.startswith("_")})
     seen = []
-    hook = pipe.unet.register_forward_pre_hook(lambda mod, args: seen.append(float(torch.as_tensor(args[1]).flatten()[0])))
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda mod, args: seen.append(float(torch.as_tensor(args[1]).flatten()[0])))
     try:
         out = pipe(class_labels=[3], num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
     finally:
@@ -138,7 +138,8 @@ def test_pattern_search_reaches_a_known_optimum_through_monotone_integer_grids()
     rec = pattern_search(ev, [800, 600, 400, 200, 0], 999, max_evaluations=2000)
     assert rec.grid == target and rec.loss == 0
     for g in ev.seen:  # every candidate: integers, strictly descending, inside [0, 999]
-        assert all(isinstance(t, int) for t in g) and all(a > b for a, b in zip(g, g[1:])) and 0 <= g[-1] and g[0] <= 999
+        assert all(isinstance(t, int) for t in g) and all(a > b for a, b in zip(g, g[1:]))
+        assert 0 <= g[-1] and g[0] <= 999
     # the budget is a hard cap on candidate roll-outs
     ev2 = _Quadratic(target)
     assert pattern_search(ev2, [800, 600, 400, 200, 0], 999, max_evaluations=7).evaluations == 7 == len(ev2.seen)
@@ -253,3 +254,27 @@ def test_cli_has_tune():
     with pytest.raises(SystemExit) as err:
         parse_args(["--tune", "everything"])
     assert err.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------- teacher (part 2)
+def test_fine_teacher_is_cached_accurate_and_reports_its_own_error(gmm):
+    from diffusers_timetuner.calibration.teacher import FineTeacher
+    from diffusers_timetuner.denoiser import Denoiser
+
+    den = Denoiser(gmm.unet)
+    sched = TimeTunerDDIMScheduler.from_config(gmm.scheduler.config)
+    teacher = FineTeacher(den, sched, 60)
+    noise = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    first = teacher.fine_trajectory(noise)
+    assert den.num_forward_samples == 16 * 60 and len(first.states) == 61 and len(first.eps) == 60
+    assert teacher.fine_trajectory(noise.clone()) is first and den.num_forward_samples == 16 * 60  # cached
+    err = teacher.self_error(noise)
+    assert err["reference_steps"] == 120
+    # the yardstick is far finer than what it judges: DDIM@10 from the same x_T is > 100x farther from it
+    coarse = copy.deepcopy(sched)
+    ddim10 = sample(den, coarse, noise, 10)
+    ddim_err = float((ddim10 - first.states[-1]).double().pow(2).flatten(1).sum(1).mean())
+    assert 100 * err["endpoint_mse"] < ddim_err
+    # states between fine times come from a first-order step over less than one fine spacing
+    mid = teacher.state_at(first, 500)
+    assert mid.shape == noise.shape and torch.isfinite(mid).all()

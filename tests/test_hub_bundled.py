@@ -21,8 +21,11 @@ FIXTURE = "<fixture entry>"
 ENDPOINT_TEACHER_STEPS = 50
 
 
-def test_bundled_dir_is_the_top_level_tuned_schedules():
-    assert hub.bundled_schedules_dir().resolve() == (REPO_ROOT / "tuned_schedules").resolve()
+def test_bundled_dir_is_the_package_data_folder():
+    """One location, no symlink: the entries are package data in the source tree."""
+    where = hub.bundled_schedules_dir()
+    assert where == REPO_ROOT / "src" / "diffusers_timetuner" / "tuned_schedules"
+    assert not where.is_symlink()
 
 
 def test_index_is_up_to_date():
@@ -84,7 +87,7 @@ def calibration_endpoint_mse(scheduler, n: int, entry: Path):
 METRIC_EVALUATORS = {
     "tiny_endpoint_mse": lambda scheduler, n, entry: (
         {"tuned": tiny_endpoint_mse(scheduler, n)},
-        {"tuned": hub.held_out_pair(hub.recorded_held_out(scheduler.config.tuning_info[str(n)]))[2]}),
+        {"tuned": hub.recorded_held_out(scheduler.config.tuning_info[str(n)]).tuned}),
     "endpoint_mse": calibration_endpoint_mse,
 }
 # Deterministic CPU recomputation: same seeds, same batch composition, so the only difference is float32 summation
@@ -133,9 +136,9 @@ def test_entry_metric_reproduces(name, fixture_entry):
     path = _entry_path(name, fixture_entry)
     scheduler = hub.load_tuned_scheduler(str(path) if name == FIXTURE else name)
     for n, info in scheduler.config.tuning_info.items():
-        pair = hub.held_out_pair(hub.recorded_held_out(info))
-        assert pair, f"{name}: no held-out measurement recorded for {n} steps"
-        metric, untuned, tuned = pair
+        held = hub.recorded_held_out(info)
+        assert held, f"{name}: no held-out measurement recorded for {n} steps"
+        metric, untuned, tuned = held.metric, held.untuned, held.tuned
         evaluator = METRIC_EVALUATORS.get(metric)
         if evaluator is None:
             pytest.fail(f"{name}: no evaluator wired for metric {metric!r} (add it to METRIC_EVALUATORS)")
@@ -158,8 +161,7 @@ def _copy_source_tree(dst: Path) -> None:
     for name in ("pyproject.toml", "setup.cfg", "README.md", "LICENSE"):
         if (REPO_ROOT / name).exists():
             shutil.copy2(REPO_ROOT / name, dst / name)
-    shutil.copytree(REPO_ROOT / "src", dst / "src", symlinks=True, ignore=ignore)  # keep the package symlink
-    shutil.copytree(REPO_ROOT / "tuned_schedules", dst / "tuned_schedules", ignore=ignore)
+    shutil.copytree(REPO_ROOT / "src", dst / "src", ignore=ignore)  # the bundled entries are inside the package
 
 
 def test_wheel_ships_tuned_schedules_and_finds_them(tmp_path, fixture_entry):
@@ -168,7 +170,7 @@ def test_wheel_ships_tuned_schedules_and_finds_them(tmp_path, fixture_entry):
     src = tmp_path / "src_tree"
     src.mkdir()
     _copy_source_tree(src)
-    shutil.copytree(fixture_entry, src / "tuned_schedules" / fixture_entry.name)
+    shutil.copytree(fixture_entry, src / "src" / "diffusers_timetuner" / "tuned_schedules" / fixture_entry.name)
     out = tmp_path / "wheel"
     build = subprocess.run(
         [sys.executable, "-c", f"from setuptools import build_meta as b; print(b.build_wheel({str(out)!r}))"],

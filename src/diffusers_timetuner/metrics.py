@@ -8,6 +8,8 @@ FD-MNIST and the MNIST classifier belong to the MNIST testbed: `diffusers_timetu
   calibration guard compares for stochastic samplers, whose per-sample errors reward shrinking the sample spread.
 - `trajectory_error`: per-step L2 distance between a few-step sampling trajectory and a many-step reference
   started from the same x_T (the paper's Fig. 2 measure).
+- `paired_difference`: mean of per-sample differences between two samplers run from the same x_T, and its standard
+  error (what `timetuner-evaluate`'s verdict rests on).
 """
 from typing import Optional, Sequence, Tuple, Union
 
@@ -158,3 +160,20 @@ def trajectory_error(
             raise ValueError(f"State shapes differ: {tuple(x.shape)} vs reference {tuple(ref.shape)}.")
         errors.append((x.double() - ref.double()).flatten(1).norm(dim=1).mean())
     return torch.stack(errors)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paired comparison
+# ----------------------------------------------------------------------------------------------------------------
+def paired_difference(errors_a: ArrayLike, errors_b: ArrayLike) -> Tuple[float, float]:
+    """(mean(a - b), its standard error) for per-sample errors of two samplers run from the same x_T.
+
+    Pairing removes the spread between x_T that both samplers share, so the SE is that of the per-sample differences:
+    std(a - b) / sqrt(N) (unbiased std). Needs N >= 2 pairs.
+    """
+    a, b = _as_float64(errors_a).reshape(-1), _as_float64(errors_b).reshape(-1)
+    if a.shape != b.shape or a.shape[0] < 2:
+        raise ValueError(f"paired_difference needs two equally long sets of >= 2 per-sample errors, got {a.shape[0]} "
+                         f"and {b.shape[0]}.")
+    diff = a - b
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.shape[0]))

@@ -12,7 +12,7 @@ where ``t_i`` is the grid time the solver integrates from and ``tau_i`` the time
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -37,6 +37,40 @@ def grid_timesteps(scheduler) -> torch.Tensor:
     """The grid t_i the solver integrates on: ``grid_timesteps`` for TimeTuner schedulers, else ``timesteps``."""
     grid = getattr(scheduler, "grid_timesteps", None)
     return grid if grid is not None else scheduler.timesteps
+
+
+def init_noise_sigma(scheduler) -> float:
+    """x_T = noise * this: the scheduler's ``init_noise_sigma`` (flow-matching schedulers have none: 1)."""
+    return getattr(scheduler, "init_noise_sigma", 1.0)
+
+
+def scale_model_input(scheduler, x: torch.Tensor, timestep) -> torch.Tensor:
+    """``scheduler.scale_model_input`` where it exists (flow-matching schedulers feed the state unscaled)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, timestep)
+
+
+class StepOutput(NamedTuple):
+    """What one sampler step made: x_{t_{i-1}}, the network's output and its input (after ``scale_model_input``)."""
+
+    prev_sample: torch.Tensor
+    model_output: torch.Tensor
+    model_input: torch.Tensor
+
+
+def denoising_step(denoiser, scheduler, x: torch.Tensor, timestep, cond: Conditioning = None, *,
+                   model_time=None, extra: Optional[dict] = None) -> StepOutput:
+    """One step of every sampling loop here: ``scale_model_input`` -> network -> ``scheduler.step``.
+
+    ``timestep`` is what the scheduler is told (it finds its step index from it); the network sees ``model_time``
+    (default: ``timestep``). Calibration feeds a candidate tau as ``model_time`` while telling the scheduler the
+    grid key, which by the scheduler contract is exactly the step a tuned scheduler takes. ``extra``: ``step``'s
+    keyword arguments (:func:`step_kwargs`).
+    """
+    x_in = scale_model_input(scheduler, x, timestep)
+    model_output = denoiser(x_in, timestep if model_time is None else model_time, cond)
+    prev = scheduler.step(model_output, timestep, x, **(extra or {})).prev_sample
+    return StepOutput(prev, model_output, x_in)
 
 
 @torch.no_grad()
@@ -68,11 +102,9 @@ def sample(
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
     extra = step_kwargs(scheduler, eta, generator)
     grid = grid_timesteps(scheduler)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * init_noise_sigma(scheduler)
     for i, tau in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
-        x_in = scheduler.scale_model_input(x, tau)
-        model_output = denoiser(x_in, tau, cond)
-        prev = scheduler.step(model_output, tau, x, **extra).prev_sample
+        prev, model_output, _ = denoising_step(denoiser, scheduler, x, tau, cond, extra=extra)
         if callback is not None:
             callback({"i": i, "t": grid[i], "tau": tau, "x": x, "model_output": model_output, "prev_sample": prev})
         x = prev

@@ -20,9 +20,10 @@ import json
 import math
 import numbers
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
 
 __all__ = [
     "LEARNED_GRID_KEY",
@@ -37,6 +38,9 @@ __all__ = [
     "scheduler_fingerprint",
     "timestep_tolerance",
     "timesteps_close",
+    "matching_indices",
+    "HeldOutResult",
+    "HELD_OUT_KEY",
 ]
 
 # Two timesteps are "the same" when |a - b| <= TAU_ATOL + TAU_RTOL * max(|a|, |b|). At t ~ 1000 that is ~1e-3:
@@ -66,6 +70,74 @@ def timestep_tolerance(a: float, b: float) -> float:
 def timesteps_close(a: float, b: float) -> bool:
     """Whether two timesteps are the same step under the scheduler's lookup tolerance."""
     return abs(a - b) <= timestep_tolerance(a, b)
+
+
+def matching_indices(values, t: float) -> np.ndarray:
+    """Indices of ``values`` (array-like) that are the same timestep as ``t`` (:func:`timesteps_close`, vectorised)."""
+    values = np.asarray(values, dtype=np.float64)
+    tol = TAU_ATOL + TAU_RTOL * np.maximum(np.abs(values), abs(t))
+    return np.flatnonzero(np.abs(values - t) <= tol)
+
+
+# Key of `tuning_info["<n>"]` holding the held-out measurement calibration made (see `HeldOutResult`).
+HELD_OUT_KEY = "heldout"
+
+
+@dataclass(frozen=True)
+class HeldOutResult:
+    """The held-out measurement of one table: its error against the untuned sampler's on fresh x_T.
+
+    Calibration writes it into `tuning_info["<n>"]["heldout"]` (`to_json`); the hub reads it back (`from_json`) to
+    show it and to refuse pushing a table that made things worse.
+
+    Args:
+        metric (`str`): what the verdict compares (`"endpoint_mse"`, `"energy_distance"`, ...).
+        untuned, tuned (`float`): the error without and with the table.
+        change_se (`float`, *optional*): the paired standard error of `tuned - untuned`.
+        relative_change (`float`, *optional*): `(tuned - untuned) / |untuned|` as recorded.
+        endpoint_mse_untuned, endpoint_mse_tuned (`float`, *optional*): the endpoint MSE pair, recorded whatever the
+            verdict's metric.
+    """
+
+    metric: str
+    untuned: float
+    tuned: float
+    change_se: float | None = None
+    relative_change: float | None = None
+    endpoint_mse_untuned: float | None = None
+    endpoint_mse_tuned: float | None = None
+
+    @property
+    def worse_than_untuned(self) -> bool:
+        return self.tuned > self.untuned
+
+    def to_json(self) -> dict:
+        """The recorded form: the endpoint MSE pair, relative change and SE; for another metric also `metric`,
+        `untuned` and `tuned` (the form the bundled tables hold)."""
+        out = {"endpoint_mse_tuned": self.endpoint_mse_tuned, "endpoint_mse_untuned": self.endpoint_mse_untuned,
+               "relative_change": self.relative_change, "change_se": self.change_se}
+        if self.metric != "endpoint_mse":
+            out.update(metric=self.metric, untuned=self.untuned, tuned=self.tuned)
+        return out
+
+    @classmethod
+    def from_json(cls, held: Any) -> "HeldOutResult | None":
+        """Read a recorded measurement: the explicit form (`metric`, `untuned`, `tuned`) or the metric-named pair
+        `{"<metric>_untuned": u, "<metric>_tuned": t}` (e.g. `endpoint_mse_*`); None for anything else."""
+        if not isinstance(held, Mapping):
+            return None
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        opt = lambda k: float(held[k]) if number(held.get(k)) else None  # noqa: E731
+        common = dict(change_se=opt("change_se"), relative_change=opt("relative_change"),
+                      endpoint_mse_untuned=opt("endpoint_mse_untuned"), endpoint_mse_tuned=opt("endpoint_mse_tuned"))
+        if number(held.get("untuned")) and number(held.get("tuned")):
+            return cls(str(held.get("metric", "error")), float(held["untuned"]), float(held["tuned"]), **common)
+        for key in sorted(held):
+            if key.endswith("_untuned") and number(held[key]):
+                metric = key[: -len("_untuned")]
+                if number(held.get(f"{metric}_tuned")):
+                    return cls(metric, float(held[key]), float(held[f"{metric}_tuned"]), **common)
+        return None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Calibration: learn TimeTuner's tau tables for a Diffusers model (the learning half of the package).
 
-Entry point: :func:`calibrate`. Layout: ``api`` (entry point), ``config`` (every setting, one set of defaults), ``objectives`` (eq. 9, eq. 10, teacher objectives),
-``optimizers`` (local search, reference Adam), ``strategies`` (sequential / data-free / parallel), ``rollout``
-(cached step-by-step sampling), ``distributed`` (Accelerate), ``checkpoint``, ``report``.
+Entry point: :func:`calibrate`. One job per module (docs/DESIGN.md has the table): ``api`` (entry point),
+``config`` (every setting, one set of defaults), ``inputs`` (data, shapes, sample sets), ``calibrator`` (one step
+count), ``strategies`` (sequential / data-free / parallel), ``objectives`` (eq. 9, eq. 10, teacher objectives),
+``optimizers`` (local search, reference Adam, joint Adam), ``teacher``, ``guard``, ``stats``, ``rollout`` (cached
+step-by-step sampling), ``distributed`` (Accelerate), ``checkpoint``, ``report``.
 """
 
 from .api import CalibrationResult, calibrate

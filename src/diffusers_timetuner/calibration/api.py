@@ -1,9 +1,13 @@
-"""The one entry point: :func:`calibrate` learns tau tables for a Diffusers model and returns a tuned scheduler."""
+"""The one entry point: :func:`calibrate` learns tau tables for a Diffusers model and returns a tuned scheduler.
+
+This file stays whole (about 380 lines, half of it ``calibrate``'s docstring and the measured defaults' notes): it is
+the entry point's one job, resolving the inputs, then per step count one ``StepCountCalibrator``, the held-out
+report and the user-facing verdict (``_worse_advice`` / ``_se_note``). The pieces live elsewhere: ``inputs.py``
+(data, shapes, sample sets, model probes), ``calibrator.py``, ``strategies.py``, ``report.py``.
+"""
 
 from __future__ import annotations
 
-import copy
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,17 +17,25 @@ import numpy as np
 import torch
 
 from ..denoiser import Denoiser, slice_conditioning
+from ..table import HELD_OUT_KEY, timesteps_close
 from .checkpoint import CheckpointStore
 from .config import DEFAULT_OBJECTIVE, DEFAULT_OPTIMIZER, CalibrationConfig
 from .conditions import build_conditions, resolve_model
 from .distributed import Distributed
-from .objectives import Teacher, default_teacher_steps, get_objective
-from .optimizers import get_optimizer
-from .report import StepCountReport, evaluate_heldout, plot_report, write_report
+from .objectives import get_objective
+from .optimizers import JointOptimizer, get_optimizer
+from .report import StepCountReport, evaluate_heldout, heldout_record, plot_report, write_report
 from .rollout import Rollout
 from .families import resolve_scheduler, untuned_copy
-from .grid_search import DEFAULT_FINE_TEACHER_STEPS, FineTeacher, check_grid_tunable, guard_grid_table, learn_grid
-from .strategies import VALIDATION_METRICS, CalibrationSet, StepCountJob, get_strategy
+from .calibrator import StepCountCalibrator, distinct_taus  # noqa: F401  (distinct_taus: public here too)
+from .grid_search import check_grid_tunable, guard_grid_table, learn_grid
+from .inputs import (
+    check_custom_grid, check_float_timesteps, draw_set, model_device, sample_shape_of, split_data,
+)
+from .stats import VALIDATION_METRICS
+from .strategies import get_strategy
+from .teacher import DEFAULT_FINE_TEACHER_STEPS, FINE_TEACHER_NAME, FineTeacher, Teacher, default_teacher_steps
+from .prediction import timestep_bounds
 from .validate import VALIDATED_ARGS as _VALIDATED_ARGS, validate_calibration_args
 
 logger = logging.getLogger(__name__)
@@ -51,7 +63,8 @@ class CalibrationResult:
     Attributes:
         scheduler: a TimeTuner scheduler of the input's class and config with one tau table per step count.
         reports: per step count n, the :class:`~diffusers_timetuner.calibration.report.StepCountReport`.
-        settings: the JSON-able settings of the run (objective, strategy, optimiser, guidance scale, ...).
+        settings: the JSON-able settings of the run: every ``CalibrationConfig`` field (resolved: step counts, grid,
+            objective, strategy, optimiser by name) plus run-time facts (scheduler class, model id, conditioning, ...).
     """
 
     scheduler: Any
@@ -148,7 +161,7 @@ def calibrate(
         num_validation_samples: samples of the validation set the guard uses (``guard=True``); fresh x_T, disjoint
             from the calibration and held-out sets.
         num_heldout_samples: samples of the held-out set every run reports on (fresh x_T).
-        teacher_steps: the teacher's step count (default about 5 n, see ``objectives.default_teacher_steps``).
+        teacher_steps: the teacher's step count (default about 5 n, see ``teacher.default_teacher_steps``).
         guard: keep only the prefix of the tuned table (first k steps tuned, the rest untuned) with the lowest
             validation error on a separate validation set, among those clearly better than untuned there
             (``guard_margin``), or none.
@@ -183,6 +196,9 @@ def calibrate(
     num_validation_samples, num_heldout_samples = config.num_validation_samples, config.num_heldout_samples
     teacher_steps, guard, guard_margin = config.teacher_steps, config.guard, config.guard_margin
     validation_metric, eta, seed = config.validation_metric, config.eta, config.seed
+    sigmas, mu = config.sigmas, config.mu
+    if sigmas is not None and timesteps is not None:
+        raise ValueError("Pass either a custom `timesteps` grid or a custom `sigmas` grid, not both.")
     if config.adam_steps is not None and optimizer_kwargs is None and optimizer == "adam":
         optimizer_kwargs = {"num_steps": int(config.adam_steps)}
     dist = Distributed(accelerator)
@@ -194,6 +210,12 @@ def calibrate(
             raise ValueError(f"num_inference_steps={num_inference_steps!r} disagrees with the custom grid of "
                              f"{len(timesteps)} timesteps: pass only `timesteps` (one table, n = len(timesteps)).")
         num_inference_steps = len(timesteps)
+    if sigmas is not None:
+        sigmas = [float(v) for v in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
+        if num_inference_steps is not None and [int(n) for n in np.atleast_1d(num_inference_steps)] != [len(sigmas)]:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} disagrees with the custom grid of "
+                             f"{len(sigmas)} sigmas: pass only `sigmas` (one table, n = len(sigmas)).")
+        num_inference_steps = len(sigmas)
     if num_inference_steps is None:
         num_inference_steps = 10
     if isinstance(num_inference_steps, int):
@@ -223,6 +245,7 @@ def calibrate(
             )
     if timesteps is not None:
         check_custom_grid(untuned, timesteps)
+    check_flow_settings(untuned, sigmas, mu)
     tune = config.tune
     if tune != "tau":
         check_grid_tunable(untuned)
@@ -243,7 +266,7 @@ def calibrate(
             "needs one. Use objective='paper' or 'paper_x0' with it, or strategy='sequential' / 'data_free'."
         )
     optimizer_obj = get_optimizer(optimizer, **(optimizer_kwargs or {}))
-    if getattr(optimizer_obj, "joint", False) and (objective_obj.name != "endpoint" or strategy == "parallel"):
+    if isinstance(optimizer_obj, JointOptimizer) and (objective_obj.name != "endpoint" or strategy == "parallel"):
         raise ValueError("optimizer='adam_joint' tunes all steps through the whole sampler: it needs "
                          "objective='endpoint' and strategy='data_free' or 'sequential'.")
 
@@ -253,39 +276,40 @@ def calibrate(
     cond_set = build_conditions(model, pipeline, conditions, negative_conditions, guidance_scale, null_class_label,
                                 device)
     denoiser = Denoiser(model, guidance_scale=guidance_scale, uncond=cond_set.uncond)
-    data, data_labels = _split_data(data)
-    shape = _sample_shape(model, data, sample_shape)
+    data, data_labels = split_data(data)
+    shape = sample_shape_of(model, data, sample_shape)
     if data is not None:
         if tuple(data.shape[1:]) != shape:
             raise ValueError(f"data has samples of shape {tuple(data.shape[1:])}, the model expects {shape}.")
     probe = check_float_timesteps(denoiser, shape, cond_set.take(range(1)), device, train_steps)
 
     # Disjoint seeded draws: calibration (seed), validation (seed + 1), held-out (seed + 2); identical everywhere.
-    calib = _calibration_set(num_samples, shape, cond_set, data, seed, data_labels)
-    validation = _calibration_set(num_validation_samples, shape, cond_set, None, seed + 1) \
+    calib = draw_set(num_samples, shape, cond_set, data, seed, data_labels)
+    validation = draw_set(num_validation_samples, shape, cond_set, None, seed + 1) \
         if guard and num_validation_samples else None
-    heldout = _calibration_set(num_heldout_samples, shape, cond_set, None, seed + 2)
+    heldout = draw_set(num_heldout_samples, shape, cond_set, None, seed + 2)
 
+    # The report's settings: every CalibrationConfig field (resolved: step counts, grid, objective, strategy and
+    # optimiser by name), then the run-time facts no setting holds.
+    resolved = config.replace(num_inference_steps=steps, timesteps=timesteps, sigmas=sigmas,
+                              objective=objective_obj.name, strategy=strategy_obj.name,
+                              optimizer=getattr(optimizer_obj, "name", type(optimizer_obj).__name__))
     settings = {
-        "objective": objective_obj.name, "strategy": strategy_obj.name,
-        "optimizer": getattr(optimizer_obj, "name", type(optimizer_obj).__name__),
+        **resolved.to_dict(),
         "optimizer_settings": optimizer_obj.settings() if hasattr(optimizer_obj, "settings") else {},
-        "guidance_scale": float(guidance_scale), "num_samples": int(num_samples), "batch_size": int(batch_size),
-        "num_validation_samples": int(num_validation_samples or 0) if guard else 0,
-        "num_heldout_samples": int(num_heldout_samples), "guard": bool(guard),
-        "guard_margin": float(guard_margin), "validation_metric": validation_metric, "seed": int(seed),
-        "eta": eta, "scheduler_class": type(base).__name__, "model_id": model_id, "custom_grid": timesteps,
+        "scheduler_class": type(base).__name__, "model_id": model_id,
         "prediction_type": getattr(untuned.config, "prediction_type", None),
-        "data_free": data is None, "num_processes": dist.world_size, "tune": config.tune,
+        "data_free": data is None, "num_processes": dist.world_size,
         "conditioning": cond_set.description,
     }
-    # What a resumed run must share with the interrupted one (the probe tells another model apart).
-    fingerprint = dict(settings, num_processes=None, teacher_steps=teacher_steps, model_probe=probe)
+    # What a resumed run must share with the interrupted one: every setting (not the process count) and a probe of
+    # the model (tells another model apart). A checkpoint with other values is refused, naming the keys.
+    fingerprint = dict(settings, num_processes=None, model_probe=probe)
     store = CheckpointStore(checkpoint_dir, fingerprint, enabled=dist.is_main_process) if checkpoint_dir else None
     log = (lambda msg: logger.info(msg)) if dist.is_main_process else (lambda msg: None)
 
     result_sched, reports = base, {}
-    bounds = (0.0, float(train_steps - 1))
+    bounds = timestep_bounds(untuned)
 
     def metric_for(rollout) -> str:
         metric = validation_metric
@@ -298,8 +322,12 @@ def calibrate(
 
     def tau_table(n, grid, teacher=None):
         """Tau for n steps on ``grid`` (None: the scheduler's own) with the chosen strategy; guarded on that grid."""
-        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=grid)
+        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=grid, sigmas=sigmas, mu=mu)
+        objective_obj.check(rollout)
+        check_untuned_finite(rollout, shape, cond_set.take(range(1)))
         if teacher is None:
+            teacher = fine_teacher
+        if teacher is None:  # teacher="same" or a non-VP sampler: the calibrated sampler at about 5 n steps
             m = int(teacher_steps or default_teacher_steps(untuned, n, rollout.grid_list))
             teacher = Teacher(denoiser, untuned, m, device=device, coarse_grid=rollout.grid_list)
         if objective_obj.name == "teacher_local" and teacher.grid_indices(rollout.grid_list[1:]) is None:
@@ -308,42 +336,54 @@ def calibrate(
                 f"the coarse grid {rollout.grid_list}; choose teacher_steps so that it does (e.g. a multiple of {n} "
                 f"dividing {train_steps} with leading spacing), or use objective='endpoint'."
             )
-        job = StepCountJob(rollout=rollout, objective=objective_obj, optimizer=optimizer_obj, dist=dist, calib=calib,
-                           batch_size=batch_size, seed=seed, bounds=bounds, teacher=teacher, validation=validation,
-                           guard=guard and validation is not None, checkpoint=store if grid == timesteps else None,
-                           log=log, progress=progress, validation_metric=metric_for(rollout),
-                           guard_margin=float(guard_margin))
-        taus = distinct_taus(strategy_obj.run(job), bounds, log)
-        return rollout, job, taus, teacher
+        cal = StepCountCalibrator(rollout, objective_obj, optimizer_obj, dist, calib, batch_size, seed, bounds,
+                                  teacher=teacher, validation=validation, guard=guard,
+                                  checkpoint=store if grid == timesteps else None, log=log, progress=progress,
+                                  validation_metric=metric_for(rollout), guard_margin=float(guard_margin))
+        taus = cal.run(strategy_obj)
+        return rollout, cal, taus, teacher
+
+    # One accurate teacher for every step count, its trajectories cached per batch; its own error is reported.
+    fine_teacher, yardstick = None, None
+    if config.teacher == "dpmsolver++" and FineTeacher.supports(untuned):
+        fine_teacher = FineTeacher(denoiser, untuned, int(teacher_steps or DEFAULT_FINE_TEACHER_STEPS), device=device)
 
     for n in steps:
         tick = time.perf_counter()
         fwd0 = denoiser.num_forward_samples
         info = dict(settings, package="diffusers-timetuner", package_version=_version())
+        # refuse a sampler that already ends non-finite before any teacher work (names its step, not the teacher's)
+        check_untuned_finite(Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=timesteps,
+                                     sigmas=sigmas, mu=mu), shape, cond_set.take(range(1)))
+        if fine_teacher is not None:
+            if yardstick is None:
+                k = min(8, len(calib))
+                yardstick = fine_teacher.self_error(calib.noise[:k].to(device),
+                                                    slice_conditioning(calib.cond, range(k)))
+                log(f"teacher: {FINE_TEACHER_NAME} at {yardstick['teacher_steps']} steps; its squared endpoint "
+                    f"distance to a {yardstick['reference_steps']}-step run is {yardstick['endpoint_mse']:.3g} "
+                    f"(+/- {yardstick['endpoint_mse_se']:.2g} SE; a sample's squared norm: "
+                    f"{yardstick['sample_sq_norm']:.3g}), the error bar of every figure below")
+            info["teacher"] = FINE_TEACHER_NAME
         records, grid_report = [], None
         if tune == "tau":
-            rollout, job, taus, teacher = tau_table(n, timesteps)
-            records, table_grid, held_rollout = job.records, rollout.grid_list, rollout
+            rollout, cal, taus, teacher = tau_table(n, timesteps)
+            records, table_grid, held_rollout = cal.records, rollout.grid_list, rollout
         else:
-            teacher = FineTeacher(denoiser, untuned, int(teacher_steps or DEFAULT_FINE_TEACHER_STEPS), device=device)
+            teacher = fine_teacher
             held_rollout = Rollout(denoiser, untuned, n, eta=eta, device=device)  # the default grid: the baseline
             metric = metric_for(held_rollout)
             plan = learn_grid(denoiser, untuned, n, calib, teacher, dist=dist, batch_size=batch_size, seed=seed,
                               eta=eta, metric=metric, max_evaluations=config.grid_search_evaluations, log=log,
                               progress=progress)
-            k = min(8, len(calib))
-            yardstick = teacher.self_error(calib.noise[:k].to(device), slice_conditioning(calib.cond, range(k)))
-            log(f"n={n}: teacher DPM-Solver++ 2M at {yardstick['teacher_steps']} steps: squared endpoint distance "
-                f"{yardstick['endpoint_mse']:.3g} to a {yardstick['reference_steps']}-step run (a sample's squared "
-                f"norm: {yardstick['sample_sq_norm']:.3g})")
-            grid_report = {"tune": tune, "search": plan.to_dict(), "teacher": "DPM-Solver++ 2M",
+            grid_report = {"tune": tune, "search": plan.to_dict(), "teacher": FINE_TEACHER_NAME,
                            "teacher_steps": teacher.num_inference_steps, "teacher_error": yardstick}
             if tune == "grid":
                 table_grid = [float(t) for t in plan.grid]
                 taus = list(table_grid)
             else:
-                rollout, job, taus, _ = tau_table(n, plan.grid, teacher)
-                records, table_grid = job.records, rollout.grid_list
+                rollout, cal, taus, _ = tau_table(n, plan.grid, teacher)
+                records, table_grid = cal.records, rollout.grid_list
             learned = dict(info, learned_grid=True, tune=tune, grid_search=plan.to_dict())
             candidates = [(tune, result_sched.with_tuned_timesteps(n, taus, grid=table_grid, info=learned))]
             chosen, table_grid, taus, verdicts = guard_grid_table(
@@ -354,30 +394,30 @@ def calibrate(
                 if chosen in ("grid", "grid+tau") else dict(info, tune=tune, grid_fallback=chosen)
         m = teacher.num_inference_steps
         info["teacher_steps"] = m
+        if hasattr(untuned, "time_shift_record"):  # flow matching: the shift / mu the table is for (checked on load)
+            info["time_shift"] = untuned.time_shift_record(mu)
         candidate = result_sched.with_tuned_timesteps(n, taus, grid=table_grid, info=info)
         metric = metric_for(held_rollout)
         held = evaluate_heldout(held_rollout, candidate, teacher, heldout.noise, heldout.cond, dist, batch_size,
                                 metric)
-        info["heldout"] = {k: held[k] for k in ("endpoint_mse_tuned", "endpoint_mse_untuned", "relative_change",
-                                                "change_se")}
-        if metric != "endpoint_mse":  # the explicit form names the metric the verdict used (hub.held_out_pair)
-            info["heldout"].update(metric=metric, untuned=held["untuned"], tuned=held["tuned"])
+        info[HELD_OUT_KEY] = heldout_record(held).to_json()  # what the hub reads back (hub.recorded_held_out)
         result_sched = result_sched.with_tuned_timesteps(n, taus, grid=table_grid, info=info)
         rep = StepCountReport(num_inference_steps=n, grid=list(table_grid), taus=[float(t) for t in taus],
                               steps=list(records), heldout=held, seconds=time.perf_counter() - tick,
                               forward_samples=int(dist.sum(torch.tensor(float(denoiser.num_forward_samples - fwd0)))),
-                              backward_samples=sum(r.backward_samples for r in records), grid_tuning=grid_report)
+                              backward_samples=sum(r.backward_samples for r in records), grid_tuning=grid_report,
+                              teacher={"solver": info.get("teacher", "same sampler"), "steps": m,
+                                       "self_error": yardstick})
         default_grid = held_rollout.grid_list
         if held["worse_than_untuned"]:
             msg = (f"TUNING MADE IT WORSE for n={n}: held-out {metric} to the {m}-step teacher "
                    f"{held['untuned']:.5g} (untuned) -> {held['tuned']:.5g} (tuned){_se_note(held)}. "
-                   + _worse_advice(held, guard and validation is not None))
+                   + _worse_advice(held, bool(guard and validation is not None)))
             rep.warnings.append(msg)
             if dist.is_main_process:
                 logger.warning(msg)
-        elif len(table_grid) == len(default_grid) and all(
-                abs(a - b) < 1e-6 and abs(c - b) < 1e-6 for a, b, c in zip(taus, default_grid, table_grid)) \
-                and tune == "tau" or (grid_report is not None and grid_report["chosen"] == "untuned"):
+        elif (tune == "tau" and all(timesteps_close(a, b) for a, b in zip(cal.fitted, default_grid))) or (
+                grid_report is not None and grid_report["chosen"] == "untuned"):
             msg = (f"NO GAIN for n={n}: the table is tau = t (the validation guard kept no tuned step). It samples "
                    "exactly like the untuned scheduler; try more calibration samples or another objective.")
             rep.warnings.append(msg)
@@ -391,21 +431,48 @@ def calibrate(
     return CalibrationResult(result_sched, reports, settings)
 
 
-def check_custom_grid(scheduler, timesteps: Sequence[int]) -> None:
-    """Refuse a custom grid that is not descending integers in range, or a scheduler without custom grids."""
-    from ..schedulers.mixin import validate_custom_timesteps
 
-    validate_custom_timesteps(timesteps, int(scheduler.config.num_train_timesteps))
-    probe = copy.deepcopy(scheduler)
-    try:
-        probe.set_timesteps(timesteps=list(timesteps))
-    except TypeError as err:  # the parent's set_timesteps has no `timesteps` argument
-        raise ValueError(f"{type(scheduler).__name__} cannot run a custom grid (`set_timesteps(timesteps=...)`): "
-                         "calibrate it with num_inference_steps, or use DDIM, DDPM, DPM-Solver multistep or "
-                         "Euler.") from err
-    if len(probe.timesteps) != len(timesteps):
-        raise ValueError(f"{type(scheduler).__name__} makes {len(probe.timesteps)} model evaluations on the custom "
-                         f"grid of {len(timesteps)} timesteps; calibration needs one per grid time.")
+
+def check_untuned_finite(rollout: Rollout, shape, cond) -> None:
+    """Refuse a sampler whose untuned run from one x_T already ends in NaN / inf (nothing to tune against).
+
+    Diffusers' UniPC with ``solver_type="bh1"`` and ``final_sigmas_type="zero"`` does this on any model."""
+    before = rollout.denoiser.num_forward_samples
+    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)).to(rollout.device)
+    state = rollout.initial_state(rollout.noise_to_state(x), cond)
+    final = rollout.run(state, rollout.grid_list).x
+    rollout.denoiser.num_forward_samples = before  # a check, not calibration work
+    if not bool(torch.isfinite(final).all()):
+        sched = rollout.scheduler
+        hint = (" (UniPC bh1 with final_sigmas_type='zero' divides by zero at the last step: use "
+                "final_sigmas_type='sigma_min' or solver_type='bh2')" if "UniPC" in type(sched).__name__ else "")
+        raise ValueError(f"The untuned {type(sched).__name__} with n={rollout.num_inference_steps} gives non-finite "
+                         f"samples{hint}; fix the scheduler config before calibrating.")
+
+
+def check_flow_settings(scheduler, sigmas, mu) -> None:
+    """Refuse ``sigmas`` / ``mu`` where they do not apply, and a dynamic-shift scheduler without ``mu``."""
+    name = type(scheduler).__name__
+    flow_euler = hasattr(scheduler, "time_shift_record")
+    if sigmas is not None:
+        if not flow_euler:
+            raise ValueError(f"A custom `sigmas` grid is for flow-matching schedulers (FlowMatchEuler); {name} takes "
+                             "a custom grid as `timesteps`.")
+        if not all(0.0 < v <= 1.0 for v in sigmas) or any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"`sigmas` must be strictly descending values in (0, 1] (the parent appends the final "
+                             f"0), got {sigmas}.")
+    if not flow_euler:
+        if mu is not None:
+            raise ValueError(f"`mu` is the dynamic time shift of flow-matching schedulers; {name} has none.")
+        return
+    dynamic = bool(scheduler.config.use_dynamic_shifting)
+    if dynamic and mu is None:
+        raise ValueError(f"{name} has use_dynamic_shifting=True: pass the `mu` the table is for (Flux pipelines "
+                         "compute it from the image size, e.g. "
+                         "diffusers.pipelines.flux.pipeline_flux.calculate_shift).")
+    if mu is not None and not dynamic:
+        raise ValueError(f"`mu` only applies with use_dynamic_shifting=True; {name} uses the static "
+                         f"shift={scheduler.config.shift}.")
 
 
 def _worse_advice(held: Dict[str, Any], guarded: bool) -> str:
@@ -417,15 +484,6 @@ def _worse_advice(held: Dict[str, Any], guarded: bool) -> str:
     return noise + advice if noise else advice[0].upper() + advice[1:]
 
 
-def model_device(model) -> torch.device:
-    """The device of the network's first parameter (or buffer); CPU for a parameter-free model."""
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    if isinstance(model, torch.nn.Module):
-        for tensor in itertools.chain(model.parameters(), model.buffers()):
-            return tensor.device
-    return torch.device("cpu")
 
 
 def _se_note(held: Dict[str, Any]) -> str:
@@ -434,84 +492,14 @@ def _se_note(held: Dict[str, Any]) -> str:
     return "" if se is None else f", difference {held['tuned'] - held['untuned']:+.3g} +/- {se:.2g} SE"
 
 
-def distinct_taus(taus: Sequence[float], bounds, log=None) -> List[float]:
-    """Make every tau distinct (the scheduler finds the step from the tau it gets back, so a table must not repeat a
-    value): a tau equal to an earlier one (within 1e-3) moves by 0.01 timestep, far below any measurable effect.
-    Happens when a search ends on a neighbouring grid time that another step kept (its trust region's edge)."""
-    out: List[float] = []
-    for j, tau in enumerate(float(t) for t in taus):
-        moved = tau
-        step = 0.01 if tau + 0.01 <= bounds[1] else -0.01
-        while any(abs(moved - prev) <= 1e-3 for prev in out):
-            moved += step
-        if moved != tau and log is not None:
-            log(f"step {j}: tau {tau:g} repeats another step's tau; using {moved:g}")
-        out.append(moved)
-    return out
 
 
-def check_float_timesteps(denoiser, shape, cond, device, train_steps: int) -> float:
-    """Refuse a network whose timestep input ignores fractions (outputs at t and t + 0.5 identical).
-
-    Returns a probe of the model (mean |output| on a fixed input, 6 significant digits) for checkpoint fingerprints.
-    """
-    g = torch.Generator().manual_seed(12345)
-    x = torch.randn((1, *shape), generator=g).to(device)
-    t = float(train_steps // 2)
-    with torch.no_grad():
-        a = denoiser(x, torch.tensor(t), cond)
-        b = denoiser(x, torch.tensor(t + 0.5), cond)
-    denoiser.num_forward_samples = 0
-    if torch.equal(a, b):
-        raise ValueError(
-            f"{type(denoiser.model).__name__} gives identical outputs at timesteps {t} and {t + 0.5}: its timestep "
-            "input does not take fractional values (e.g. it casts to an integer or looks up an embedding table), so "
-            "TimeTuner cannot tune it. Use a model with a continuous (e.g. sinusoidal) timestep embedding."
-        )
-    return float(f"{float(a.double().abs().mean()):.6g}")
 
 
-def _sample_shape(model, data, sample_shape):
-    if sample_shape is not None:
-        return tuple(int(s) for s in sample_shape)
-    if data is not None:
-        return tuple(data.shape[1:])
-    cfg = getattr(model, "config", None)
-    size = getattr(cfg, "sample_size", None)
-    channels = getattr(cfg, "in_channels", None)
-    if size is None or channels is None:
-        raise ValueError("Cannot infer the sample shape from the model's config: pass sample_shape=(C, H, W).")
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(channels), *size)
 
 
-def _split_data(data):
-    """``data`` may be images or (images, class labels); labels then condition the data-based trajectories."""
-    if data is None:
-        return None, None
-    labels = None
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        data, labels = data
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    data = torch.as_tensor(data, dtype=torch.float32)
-    if labels is not None and labels.shape[0] != data.shape[0]:
-        raise ValueError(f"data has {data.shape[0]} images but {labels.shape[0]} labels.")
-    return data, labels
 
 
-def _calibration_set(num, shape, cond_set, data, seed, data_labels=None) -> CalibrationSet:
-    g = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn((int(num), *shape), generator=g)
-    cond, x0 = cond_set.take(range(int(num))), None
-    if data is not None:
-        if data.shape[0] < num:
-            idx = torch.randint(0, data.shape[0], (int(num),), generator=g)
-        else:
-            idx = torch.randperm(data.shape[0], generator=g)[: int(num)]
-        x0 = data[idx]
-        if data_labels is not None:  # the data's own labels condition its trajectories
-            cond = {"class_labels": data_labels[idx]}
-    return CalibrationSet(noise, cond, x0)
 
 
 def _version() -> str:

@@ -17,12 +17,20 @@ import tempfile
 from typing import Any, Dict, Iterator, Optional
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_json(path: str, payload: Any) -> None:
     """Write JSON so that ``path`` holds either the old or the new content, never half a file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result gets the mode a plain open() gives
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2, sort_keys=True)
             f.flush()
@@ -67,9 +75,7 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result gets the mode a plain makedirs gives
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result gets the mode a plain makedirs gives
     try:
         yield tmp
         if os.path.isdir(path) and not overwrite:
@@ -138,8 +144,9 @@ class CheckpointStore:
             )
         saved = payload.get("fingerprint")
         if saved != self.fingerprint:
-            diff = sorted(k for k in set(saved or {}) | set(self.fingerprint)
-                          if (saved or {}).get(k) != self.fingerprint.get(k))
+            saved, missing = saved or {}, object()  # a key present in one only differs even when its value is None
+            diff = sorted(k for k in set(saved) | set(self.fingerprint)
+                          if saved.get(k, missing) != self.fingerprint.get(k, missing))
             raise ValueError(
                 f"The checkpoint {path} was written by a calibration with other settings (differs in: "
                 f"{', '.join(diff)}). Resume with the same settings, or start afresh in another directory."

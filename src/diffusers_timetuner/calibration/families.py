@@ -9,6 +9,11 @@ SCHEDULER_NAMES = {
     "dpmsolver_multistep": "TimeTunerDPMSolverScheduler",
     "dpmsolver_singlestep": "TimeTunerDPMSolverSinglestepScheduler",
     "euler": "TimeTunerEulerDiscreteScheduler",
+    "flow_euler": "TimeTunerFlowMatchEulerDiscreteScheduler",
+    "flow_match_euler": "TimeTunerFlowMatchEulerDiscreteScheduler",
+    "unipc": "TimeTunerUniPCMultistepScheduler",
+    "heun": "TimeTunerHeunDiscreteScheduler",
+    "cm": "TimeTunerCMStochasticIterativeScheduler",
 }
 # Plain Diffusers class -> TimeTuner class.
 PARENTS = {
@@ -17,6 +22,10 @@ PARENTS = {
     "DPMSolverMultistepScheduler": "TimeTunerDPMSolverScheduler",
     "DPMSolverSinglestepScheduler": "TimeTunerDPMSolverSinglestepScheduler",
     "EulerDiscreteScheduler": "TimeTunerEulerDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler": "TimeTunerFlowMatchEulerDiscreteScheduler",
+    "UniPCMultistepScheduler": "TimeTunerUniPCMultistepScheduler",
+    "HeunDiscreteScheduler": "TimeTunerHeunDiscreteScheduler",
+    "CMStochasticIterativeScheduler": "TimeTunerCMStochasticIterativeScheduler",
 }
 
 

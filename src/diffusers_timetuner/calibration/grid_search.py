@@ -30,13 +30,10 @@ import torch
 
 from ..denoiser import slice_conditioning
 from ..sampling import grid_timesteps, sample
-from .report import metric_value, paired_change
-from .rollout import to_epsilon
+from .stats import metric_value, paired_change
+from .teacher import FineTeacher, FineTrajectory
 
 TUNE_MODES = ("tau", "grid", "grid+tau")
-# The fine teacher's steps when none are given: DPM-Solver++ 2M at 100 steps is within ~5e-5 of a 400-step run
-# (relative squared endpoint distance) on the exact GMM; see FineTeacher.self_error, reported with every run.
-DEFAULT_FINE_TEACHER_STEPS = 100
 
 
 def check_grid_tunable(scheduler) -> None:
@@ -58,130 +55,6 @@ def check_grid_tunable(scheduler) -> None:
         raise ValueError(
             f"tune='grid' / 'grid+tau' needs one model evaluation per grid time; {type(scheduler).__name__} makes "
             f"{len(probe.timesteps)} on a grid of {len(grid)} (a second-order single-step solver). Use tune='tau'.")
-
-
-def _vp_alphas(scheduler) -> torch.Tensor:
-    return scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
-
-
-# ------------------------------------------------------------------------------------------------------ teacher
-@dataclass
-class FineTrajectory:
-    """One batch of teacher trajectories: states (VP space) at the fine times and the noise prediction at each."""
-
-    times: List[int]  # s_0 > s_1 > ... > s_{M-1} (integer training times); the clean end is index M
-    states: List[torch.Tensor]  # M + 1 tensors: x at s_0 .. s_{M-1}, then the final sample
-    eps: List[torch.Tensor]  # M tensors: eps_theta(x_{s_k}, s_k)
-
-
-class FineTeacher:
-    """An accurate reference: DPM-Solver++ (2M, data prediction) on a fine grid of ``num_steps`` integer times.
-
-    It runs the same network (same guidance) on the same noise schedule and prediction type as the coarse sampler,
-    from the same normalised x_T; the trajectory of a batch is computed once and cached (keyed by the batch's
-    noise), so every stage of a calibration (grid search, tau, guard, held-out report) reuses it. States between
-    fine times are first-order (DDIM) steps from the fine state above, over less than one fine spacing.
-
-    Args:
-        denoiser: the coarse sampler's denoiser.
-        scheduler: the coarse (untuned) scheduler; its noise schedule and prediction type are copied.
-        num_steps: fine steps M (the yardstick's accuracy; see :meth:`self_error`).
-    """
-
-    def __init__(self, denoiser, scheduler, num_steps: int, device=None):
-        from diffusers import DPMSolverMultistepScheduler
-
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
-        cfg = {k: scheduler.config[k] for k in keys if k in scheduler.config}
-        self.denoiser = denoiser
-        self.device = device
-        self.num_inference_steps = int(num_steps)
-        self.scheduler = DPMSolverMultistepScheduler(
-            **cfg, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
-            final_sigmas_type="zero", lower_order_final=True)
-        self.scheduler.set_timesteps(self.num_inference_steps, device=device)
-        self.times = [int(t) for t in self.scheduler.timesteps.tolist()]
-        self.alphas = _vp_alphas(self.scheduler)
-        self.coarse_scheduler = scheduler
-        self._cache: Dict[tuple, FineTrajectory] = {}
-
-    @staticmethod
-    def _key(noise: torch.Tensor, cond) -> tuple:
-        flat = noise.detach().reshape(-1).double().cpu()
-        c = None if cond is None else tuple(sorted((k, float(torch.as_tensor(v).double().sum()))
-                                                   for k, v in cond.items() if torch.is_tensor(v)))
-        return tuple(noise.shape), float(flat.sum()), float(flat.abs().sum()), float(flat[:7].sum()), c
-
-    @torch.no_grad()
-    def fine_trajectory(self, noise: torch.Tensor, cond=None) -> FineTrajectory:
-        """The teacher's trajectory from standard normal ``noise`` (cached)."""
-        key = self._key(noise, cond)
-        if key in self._cache:
-            return self._cache[key]
-        states, eps = [], []
-
-        def keep(info):
-            states.append(info["x"])
-            x_in = info["x"]  # DPM-Solver's state is the VP network input (scale_model_input is the identity)
-            eps.append(to_epsilon(info["model_output"], x_in, float(info["t"]), self.scheduler))
-            if len(states) == self.num_inference_steps:
-                states.append(info["prev_sample"])
-
-        sched = copy.deepcopy(self.scheduler)
-        sample(self.denoiser, sched, noise.to(self.device), None, cond, callback=keep)
-        traj = FineTrajectory(list(self.times), states, eps)
-        self._cache[key] = traj
-        return traj
-
-    def state_at(self, traj: FineTrajectory, t: float) -> torch.Tensor:
-        """The teacher's VP state at integer time t (a fine state, or a DDIM step from the fine state above)."""
-        for k, s in enumerate(traj.times):
-            if abs(s - t) < 1e-6:
-                return traj.states[k]
-        above = [k for k, s in enumerate(traj.times) if s > t]
-        if not above:  # above the teacher's start: the start state (x_T) is the best there is
-            return traj.states[0]
-        k = above[-1]
-        return ddim_jump(self.alphas, traj.times[k], t, traj.states[k], traj.eps[k])
-
-    # The interface the tau machinery uses (``Teacher``): states in the coarse scheduler's state space.
-    def targets(self, x_T, init_noise_sigma, cond, coarse_grid: Sequence[float]) -> List[Optional[torch.Tensor]]:
-        traj = self.fine_trajectory(x_T / float(init_noise_sigma), cond)
-        out = [self._to_coarse_space(self.state_at(traj, float(t)), float(t)) for t in coarse_grid]
-        return out + [traj.states[-1]]
-
-    def grid_indices(self, coarse_grid: Sequence[float]) -> List[int]:
-        """Every integer time has a teacher state (see :meth:`state_at`)."""
-        return list(range(len(coarse_grid)))
-
-    def _to_coarse_space(self, x_vp: torch.Tensor, t: float) -> torch.Tensor:
-        sched = self.coarse_scheduler
-        if float(getattr(sched, "init_noise_sigma", 1.0)) == 1.0:
-            return x_vp
-        # sigma-space samplers (Euler): x = x_vp / alpha_t
-        return x_vp / float(self.alphas[int(round(t))].sqrt())
-
-    @torch.no_grad()
-    def self_error(self, noise: torch.Tensor, cond=None, factor: int = 2) -> Dict[str, float]:
-        """Mean squared endpoint distance (sum over pixels) of this teacher to the same solver at ``factor`` times
-        the steps, from the same noise, beside the typical squared norm of a sample: the yardstick's own error."""
-        mine = self.fine_trajectory(noise, cond).states[-1]
-        longer = copy.deepcopy(self.scheduler)
-        longer.set_timesteps(min(self.num_inference_steps * factor, int(self.scheduler.config.num_train_timesteps)),
-                             device=self.device)
-        ref = sample(self.denoiser, longer, noise.to(self.device), None, cond)
-        err = (mine - ref).double().pow(2).flatten(1).sum(1)
-        return {"teacher_steps": self.num_inference_steps, "reference_steps": len(longer.timesteps),
-                "endpoint_mse": float(err.mean()), "endpoint_mse_se": float(err.std() / max(len(err), 2) ** 0.5),
-                "sample_sq_norm": float(ref.double().pow(2).flatten(1).sum(1).mean())}
-
-
-def ddim_jump(alphas: torch.Tensor, s: float, t: float, x_s: torch.Tensor, eps_s: torch.Tensor) -> torch.Tensor:
-    """First-order (DDIM, eta = 0) step from time s to t (t < 0: the clean end, alpha = 1), VP space."""
-    a_s = float(alphas[int(round(s))])
-    a_t = 1.0 if t < 0 else float(alphas[int(round(t))])
-    x0 = (x_s - math.sqrt(1 - a_s) * eps_s) / math.sqrt(a_s)
-    return math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps_s
 
 
 # ------------------------------------------------------------------------------------------------- stage 1: DP
@@ -270,7 +143,8 @@ class GridEvaluator:
 
     def loss_of(self, finals) -> torch.Tensor:
         if self.metric == "endpoint_mse":
-            per = torch.cat([(f - ch["target"]).double().pow(2).flatten(1).sum(1) for f, ch in zip(finals, self.chunks)])
+            per = torch.cat([(f - ch["target"]).double().pow(2).flatten(1).sum(1)
+                             for f, ch in zip(finals, self.chunks)])
             total = per.sum()
             if self.dist is not None:
                 total = self.dist.sum(total)
@@ -301,7 +175,8 @@ class SearchRecord:
 
 
 def pattern_search(evaluator: GridEvaluator, grid: Sequence[int], upper: int, *, max_evaluations: int,
-                   min_step: int = 1, log: Callable[[str], None] = lambda m: None, progress=None) -> SearchRecord:
+                   min_step: int = 1, log: Callable[[str], None] = lambda m: None, progress=None,
+                   num_samples: int = 1) -> SearchRecord:
     """Coordinate search over integer grid points t_K > ... > t_1 in [0, upper], strictly descending.
 
     Each point starts with a step of a quarter of its smallest neighbouring gap; a move that lowers the endpoint
@@ -345,7 +220,7 @@ def pattern_search(evaluator: GridEvaluator, grid: Sequence[int], upper: int, *,
                     grid, best, moved = trial, loss, True
                     evaluator.adopt_last()
                     history.append({"grid": list(grid), "loss": best})
-                    log(f"grid search: t[{j}] -> {t} (endpoint error {best:.5g})")
+                    log(f"grid search: t[{j}] -> {t} (endpoint error {best / num_samples:.5g})")
                     steps[j] *= 2
                     break
             if moved:
@@ -452,7 +327,8 @@ def learn_grid(denoiser, untuned, n: int, calib, teacher: FineTeacher, *, dist, 
     bar = tqdm(total=budget, desc=f"grid search n={n}", leave=False, disable=not (progress and dist.is_main_process))
     upper = int(untuned.config.num_train_timesteps) - 1
     if budget > 0:
-        rec = pattern_search(evaluator, init, upper, max_evaluations=budget, log=log, progress=bar.update)
+        rec = pattern_search(evaluator, init, upper, max_evaluations=budget, log=log, progress=bar.update,
+                             num_samples=num)
     else:  # the dynamic programme's grid (or the default) as it is
         rec = SearchRecord(list(init), min(loss_dp, loss_default) * num, 0)
     bar.close()

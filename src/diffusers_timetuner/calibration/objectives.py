@@ -19,13 +19,15 @@ j = K - i, so step j integrates t_i -> t_{i-1} with grid[j] = t_i, grid[j + 1] =
 
 from __future__ import annotations
 
-import copy
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import torch
 
-from ..sampling import grid_timesteps, sample_trajectory
+from .nonfinite import finite_losses
 from .rollout import ChunkState, Rollout, alpha_sigma_at
+
+# Teacher moved to teacher.py; re-exported for callers that import it from here.
+from .teacher import Teacher, default_teacher_steps  # noqa: F401
 
 OBJECTIVES = ("paper", "paper_x0", "teacher_local", "endpoint")
 
@@ -44,6 +46,9 @@ class Objective:
     tunes_last_step = False
     local = True  # evaluates one step only (parallel strategy possible)
 
+    def check(self, rollout: Rollout) -> None:
+        """Raise a ValueError if this objective does not apply to the rollout's sampler (before any tuning)."""
+
     def prepare_step(self, rollout: Rollout, state: ChunkState) -> None:
         """Cache tau-independent quantities of step ``state.j`` in ``state.extras``."""
 
@@ -60,11 +65,22 @@ class PaperObjective(Objective):
 
     name = "paper"
 
+    def check(self, rollout: Rollout) -> None:
+        """Refuse samplers eq. 9 / 10 are not defined for (a ValueError saying what to use instead)."""
+        if rollout.num_evaluations != rollout.num_inference_steps:
+            raise ValueError(
+                f"objective={self.name!r} compares noise predictions at consecutive grid times t_i -> t_(i-1); "
+                f"{type(rollout.scheduler).__name__} evaluates the network twice per step (its predictor state is "
+                "not a grid state), so eq. 9 / 10 are not defined for it. Use objective='teacher_local' or 'endpoint'."
+            )
+        alpha_sigma_at(rollout.scheduler, float(rollout.keys[0]))  # consistency models: refused there
+
     def prepare_step(self, rollout, state):
         with torch.no_grad():
             # eps_theta(x~_{t_i}, t_i): the untuned time t_i, on the current (already tuned) trajectory.
             state.extras["target"] = rollout.epsilon_at_grid(state)
 
+    @finite_losses
     def losses(self, rollout, state, tau, taus):
         nxt = rollout.step(state, tau)  # x~_{t_{i-1}} = f_tau(x~_{t_i}, tau_i)
         eps_next = rollout.epsilon_at_grid(nxt)  # eps_theta(x~_{t_{i-1}}, t_{i-1})
@@ -90,9 +106,13 @@ class TeacherLocalObjective(Objective):
     needs_teacher = True
     tunes_last_step = True
 
+    @finite_losses
     def losses(self, rollout, state, tau, taus):
         nxt = rollout.step(state, tau)
-        return per_sample_sq(nxt.x, state.extras["teacher_states"][state.j + 1])
+        if nxt.j < rollout.num_evaluations and rollout.mid_step(nxt):
+            # Heun's predictor: score the state after its corrector (at the corrector's current tau)
+            nxt = rollout.step(nxt, taus[nxt.j])
+        return per_sample_sq(nxt.x, state.extras["teacher_states"][nxt.j])
 
 
 class EndpointObjective(Objective):
@@ -103,6 +123,7 @@ class EndpointObjective(Objective):
     tunes_last_step = True
     local = False
 
+    @finite_losses
     def losses(self, rollout, state, tau, taus):
         final = rollout.run(rollout.step(state, tau), taus)
         return per_sample_sq(final.x, state.extras["teacher_states"][-1])
@@ -120,100 +141,3 @@ def get_objective(name: str) -> Objective:
     if name not in classes:
         raise ValueError(f"Unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}.")
     return classes[name]()
-
-
-class Teacher:
-    """A many-step sampler from the same x_T: the reference the teacher objectives and held-out errors use.
-
-    The teacher runs the same (untuned) scheduler configuration with ``num_inference_steps`` steps through
-    :func:`~diffusers_timetuner.sampling.sample_trajectory`; stochastic schedulers (DDPM) are replaced by DDIM (eta=0)
-    so that "the teacher's sample from x_T" is well defined.
-
-    Args:
-        denoiser: the same denoiser as the coarse sampler (same guidance).
-        scheduler: an untuned scheduler of the coarse sampler's configuration.
-        num_inference_steps: the teacher's step count M.
-    """
-
-    def __init__(self, denoiser, scheduler, num_inference_steps: int, device=None, coarse_grid=None):
-        self.denoiser = denoiser
-        self.num_inference_steps = int(num_inference_steps)
-        sched = copy.deepcopy(scheduler)
-        if "DDPM" in type(sched).__name__:
-            from ..schedulers import TimeTunerDDIMScheduler
-
-            sched = TimeTunerDDIMScheduler.from_config(sched.config)
-        self.scheduler = sched
-        self.device = device
-        self.scheduler.set_timesteps(self.num_inference_steps, device=device)
-        self.grid = grid_timesteps(self.scheduler).detach().to(torch.float64).cpu()
-        if coarse_grid is not None and self.grid_indices(coarse_grid) is None:
-            self._add_coarse_times(coarse_grid)
-
-    def _add_coarse_times(self, coarse_grid) -> None:
-        """Make the teacher pass through every (integer) coarse grid time: its own grid plus the coarse one, as a
-        custom grid (``set_timesteps(timesteps=...)``). Non-integer coarse times are left out (no per-step target)."""
-        own = {int(round(float(t))) for t in self.grid}
-        extra = {int(float(t)) for t in coarse_grid if float(t) == int(float(t))}
-        times = sorted(own | extra, reverse=True)
-        try:
-            self.scheduler.set_timesteps(timesteps=times, device=self.device)
-        except (TypeError, ValueError):  # a scheduler without custom grids keeps its own
-            self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
-            return
-        self.grid = grid_timesteps(self.scheduler).detach().to(torch.float64).cpu()
-        self.num_inference_steps = len(self.scheduler.timesteps)
-
-    def grid_indices(self, coarse_grid: Sequence[float]) -> Optional[List[int]]:
-        """Positions of the coarse grid times in the teacher's grid, or None if one is missing."""
-        out = []
-        for t in coarse_grid:
-            hits = torch.nonzero((self.grid - float(t)).abs() <= 1e-3).flatten()
-            if len(hits) == 0:
-                return None
-            out.append(int(hits[0]))
-        return out
-
-    @torch.no_grad()
-    def trajectory(self, x_T: torch.Tensor, init_noise_sigma: float, cond=None) -> List[torch.Tensor]:
-        """All teacher states [x_{s_M}, ..., x_{s_0}] from the coarse sampler's x_T (in its state space)."""
-        # Same normalised noise: the coarse state is noise * init_noise_sigma of the coarse scheduler.
-        noise = x_T / float(init_noise_sigma)
-        sched = copy.deepcopy(self.scheduler)
-        return sample_trajectory(self.denoiser, sched, noise, None, cond, generator=torch.Generator().manual_seed(0))
-
-    def targets(self, x_T, init_noise_sigma, cond, coarse_grid: Sequence[float]) -> List[Optional[torch.Tensor]]:
-        """Teacher states aligned with the coarse trajectory: entry j is the teacher at coarse grid[j] (None where
-        the teacher's grid misses that time), the last entry (index n) the teacher's final sample."""
-        states = self.trajectory(x_T, init_noise_sigma, cond)
-        idx = [self._index_of(t) for t in coarse_grid]
-        return [states[k] if k is not None else None for k in idx] + [states[-1]]
-
-    def _index_of(self, t: float) -> Optional[int]:
-        hits = torch.nonzero((self.grid - float(t)).abs() <= 1e-3).flatten()
-        return int(hits[0]) if len(hits) else None
-
-
-def default_teacher_steps(scheduler, num_inference_steps: int, coarse_grid: Optional[Sequence[float]] = None) -> int:
-    """About 5 n steps (capped at the training steps), chosen so that the teacher's grid contains the coarse grid
-    (then per-step targets and trajectory errors exist): 5 n for "leading" spacing when T is divisible by 5 n,
-    m n for "linspace" / "trailing", m (n - 1) + 1 for Euler's n-point linspace, ... The first count from
-    5 n, 5 n + 1, ..., 20 n (then 5 n - 1 down to 2 n) whose grid contains ``coarse_grid`` wins, else 5 n (and the
-    :class:`Teacher` adds the coarse times to its grid). 5 n keeps the teacher's first-order error at about a fifth
-    of the coarse sampler's while the no-argument CLI run stays within a few CPU minutes; pass ``teacher_steps``
-    for a more accurate reference.
-    """
-    n = int(num_inference_steps)
-    cap = int(scheduler.config.num_train_timesteps)
-    first = min(cap, 5 * n)
-    if coarse_grid is None:
-        return first
-    probe = copy.deepcopy(scheduler)
-    want = torch.tensor([float(t) for t in coarse_grid], dtype=torch.float64)
-    # preferred: 5 n .. 20 n steps; then coarser teachers (down to 2 n) rather than none
-    for m in list(range(first, min(cap, 20 * n) + 1)) + list(range(first - 1, 2 * n - 1, -1)):
-        probe.set_timesteps(m)
-        grid = grid_timesteps(probe).detach().to(torch.float64).cpu()
-        if all(bool(((grid - t).abs() <= 1e-3).any()) for t in want):
-            return m
-    return first

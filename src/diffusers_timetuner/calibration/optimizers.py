@@ -1,4 +1,14 @@
-"""Optimisers for one tau_i (a scalar) at a time.
+"""Optimisers of the taus, behind two protocols the calibrator calls.
+
+- :class:`StepOptimizer` ``fit_step(problem: StepProblem) -> StepFit``: one tau_i (a scalar) at a time;
+- :class:`JointOptimizer` ``fit_all(problem: JointProblem) -> JointFit``: every tuned tau_i at once.
+
+The problems hold what the calibrator knows (losses over the calibration set, mini-batch losses, the process
+reduction); the optimisers hold how to search.
+
+This file stays whole (about 320 lines): it is the one job "how taus are searched", the two protocols with their
+problem / fit records and the three optimisers implementing them, read together (ReferenceAdam and JointAdam share
+the r = tau / t parameterisation); each optimiser alone is under 100 lines.
 
 - :class:`LocalSearch` (default, derivative-free): on a FIXED calibration batch (common random numbers: the same
   states, conditions and step noise for every candidate) start at tau = t_i (r = 1), open a bracket by an expanding
@@ -15,12 +25,36 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 
 OPTIMIZERS = ("local_search", "adam", "adam_joint")
+
+
+@dataclass
+class StepProblem:
+    """Fitting tau_j of one step, as the calibrator poses it.
+
+    Attributes:
+        t0: the grid time t_i (tau = t0 is untuned).
+        spacing: the grid spacing around t_i (the local search's trust-region unit).
+        bounds: the model's time range.
+        loss: ``loss(tau) -> float``, the mean calibration loss over the whole set (all processes).
+        minibatch_loss: ``minibatch_loss(tau, k) -> tensor``, differentiable mean loss of mini-batch k (this
+            process's share, divided by the global mini-batch size).
+        reduce_grad: sums a gradient over processes.
+        backward_samples: samples back-propagated so far by ``minibatch_loss`` (all processes; collective).
+    """
+
+    t0: float
+    spacing: float
+    bounds: Tuple[float, float]
+    loss: Callable[[float], float]
+    minibatch_loss: Callable[[torch.Tensor, int], torch.Tensor]
+    reduce_grad: Callable[[torch.Tensor], torch.Tensor]
+    backward_samples: Callable[[], int]
 
 
 @dataclass
@@ -31,7 +65,70 @@ class StepFit:
     loss_before: float  # calibration loss at tau = t_i
     loss_after: float
     evaluations: int  # objective evaluations (each one pass over the calibration set) or Adam iterations
-    history: List[Tuple[float, float]] = field(default_factory=list)
+    backward_samples: int = 0  # samples back-propagated (gradient optimisers)
+
+
+@dataclass
+class JointProblem:
+    """Fitting tau_0 .. tau_{num_tuned - 1} jointly through the whole sampler (endpoint objective).
+
+    Attributes:
+        grid: the grid t_K .. t_1 (untuned taus); steps from ``num_tuned`` on stay untuned.
+        num_tuned: how many leading steps are tuned.
+        bounds: the model's time range.
+        num_minibatches: global mini-batches of the calibration set (iteration k uses k mod this).
+        loss: ``loss(taus) -> float``, the mean endpoint error over the calibration set (all processes).
+        minibatch_loss: ``minibatch_loss(tuned_taus, k) -> tensor``: differentiable endpoint loss of mini-batch k
+            with the first ``num_tuned`` steps fed ``tuned_taus`` (a tensor), the rest their grid times.
+        reduce_grad: sums a gradient over processes.
+        broadcast: makes a float identical on every process.
+        backward_samples: samples back-propagated so far (all processes; collective).
+        progress: ``progress(total)`` -> a tqdm-like bar.
+    """
+
+    grid: List[float]
+    num_tuned: int
+    bounds: Tuple[float, float]
+    num_minibatches: int
+    loss: Callable[[Sequence[float]], float]
+    minibatch_loss: Callable[[torch.Tensor, int], torch.Tensor]
+    reduce_grad: Callable[[torch.Tensor], torch.Tensor]
+    broadcast: Callable[[float], float]
+    backward_samples: Callable[[], int]
+    progress: Callable[[int], Any]
+
+
+@dataclass
+class JointFit:
+    """Outcome of a joint fit: the full table (tuned steps, then the untuned rest) and the run's totals."""
+
+    taus: List[float]
+    loss_before: float
+    loss_after: float
+    evaluations: int
+    backward_samples: int
+
+
+@runtime_checkable
+class StepOptimizer(Protocol):
+    """Fits one tau_i at a time (the sequential and parallel strategies call it once per step)."""
+
+    name: str
+
+    def settings(self) -> Dict[str, Any]: ...
+
+    def fit_step(self, problem: StepProblem) -> StepFit: ...
+
+
+@runtime_checkable
+class JointOptimizer(Protocol):
+    """Fits every tuned tau_i at once (the sequential strategies call it once per step count)."""
+
+    name: str
+
+    def settings(self) -> Dict[str, Any]: ...
+
+    def fit_all(self, problem: JointProblem) -> JointFit: ...
 
 
 class LocalSearch:
@@ -46,7 +143,6 @@ class LocalSearch:
     """
 
     name = "local_search"
-    uses_gradient = False
 
     def __init__(self, xtol: float = 0.5, initial_step: float = 0.05, max_shift: float = 1.0,
                  max_evaluations: int = 30, min_improvement: float = 1e-4):
@@ -61,6 +157,9 @@ class LocalSearch:
     def settings(self) -> Dict[str, float]:
         return {"xtol": self.xtol, "initial_step": self.initial_step, "max_shift": self.max_shift,
                 "max_evaluations": self.max_evaluations, "min_improvement": self.min_improvement}
+
+    def fit_step(self, problem: StepProblem) -> StepFit:
+        return self.minimize(problem.loss, problem.t0, problem.spacing, problem.bounds)
 
     def minimize(self, f: Callable[[float], float], t0: float, spacing: float, bounds: Tuple[float, float]) -> StepFit:
         """Minimise ``f(tau)`` near ``t0``; ``spacing``: the grid spacing at t_i; ``bounds``: the model's range."""
@@ -88,7 +187,7 @@ class LocalSearch:
         best = min(cache.items(), key=lambda kv: (kv[1], abs(kv[0] - t0)))
         if best[1] >= f0 - self.min_improvement * abs(f0):  # a flat objective: round-off must not move tau
             best = (t0, f0)
-        return StepFit(best[0], f0, best[1], len(cache), sorted(cache.items()))
+        return StepFit(best[0], f0, best[1], len(cache))
 
     @staticmethod
     def _bracket(g, t0, f0, h, lo, hi) -> Tuple[float, float]:
@@ -115,11 +214,9 @@ class ReferenceAdam:
     Args:
         num_steps: Adam iterations (mini-batches) per tuned step; the reference uses 500.
         lr, betas: Adam's settings (reference: 2e-3, (0.9, 0.999)).
-        num_train_timesteps: N of the continuous-time parameterisation t = (t_disc + 1) / N.
     """
 
     name = "adam"
-    uses_gradient = True
 
     def __init__(self, num_steps: int = 500, lr: float = 2e-3, betas=(0.9, 0.999)):
         if num_steps < 1 or lr <= 0:
@@ -137,15 +234,20 @@ class ReferenceAdam:
         # tau_cont = r * t_cont with t_cont = (t_disc + 1) / N  =>  tau_disc = r * (t_disc + 1) - 1.
         return r * (t0 + 1.0) - 1.0
 
+    def fit_step(self, problem: StepProblem) -> StepFit:
+        loss_before = problem.loss(problem.t0)
+        tau = self.minimize(problem.minibatch_loss, problem.reduce_grad, problem.t0, problem.bounds)
+        loss_after = problem.loss(tau)
+        return StepFit(tau, loss_before, loss_after, self.num_steps, problem.backward_samples())
+
     def minimize(self, minibatch_loss: Callable[[torch.Tensor, int], torch.Tensor],
                  reduce_grad: Callable[[torch.Tensor], torch.Tensor], t0: float,
-                 bounds: Tuple[float, float]) -> Tuple[float, List[Tuple[float, float]]]:
+                 bounds: Tuple[float, float]) -> float:
         """``minibatch_loss(tau, k)`` returns the differentiable mean loss of mini-batch k (this process's share,
         already divided by the global mini-batch size); ``reduce_grad`` sums a gradient over processes.
-        Returns the final tau and the (tau, loss) history."""
+        Returns the final tau."""
         r = torch.ones((), dtype=torch.float32, requires_grad=True)
         opt = torch.optim.Adam([r], lr=self.lr, betas=self.betas)
-        history = []
         for k in range(self.num_steps):
             opt.zero_grad(set_to_none=True)
             tau = self.tau_of(r, t0)
@@ -155,8 +257,7 @@ class ReferenceAdam:
             opt.step()
             with torch.no_grad():  # keep tau inside the model's time range
                 r.clamp_(min=(bounds[0] + 1.0) / (t0 + 1.0), max=(bounds[1] + 1.0) / (t0 + 1.0))
-            history.append((float(self.tau_of(r.detach(), t0)), float(loss.detach())))
-        return float(self.tau_of(r.detach(), t0)), history
+        return float(self.tau_of(r.detach(), t0))
 
 
 class JointAdam:
@@ -172,8 +273,6 @@ class JointAdam:
     """
 
     name = "adam_joint"
-    uses_gradient = True
-    joint = True
 
     def __init__(self, num_steps: int = 200, lr: float = 5e-3, betas=(0.9, 0.999)):
         if num_steps < 1 or lr <= 0:
@@ -187,8 +286,38 @@ class JointAdam:
                 "parameterisation": "tau_disc = r * (t_disc + 1) - 1 per step, r init 1, all steps jointly"}
 
 
+    def fit_all(self, problem: JointProblem) -> JointFit:
+        last, grid = problem.num_tuned, problem.grid
+        t0 = torch.tensor(grid[:last], dtype=torch.float32)
+        r = torch.ones(last, dtype=torch.float32, requires_grad=True)
+        adam = torch.optim.Adam([r], lr=self.lr, betas=self.betas)
+        lo = (problem.bounds[0] + 1.0) / (t0 + 1.0)
+        hi = (problem.bounds[1] + 1.0) / (t0 + 1.0)
+        loss_before = problem.loss(list(grid))
+        bar = problem.progress(self.num_steps)
+        for k in range(self.num_steps):
+            adam.zero_grad(set_to_none=True)
+            tau = r * (t0 + 1.0) - 1.0  # tau_disc = r (t_disc + 1) - 1, as ReferenceAdam
+            loss = problem.minibatch_loss(tau, k)
+            loss.backward()
+            r.grad = problem.reduce_grad(r.grad.detach().clone())
+            adam.step()
+            with torch.no_grad():
+                r.copy_(torch.maximum(torch.minimum(r, hi), lo))
+            bar.update(1)
+        bar.close()
+        tuned = [problem.broadcast(float(v)) for v in (r.detach() * (t0 + 1.0) - 1.0)] + list(grid[last:])
+        loss_after = problem.loss(tuned)
+        return JointFit(tuned, loss_before, loss_after, self.num_steps, problem.backward_samples())
+
+
 def get_optimizer(name_or_obj, **kwargs):
+    """An optimiser by name (``kwargs`` go to its constructor), or an instance implementing a protocol."""
     if not isinstance(name_or_obj, str):
+        if not isinstance(name_or_obj, (StepOptimizer, JointOptimizer)):
+            raise ValueError(f"optimizer {name_or_obj!r} implements neither fit_step(problem) (StepOptimizer) nor "
+                             f"fit_all(problem) (JointOptimizer): pass one of {', '.join(OPTIMIZERS)} or such an "
+                             "object.")
         return name_or_obj
     if name_or_obj == "local_search":
         return LocalSearch(**kwargs)

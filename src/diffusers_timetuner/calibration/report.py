@@ -10,8 +10,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..metrics import energy_distance
-from ..sampling import sample_trajectory
+from ..sampling import init_noise_sigma, sample_trajectory
+from ..table import HeldOutResult
+from .stats import metric_value, paired_change
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class StepCountReport:
     backward_samples: int = 0
     warnings: List[str] = field(default_factory=list)
     grid_tuning: Optional[Dict[str, Any]] = None  # tune="grid" / "grid+tau": the search, the guard's verdicts
+    teacher: Optional[Dict[str, Any]] = None  # the reference: solver, steps, its own error to a longer run
 
     @property
     def worse_than_untuned(self) -> bool:
@@ -87,8 +89,8 @@ def evaluate_heldout(rollout, tuned_scheduler, teacher, noise, cond, dist, batch
     """
     from ..denoiser import slice_conditioning
 
-    n = rollout.num_inference_steps
     grid = rollout.grid_list
+    n = len(grid)  # one entry per model evaluation (2n - 1 for Heun)
     sums = {"tuned": torch.zeros(n, dtype=torch.float64), "untuned": torch.zeros(n, dtype=torch.float64)}
     have = torch.zeros(n, dtype=torch.float64)
     finals = torch.zeros((3, *noise.shape), dtype=torch.float64) if metric == "energy_distance" else None
@@ -96,8 +98,8 @@ def evaluate_heldout(rollout, tuned_scheduler, teacher, noise, cond, dist, batch
     for idx in dist.shard(noise.shape[0], batch_size):
         x = noise[idx].to(rollout.device)
         c = slice_conditioning(cond, idx)
-        targets = teacher.targets(x * rollout.scheduler.init_noise_sigma, float(rollout.scheduler.init_noise_sigma),
-                                  c, grid)[1:]
+        sigma_T = float(init_noise_sigma(rollout.scheduler))
+        targets = teacher.targets(x * sigma_T, sigma_T, c, grid)[1:]
         if finals is not None:
             finals[2, idx] = targets[-1].double().cpu()
         for k, (name, sched) in enumerate((("tuned", tuned_scheduler), ("untuned", rollout.scheduler))):
@@ -141,47 +143,11 @@ def evaluate_heldout(rollout, tuned_scheduler, teacher, noise, cond, dist, batch
     return result
 
 
-def metric_value(metric: str, outputs: torch.Tensor, reference: Optional[torch.Tensor] = None) -> float:
-    """One sampler's error under ``metric`` from its per-sample ``outputs``: for ``endpoint_mse`` the squared endpoint
-    errors (N,), whose mean it is; for ``energy_distance`` the final samples, against the ``reference`` samples."""
-    if metric == "endpoint_mse":
-        return float(outputs.mean())
-    return energy_distance(outputs, reference)
-
-
-def paired_change(metric: str, tuned: torch.Tensor, untuned: torch.Tensor,
-                  reference: Optional[torch.Tensor] = None) -> tuple:
-    """(error(tuned) - error(untuned), its standard error) under ``metric`` (outputs as in :func:`metric_value`).
-
-    Both samplers ran from the same x_T, so the difference is paired: the SE of the per-sample differences for
-    ``endpoint_mse``, a joint bootstrap over samples for ``energy_distance``. SE 0 with fewer than 2 samples.
-    """
-    change = metric_value(metric, tuned, reference) - metric_value(metric, untuned, reference)
-    if tuned.shape[0] < 2:
-        return change, 0.0
-    if metric == "endpoint_mse":
-        return change, float((tuned - untuned).std() / tuned.shape[0] ** 0.5)
-    return change, energy_distance_change_se(tuned, untuned, reference)
-
-
-def energy_distance_change_se(tuned: torch.Tensor, untuned: torch.Tensor, reference: torch.Tensor,
-                              num_resamples: int = 200, seed: int = 0) -> float:
-    """Bootstrap standard error of energy_distance(tuned, ref) - energy_distance(untuned, ref).
-
-    Rows are resampled jointly (row i of the three sets shares its x_T). The reference's own term cancels in the
-    difference; a point's distance to itself is 0, so the within-set U-statistic is sum / (N (N - 1)).
-    """
-    num = tuned.shape[0]
-    a, b, r = (v.reshape(num, -1).double() for v in (tuned, untuned, reference))
-    d_ar, d_br, d_aa, d_bb = torch.cdist(a, r), torch.cdist(b, r), torch.cdist(a, a), torch.cdist(b, b)
-    gen = torch.Generator().manual_seed(seed)
-    diffs = []
-    for _ in range(num_resamples):
-        i = torch.randint(num, (num,), generator=gen)
-        sub = lambda d: d[i][:, i]  # noqa: E731
-        within = (sub(d_aa).sum() - sub(d_bb).sum()) / (num * (num - 1))
-        diffs.append(2 * (sub(d_ar).mean() - sub(d_br).mean()) - within)
-    return float(torch.stack(diffs).std())
+def heldout_record(held: Dict[str, Any]) -> HeldOutResult:
+    """The typed held-out record of an :func:`evaluate_heldout` result (what a table's ``tuning_info`` keeps)."""
+    return HeldOutResult(held["metric"], held["untuned"], held["tuned"], change_se=held["change_se"],
+                         relative_change=held["relative_change"], endpoint_mse_untuned=held["endpoint_mse_untuned"],
+                         endpoint_mse_tuned=held["endpoint_mse_tuned"])
 
 
 def write_report(path: str, payload: Dict[str, Any]) -> None:

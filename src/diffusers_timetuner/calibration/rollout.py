@@ -2,8 +2,8 @@
 
 A :class:`Rollout` holds one *untuned* copy of the scheduler for n steps (its ``timesteps`` are the grid t_i) and
 advances :class:`ChunkState` objects (a mini-batch of states x~_{t_i} plus the scheduler's own history, needed by
-multistep solvers) one step at a time through the very same ``scale_model_input`` -> network -> ``scheduler.step``
-calls that :func:`diffusers_timetuner.sampling.sample` makes at inference. The only difference: the network is fed
+multistep solvers) one step at a time through the very function :func:`diffusers_timetuner.sampling.sample` uses at
+inference (``sampling.denoising_step``: ``scale_model_input`` -> network -> ``scheduler.step``). The only difference: the network is fed
 a candidate tau_i while ``step`` is told the grid time t_i to find its step index. By the scheduler contract the
 update t_i -> t_{i-1} depends only on that index, never on tau, so this is exactly the step a tuned scheduler takes
 (``tests/test_calibration.py`` checks that the cached states equal ``sample()`` with the tuned scheduler).
@@ -21,7 +21,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..denoiser import Conditioning
-from ..sampling import grid_timesteps, step_kwargs
+from ..sampling import denoising_step, grid_timesteps, init_noise_sigma, scale_model_input, step_kwargs
+from .nonfinite import names_the_step
+from .prediction import alpha_sigma_at, noisy_state, set_grid, to_epsilon  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -49,38 +51,6 @@ class ChunkState:
         return self.x.shape[0]
 
 
-def alpha_sigma_at(scheduler, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """VP coefficients (alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)) at a (possibly fractional) time t.
-
-    ``alphas_cumprod`` is linearly interpolated between integer timesteps, the convention the testbed models use
-    for float timesteps (DESIGN.md, "Time the model sees").
-    """
-    abar = scheduler.alphas_cumprod.to(torch.float64)
-    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(abar) - 1)
-    lo = t.floor().long()
-    hi = (lo + 1).clamp(max=len(abar) - 1)
-    w = t - lo
-    a = abar[lo] * (1 - w) + abar[hi] * w
-    return a.sqrt().float(), (1 - a).sqrt().float()
-
-
-def to_epsilon(model_output: torch.Tensor, x_in: torch.Tensor, t, scheduler) -> torch.Tensor:
-    """Convert a network output in the scheduler's ``prediction_type`` to a noise prediction eps at grid time t.
-
-    ``x_in`` is the network input (after ``scale_model_input``, i.e. in VP space: x_t = alpha_t x_0 + sigma_t eps).
-    """
-    kind = getattr(scheduler.config, "prediction_type", "epsilon")
-    if kind == "epsilon":
-        return model_output
-    alpha, sigma = alpha_sigma_at(scheduler, t)
-    alpha, sigma = alpha.to(x_in), sigma.to(x_in)
-    if kind == "sample":
-        return (x_in - alpha * model_output) / sigma
-    if kind == "v_prediction":
-        return alpha * model_output + sigma * x_in
-    raise ValueError(f"Unsupported prediction_type {kind!r}: expected 'epsilon', 'sample' or 'v_prediction'.")
-
-
 class Rollout:
     """Advance calibration states through the coarse sampler of ``num_inference_steps`` steps.
 
@@ -93,14 +63,20 @@ class Rollout:
         device: where states live.
         timesteps: a custom grid t_K > ... > t_1 (integers, ``set_timesteps(timesteps=...)``) instead of the
             scheduler's own grid for ``num_inference_steps``; its length must be ``num_inference_steps``.
+        sigmas: a custom sigma grid (flow matching: ``set_timesteps(sigmas=...)``, shifted by the scheduler).
+        mu: the dynamic time shift of flow-matching schedulers with ``use_dynamic_shifting`` (what Flux pipelines
+            compute from the image size).
     """
 
     def __init__(self, denoiser, scheduler, num_inference_steps: int, *, eta: Optional[float] = None, device=None,
-                 timesteps: Optional[Sequence[int]] = None):
+                 timesteps: Optional[Sequence[int]] = None, sigmas: Optional[Sequence[float]] = None,
+                 mu: Optional[float] = None):
         self.denoiser = denoiser
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.num_inference_steps = num_inference_steps
         self.custom_grid = None if timesteps is None else [int(t) for t in timesteps]
+        self.custom_sigmas = None if sigmas is None else [float(s) for s in sigmas]
+        self.mu = mu
         # The untuned sampler (the baseline: exactly the parent scheduler) ...
         self.scheduler = copy.deepcopy(scheduler)
         self.set_grid(self.scheduler)
@@ -109,27 +85,36 @@ class Rollout:
         # ... and the stepping scheduler: the same config with the identity table tau_i = t_i, so that every step
         # takes the tuned scheduler's code path (for DDIM with "trailing"/"linspace" spacing the untuned parent
         # steps off the grid, a tuned table always lands on it).
+        # A sampler with two evaluations per step (Heun) repeats grid times, so it has no identity table; its parent
+        # finds the step from its own counter, and the untuned scheduler steps for it.
         self.stepper = self.scheduler
-        if hasattr(scheduler, "with_tuned_timesteps"):
-            grid = self.grid.tolist()
+        grid = self.grid.tolist()
+        if hasattr(scheduler, "with_tuned_timesteps") and len(set(grid)) == len(grid):
             self.stepper = scheduler.with_tuned_timesteps(num_inference_steps, grid, grid=grid)
             self.set_grid(self.stepper)
         # Step-index keys: what `step` is told (tau_i = t_i in float32 for the identity table).
         self.keys = self.stepper.timesteps
-        if len(self.keys) != num_inference_steps:
+        count = getattr(scheduler, "_num_evaluations", lambda n: n)(num_inference_steps)
+        if self.custom_grid is None and self.custom_sigmas is None and len(self.keys) != count:
             raise ValueError(
                 f"{type(scheduler).__name__} makes {len(self.keys)} model evaluations for num_inference_steps="
-                f"{num_inference_steps}; calibration needs one timestep per model evaluation (use a first-order or "
-                "multistep solver, e.g. DDIM, DPM-Solver++ 2M, Euler)."
+                f"{num_inference_steps}, expected {count}; calibration needs one timestep per model evaluation."
             )
         self.eta = eta
 
     def set_grid(self, scheduler) -> None:
-        """``set_timesteps`` for this rollout's grid: the scheduler's own for n steps, or the custom one."""
-        if self.custom_grid is None:
-            scheduler.set_timesteps(self.num_inference_steps, device=self.device)
-        else:
-            scheduler.set_timesteps(timesteps=self.custom_grid, device=self.device)
+        """``set_timesteps`` for this rollout's grid: the scheduler's own for n steps, or the custom one (and mu)."""
+        set_grid(scheduler, self.num_inference_steps, self.device, timesteps=self.custom_grid,
+                 sigmas=self.custom_sigmas, mu=self.mu)
+
+    @property
+    def num_evaluations(self) -> int:
+        """Model evaluations of the coarse sampler (n; 2n - 1 for Heun): one tau each, indexed j = 0 .. E - 1."""
+        return len(self.keys)
+
+    def mid_step(self, state: ChunkState) -> bool:
+        """Whether ``state`` is a two-evaluation solver's intermediate (Heun's predictor, before its corrector)."""
+        return not getattr(state.scheduler, "state_in_first_order", True)
 
     @functools.cached_property
     def stochastic(self) -> bool:
@@ -145,8 +130,8 @@ class Rollout:
         for seed in (0, 1):
             sched = copy.deepcopy(self.stepper)
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            x_in = sched.scale_model_input(x, key)
-            outs.append(sched.step(torch.zeros_like(x_in), key, x, **step_kwargs(sched, self.eta, gen)).prev_sample)
+            no_network = lambda x_in, t, cond: torch.zeros_like(x_in)  # noqa: E731
+            outs.append(denoising_step(no_network, sched, x, key, extra=step_kwargs(sched, self.eta, gen)).prev_sample)
         return not torch.equal(outs[0], outs[1])
 
     # ------------------------------------------------------------------ states
@@ -156,12 +141,13 @@ class Rollout:
 
     def noise_to_state(self, noise: torch.Tensor) -> torch.Tensor:
         """x_T from standard normal noise, as ``sample()`` does (data-free mode)."""
-        return noise.to(self.device) * self.scheduler.init_noise_sigma
+        return noise.to(self.device) * init_noise_sigma(self.scheduler)
 
     def data_to_state(self, x0: torch.Tensor, noise: torch.Tensor, j: int = 0) -> torch.Tensor:
-        """x_{t} = alpha_t x_0 + sigma_t eps at grid[j] through the scheduler's own ``add_noise`` (Alg. 1 / eq. 11)."""
+        """x_{t} = alpha_t x_0 + sigma_t eps at grid[j] through the scheduler's own ``add_noise`` (Alg. 1 / eq. 11;
+        ``scale_noise`` for flow matching: x_s = (1 - s) x_0 + s eps)."""
         t = self.scheduler.timesteps[j : j + 1].expand(x0.shape[0]).to(self.device)
-        return self.scheduler.add_noise(x0.to(self.device), noise.to(self.device), t)
+        return noisy_state(self.scheduler, x0.to(self.device), noise.to(self.device), t)
 
     def grid_state_scheduler(self, j: int):
         """A scheduler positioned at step j without history (parallel strategy, one-step solvers only)."""
@@ -171,6 +157,7 @@ class Rollout:
         return sched
 
     # ------------------------------------------------------------------ one step
+    @names_the_step("tau")
     def step(self, state: ChunkState, tau, *, keep: bool = False) -> ChunkState:
         """Take step j = ``state.j`` with the network fed ``tau`` (a float or a 0-d tensor, may require grad).
 
@@ -179,13 +166,11 @@ class Rollout:
         """
         j = state.j
         sched = state.scheduler if keep else copy.deepcopy(state.scheduler)
-        key = self.keys[j]
-        x_in = sched.scale_model_input(state.x, key)
         tau = tau if torch.is_tensor(tau) else torch.tensor(float(tau), dtype=torch.float32)
-        model_output = self.denoiser(x_in, tau.to(self.device, torch.float32), state.cond)
         # Stochastic steps (DDPM, eta > 0) draw their noise from a generator seeded per (chunk, step).
         extra = step_kwargs(sched, self.eta, self._generator(state))
-        prev = sched.step(model_output, key, state.x, **extra).prev_sample
+        prev, model_output, x_in = denoising_step(self.denoiser, sched, state.x, self.keys[j], state.cond,
+                                                  model_time=tau.to(self.device, torch.float32), extra=extra)
         new = ChunkState(prev, sched, j + 1, state.cond, state.seed, state.extras)
         new.extras = dict(state.extras, last_model_output=model_output, last_model_input=x_in)
         if keep:
@@ -195,7 +180,7 @@ class Rollout:
 
     def run(self, state: ChunkState, taus: Sequence[float], stop: Optional[int] = None) -> ChunkState:
         """Roll ``state`` forward with ``taus[j]`` for j = state.j .. stop - 1 (default: to the end)."""
-        stop = self.num_inference_steps if stop is None else stop
+        stop = self.num_evaluations if stop is None else stop
         while state.j < stop:
             state = self.step(state, taus[state.j])
         return state
@@ -203,8 +188,9 @@ class Rollout:
     def model_input(self, state: ChunkState) -> torch.Tensor:
         """The network input at state j (VP space), without touching the state's scheduler."""
         sched = copy.deepcopy(state.scheduler)
-        return sched.scale_model_input(state.x, self.keys[state.j])
+        return scale_model_input(sched, state.x, self.keys[state.j])
 
+    @names_the_step("the grid time")
     def epsilon_at_grid(self, state: ChunkState) -> torch.Tensor:
         """eps_theta(x~_{t_i}, t_i): the network at the untuned grid time of state j, converted to eps."""
         x_in = self.model_input(state)

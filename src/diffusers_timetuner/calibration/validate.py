@@ -15,7 +15,7 @@ __all__ = ["VALIDATED_ARGS", "validate_calibration_args"]
 VALIDATED_ARGS = (
     "num_inference_steps", "timesteps", "num_samples", "batch_size", "num_validation_samples", "num_heldout_samples",
     "teacher_steps", "guard_margin", "eta", "guidance_scale", "seed", "data", "sample_shape", "tune",
-    "grid_search_evaluations",
+    "grid_search_evaluations", "teacher",
 )
 
 
@@ -46,6 +46,7 @@ def validate_calibration_args(
     sample_shape: Optional[Sequence[int]] = None,
     tune: Any = "tau",
     grid_search_evaluations: Any = None,
+    teacher: Any = "dpmsolver++",
 ) -> None:
     """Raise ValueError for the first argument of ``calibrate`` that cannot be right, whatever the model.
 
@@ -88,6 +89,11 @@ def validate_calibration_args(
     if tune != "tau" and timesteps is not None:
         raise ValueError(f"tune={tune!r} learns the grid itself: do not pass `timesteps` (a fixed custom grid) with "
                          "it; use tune='tau' to tune the network's time on a grid of your own.")
+    if teacher not in ("dpmsolver++", "same"):
+        raise ValueError(f"teacher must be 'dpmsolver++' or 'same', got {teacher!r}.")
+    if tune != "tau" and teacher != "dpmsolver++":
+        raise ValueError(f"tune={tune!r} learns the grid on the fine teacher's trajectory: it needs "
+                         "teacher='dpmsolver++'.")
     if grid_search_evaluations is not None:
         _positive_int("grid_search_evaluations", grid_search_evaluations, allow_zero=True)
     if not _is_int(seed):

@@ -38,10 +38,11 @@ class ScriptArguments:
 
     pretrained_model_name_or_path: Optional[str] = field(default=None, metadata={
         "help": "Diffusers pipeline folder or Hub id (default: the bundled class-conditional MNIST model; "
-                "'gmm': the bundled exact-score mixture)."})
+                "'gmm': the bundled exact-score mixture; 'flow_gmm': the same mixture as an exact flow-matching model; "
+                "'mnist_flow': the bundled flow-matching MNIST UNet; 'fashion': the bundled Fashion-MNIST UNet)."})
     scheduler: str = field(default="ddim", metadata={
-        "help": "ddim, ddpm, dpmsolver, dpmsolver_singlestep, euler, or a (TimeTuner) scheduler class name; built "
-                "from the model's scheduler config."})
+        "help": "ddim, ddpm, dpmsolver, dpmsolver_singlestep, euler, flow_euler, unipc, heun, cm, or a (TimeTuner "
+                "or Diffusers) scheduler class name; built from the model's scheduler config."})
     preset: str = field(default="cpu", metadata={
         "help": "Default sizes: 'cpu' (32 calibration / 16 validation / 32 held-out samples, a few CPU minutes for "
                 "the bundled MNIST model) or 'none' (the library's defaults). Explicit options override it.",
@@ -100,12 +101,35 @@ def _check_args(args: argparse.Namespace) -> None:
 
     config = args.config
     validate_calibration_args(**{name: getattr(config, name) for name in VALIDATED_ARGS if hasattr(config, name)})
+    _check_inputs(args)
     if args.push_to_hub:
         if not args.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/mnist-ddim-timetuner).")
         from ..hub import check_can_push
 
         check_can_push(args.hub_model_id)  # repo id + login, before minutes of calibration
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """The input files and folders exist and are of a kind the CLI reads (their contents are read before the model
+    loads, in ``main``)."""
+    if args.labels and args.prompts_file:
+        raise ValueError("Give --labels or --prompts_file, not both.")
+    if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
+        raise ValueError(f"--prompts_file {args.prompts_file} is not a file: give a text file with one prompt per "
+                         "line.")
+    source = args.data_dir
+    if source is not None and source != "mnist":
+        if os.path.isfile(source) and not source.endswith(DATA_SUFFIXES):
+            raise ValueError(f"--data_dir {source} is not a {'/'.join(DATA_SUFFIXES)} array file nor a folder of "
+                             "images.")
+        if not os.path.exists(source):
+            raise ValueError(f"--data_dir {source} does not exist: give a folder of images, a "
+                             f"{'/'.join(DATA_SUFFIXES)} array file (N, C, H, W), or 'mnist'.")
+    resume = args.resume_from_checkpoint
+    if resume not in (None, "latest") and not os.path.isdir(resume):
+        raise ValueError(f"--resume_from_checkpoint {resume} is not a folder: give the checkpoint folder of the run "
+                         "to continue (<output_dir>/checkpoints), or 'latest'.")
 
 
 def main(args: argparse.Namespace):
@@ -122,9 +146,10 @@ def main(args: argparse.Namespace):
     logger = get_logger(__name__)
     checkpoint_dir = _prepare_output_dir(args, accelerator)
 
-    pipeline, model_id = load_model(args.pretrained_model_name_or_path)
+    # the user's files first: a bad one is reported before the model loads
     conditions, negative = _conditions(args)
     data = load_data(args.data_dir) if args.data_dir else None
+    pipeline, model_id = load_model(args.pretrained_model_name_or_path)
     config = args.config
     logger.info(
         f"timetuner-calibrate on {accelerator.num_processes} process(es), device {accelerator.device} "
@@ -168,8 +193,6 @@ def _prepare_output_dir(args, accelerator) -> str:
     checkpoint_dir = os.path.join(out, CHECKPOINT_SUBDIR)
     if args.resume_from_checkpoint not in (None, "latest"):
         checkpoint_dir = args.resume_from_checkpoint
-        if not os.path.isdir(checkpoint_dir):
-            raise ValueError(f"--resume_from_checkpoint {checkpoint_dir} is not a folder.")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--output_dir {out} is a file; pass a folder path (it is created if missing).")
     ours = OUTPUT_FILES + (CHECKPOINT_SUBDIR,)
@@ -190,47 +213,93 @@ def _prepare_output_dir(args, accelerator) -> str:
 
 def load_model(path: Optional[str]):
     """(pipeline, model id) for a pipeline folder / Hub id, or a bundled testbed: the MNIST UNet when ``path`` is
-    None, ``mnist`` or its id; the exact-score mixture for ``gmm`` or its id."""
+    None, ``mnist`` or its id; the exact-score mixture for ``gmm`` or its id (``flow_gmm``: as a flow model); the
+    flow-matching MNIST UNet for ``mnist_flow``, the Fashion-MNIST UNet for ``fashion`` (or their ids)."""
     from .. import testbeds
 
     if path in (None, "mnist", testbeds.MNIST_MODEL_ID):
         return testbeds.load_mnist_pipeline(), testbeds.MNIST_MODEL_ID
     if path in ("gmm", testbeds.GMM_MODEL_ID):
         return testbeds.load_gmm_pipeline(), testbeds.GMM_MODEL_ID
+    if path in ("flow_gmm", testbeds.FLOW_GMM_MODEL_ID):
+        return testbeds.load_flow_gmm_pipeline(), testbeds.FLOW_GMM_MODEL_ID
+    if path in ("mnist_flow", testbeds.MNIST_FLOW_MODEL_ID):
+        return testbeds.load_mnist_flow_pipeline(), testbeds.MNIST_FLOW_MODEL_ID
+    if path in ("fashion", testbeds.FASHION_MODEL_ID):
+        return testbeds.load_fashion_pipeline(), testbeds.FASHION_MODEL_ID
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(path), path
 
 
+DATA_SUFFIXES = (".pt", ".npy", ".npz")
+
+
 def load_data(source: str):
-    """Images (and labels where the source has them) for the data-based strategies."""
+    """Images (and labels where the source has them) for the data-based strategies: a tensor (N, C, H, W), or
+    (images, labels)."""
     if source == "mnist":
         from ..testbeds.data import load_mnist
 
         return load_mnist("train")
-    if os.path.isfile(source):
-        if source.endswith(".pt"):
-            import pickle
+    if os.path.isdir(source):
+        return _checked_images(_load_image_folder(source), source)
+    if not (os.path.isfile(source) and source.endswith(DATA_SUFFIXES)):
+        raise ValueError(f"--data_dir {source!r} is neither 'mnist', an array file ({'/'.join(DATA_SUFFIXES)}) nor a "
+                         "folder.")
+    if source.endswith(".pt"):
+        import pickle
 
-            try:  # tensors only: a pickle with code in it must not run (torch < 2.6 defaults to weights_only=False)
-                obj = torch.load(source, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as err:
-                raise ValueError(
-                    f"--data_dir {source} holds more than tensors (refused to run the pickled code it contains: "
-                    f"{str(err).splitlines()[0]}). Save a tensor or a dict of tensors {{'images': ..., 'labels': ...}} "
-                    "with torch.save."
-                ) from None
-            return (obj["images"], obj.get("labels")) if isinstance(obj, dict) else obj
+        try:  # tensors only: a pickle with code in it must not run (torch < 2.6 defaults to weights_only=False)
+            obj = torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"--data_dir {source} holds more than tensors (refused to run the pickled code it contains: "
+                f"{str(err).splitlines()[0]}). Save a tensor or a dict of tensors {{'images': ..., 'labels': ...}} "
+                "with torch.save."
+            ) from None
+        if isinstance(obj, dict):
+            images, labels = _pick_images(obj, source), obj.get("labels")
+        elif torch.is_tensor(obj):
+            images, labels = obj, None
+        else:
+            raise ValueError(f"--data_dir {source} holds a {type(obj).__name__}, not a tensor: save a tensor "
+                             "(N, C, H, W) or a dict {'images': ..., 'labels': ...} with torch.save.")
+    else:
         import numpy as np
 
-        arr = np.load(source)
+        try:
+            arrays = np.load(source)  # allow_pickle=False: object arrays are refused
+        except (ValueError, OSError) as err:
+            raise ValueError(f"--data_dir {source} is not a readable NumPy {source[-4:]} file of numbers ({err}).") \
+                from None
         if source.endswith(".npz"):
-            images = torch.from_numpy(arr["images"]).float()
-            return (images, torch.from_numpy(arr["labels"])) if "labels" in arr else images
-        return torch.from_numpy(arr).float()
-    if os.path.isdir(source):
-        return _load_image_folder(source)
-    raise ValueError(f"--data_dir {source!r} is neither 'mnist', an array file (.pt/.npy/.npz) nor a folder.")
+            images = torch.from_numpy(_pick_images(arrays, source))
+            labels = torch.from_numpy(arrays["labels"]) if "labels" in arrays else None
+        else:
+            images, labels = torch.from_numpy(arrays), None
+    images = _checked_images(images.float(), source)
+    if labels is not None and tuple(torch.as_tensor(labels).shape) != (images.shape[0],):
+        raise ValueError(f"--data_dir {source} has {images.shape[0]} images but labels of shape "
+                         f"{tuple(torch.as_tensor(labels).shape)}: give one integer label per image.")
+    return (images, labels) if labels is not None else images
+
+
+def _pick_images(arrays, source: str):
+    keys = list(arrays.keys()) if hasattr(arrays, "keys") else list(arrays)
+    if "images" not in keys:
+        raise ValueError(f"--data_dir {source} has no 'images' entry (it holds {keys}): store the images (N, C, H, W) "
+                         "under 'images' and optional labels under 'labels'.")
+    return arrays["images"]
+
+
+def _checked_images(images: torch.Tensor, source: str) -> torch.Tensor:
+    if images.ndim != 4:
+        raise ValueError(f"--data_dir {source} holds images of shape {tuple(images.shape)}; expected (N, C, H, W) "
+                         "(add the channel axis for grayscale images).")
+    if images.shape[0] == 0:
+        raise ValueError(f"--data_dir {source} holds no images (shape {tuple(images.shape)}).")
+    return images
 
 
 def _load_image_folder(folder: str) -> torch.Tensor:
@@ -244,6 +313,10 @@ def _load_image_folder(folder: str) -> torch.Tensor:
     for f in files:
         img = np.asarray(Image.open(os.path.join(folder, f)), dtype=np.float32) / 127.5 - 1.0
         arrays.append(img[None] if img.ndim == 2 else img.transpose(2, 0, 1))
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) > 1:
+        raise ValueError(f"--data_dir {folder} holds images of different sizes / channel counts {shapes}: make them "
+                         "all the model's size.")
     return torch.from_numpy(np.stack(arrays))
 
 
@@ -270,8 +343,14 @@ def versions() -> dict:
 
 
 def cli() -> None:
-    """Console script ``timetuner-calibrate``."""
-    main(parse_args())
+    """Console script ``timetuner-calibrate``: a user error found after parsing (a data file's contents, a model
+    that does not fit the options) is one line and exit code 2, like the argument errors."""
+    args = parse_args()
+    try:
+        main(args)
+    except ValueError as err:
+        print(f"timetuner-calibrate: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

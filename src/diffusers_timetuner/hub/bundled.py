@@ -16,19 +16,13 @@ from .config import (
 
 
 def bundled_schedules_dir() -> Path:
-    """The bundled `tuned_schedules/` folder.
-
-    Installed (wheel or editable) it is package data at `diffusers_timetuner/tuned_schedules` (in the source tree a
-    symlink to the top-level `tuned_schedules/`). A source checkout whose symlink was not materialised (git on
-    Windows without symlink support) falls back to the top-level folder next to `src/`.
-    """
-    here = Path(__file__).resolve().parent.parent  # the diffusers_timetuner package folder
-    for candidate in (here / "tuned_schedules", here.parent.parent / "tuned_schedules"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"Bundled tuned_schedules/ not found next to {here}: the installation is incomplete (reinstall the package)."
-    )
+    """The bundled `tuned_schedules/` folder: package data at `diffusers_timetuner/tuned_schedules` (the same path in
+    a source checkout, an editable install and a wheel)."""
+    path = Path(__file__).resolve().parent.parent / "tuned_schedules"
+    if not path.is_dir():
+        raise FileNotFoundError(f"Bundled tuned_schedules/ not found at {path}: the installation is incomplete "
+                                "(reinstall the package).")
+    return path
 
 
 def list_bundled_schedules(root: str | os.PathLike | None = None) -> list[str]:

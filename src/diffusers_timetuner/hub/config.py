@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..table import HELD_OUT_KEY, HeldOutResult
+
 SCHEDULER_SUBFOLDER = "scheduler"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 REPORT_NAME = "report.json"
@@ -74,43 +76,25 @@ def resolve_scheduler_class(class_name: str):
     )
 
 
-def held_out_pair(held: Any) -> tuple[str, float, float] | None:
-    """(metric, untuned, tuned) from a recorded held-out measurement, or None.
-
-    Accepts the calibration's form `{"<metric>_untuned": u, "<metric>_tuned": t, ...}` (e.g. endpoint_mse_*) and the
-    explicit form `{"metric": name, "untuned": u, "tuned": t}`.
-    """
-    if not isinstance(held, dict):
-        return None
-    if "tuned" in held and "untuned" in held:
-        return str(held.get("metric", "error")), float(held["untuned"]), float(held["tuned"])
-    for key in sorted(held):
-        if key.endswith("_untuned") and isinstance(held[key], (int, float)):
-            metric = key[: -len("_untuned")]
-            if isinstance(held.get(f"{metric}_tuned"), (int, float)):
-                return metric, float(held[key]), float(held[f"{metric}_tuned"])
-    return None
-
-
-def recorded_held_out(info: dict) -> Any:
-    """The held-out measurement stored in one `tuning_info[n]` (key `heldout`, or `held_out`)."""
-    return info.get("heldout", info.get("held_out")) if isinstance(info, dict) else None
+def recorded_held_out(info: Any) -> HeldOutResult | None:
+    """The held-out measurement calibration recorded in one `tuning_info[n]` (key `heldout`), or None: the one
+    place the hub reads it."""
+    return HeldOutResult.from_json(info.get(HELD_OUT_KEY)) if isinstance(info, dict) else None
 
 
 def worse_than_untuned(config: dict) -> list[int]:
     """Step counts whose recorded held-out error is higher with the table than without it."""
     worse = []
     for n in _step_counts(config):
-        pair = held_out_pair(recorded_held_out((config.get("tuning_info") or {}).get(str(n)) or {}))
-        if pair is not None and pair[2] > pair[1]:
+        held = recorded_held_out((config.get("tuning_info") or {}).get(str(n)) or {})
+        if held is not None and held.worse_than_untuned:
             worse.append(n)
     return worse
 
 
-def _fmt_held_out(held: Any) -> str:
-    pair = held_out_pair(held)
-    if pair is None:
-        return "" if held is None else json.dumps(held, sort_keys=True)
-    metric, untuned, tuned = pair
+def _fmt_held_out(held: HeldOutResult | None) -> str:
+    if held is None:
+        return ""
+    metric, untuned, tuned = held.metric, held.untuned, held.tuned
     change = f" ({100.0 * (tuned - untuned) / untuned:+.1f}%)" if untuned else ""
     return f"{metric}: {untuned:.4g} -> {tuned:.4g}{change}"

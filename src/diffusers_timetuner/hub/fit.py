@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+from ..table import timesteps_close
 from .config import _HF_CACHE_RE
 
 
@@ -49,7 +50,7 @@ def check_scheduler_fits_pipeline(scheduler, pipeline, *, check_model_id: bool =
             continue
         built = getattr(probe, "grid_timesteps", probe.timesteps)
         built = [float(t) for t in built]
-        if len(built) != len(grid) or any(abs(a - float(b)) > 1e-3 for a, b in zip(built, grid)):
+        if len(built) != len(grid) or not all(timesteps_close(a, float(b)) for a, b in zip(built, grid)):
             problems.append(f"grid for {n} steps: tuned on {list(grid)}, this scheduler builds {built}")
     if check_model_id:
         recorded = {_normalise_model_id(i.get("model_id")) for i in (cfg.get("tuning_info") or {}).values()

@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from ..table import HeldOutResult
 from .config import (
     _REPO_ID_RE,
     BUNDLED_MODEL_PREFIX,
@@ -45,7 +46,7 @@ def _held_out_markdown(config: dict, report: dict) -> str:
     for n in _step_counts(config):
         held = recorded_held_out((config.get("tuning_info") or {}).get(str(n)) or {})
         if held is None:  # the calibration report's per-step-count section
-            held = ((report.get("step_counts") or {}).get(str(n)) or {}).get("heldout")
+            held = HeldOutResult.from_json(((report.get("step_counts") or {}).get(str(n)) or {}).get("heldout"))
         if held is not None:
             rows.append(f"| {n} | {_fmt_held_out(held)} |")
     if not rows:

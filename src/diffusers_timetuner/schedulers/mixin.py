@@ -26,6 +26,7 @@ from ..table import (
     TAU_RTOL,
     TauTable,
     check_made_for,
+    matching_indices,
     normalize_step_key,
     normalize_tuning_config,
     scheduler_fingerprint,
@@ -111,12 +112,6 @@ def _is_integer_timestep(timestep: Any) -> bool:
     return isinstance(timestep, numbers.Integral) and not isinstance(timestep, bool)
 
 
-def _matches(values: np.ndarray, t: float) -> np.ndarray:
-    """Indices of the float64 `values` within the table tolerance of `t`: |v - t| <= atol + rtol * max(|v|, |t|)."""
-    tol = TAU_ATOL + TAU_RTOL * np.maximum(np.abs(values), abs(t))
-    return np.flatnonzero(np.abs(values - t) <= tol)
-
-
 def _raise_no_single_match(values: np.ndarray, t: float, hits: Sequence[int], what: str) -> NoReturn:
     shown = [round(v, 4) for v in values.tolist()]
     if len(hits) == 0:
@@ -137,7 +132,7 @@ def find_timestep_index(schedule: torch.Tensor, timestep: Any, *, what: str = "s
     """
     t = _scalar(timestep)
     values = schedule.detach().to("cpu", torch.float64).reshape(-1).numpy()
-    hits = _matches(values, t).tolist()
+    hits = matching_indices(values, t).tolist()
     if len(hits) == 1:
         return hits[0]
     _raise_no_single_match(values, t, hits, what)
@@ -195,7 +190,7 @@ class _TimestepLookup:
         i = self.exact.get(t)
         if i is not None:
             return i
-        hits = _matches(self.values, t).tolist()
+        hits = matching_indices(self.values, t).tolist()
         if len(hits) == 1:
             return hits[0]
         _raise_no_single_match(self.values, t, hits, what)
@@ -452,7 +447,12 @@ class TimeTunerMixin:
         if info is not None:
             infos[key] = dict(info)
             # record what the table was made for, so that every load path can refuse another scheduler
-            infos[key].setdefault(MADE_FOR_KEY, scheduler_fingerprint(type(self).__name__, self.config))
+            # Only the class's own settings: `from_config` of another family's config keeps that family's keys as
+            # hidden config entries (e.g. DDIM's `rescale_betas_zero_snr` on a Heun scheduler), which a freshly
+            # constructed scheduler of this class does not have.
+            own = self._get_init_keys(type(self))
+            own_config = {k: v for k, v in self.config.items() if k in own}
+            infos[key].setdefault(MADE_FOR_KEY, scheduler_fingerprint(type(self).__name__, own_config))
         return type(self).from_config(
             self.config, tuned_timesteps=tables, tuned_grids=grids or None, tuning_info=infos or None
         )

@@ -5,14 +5,8 @@ s = sqrt(1 - alpha_bar(t)), then x_t ~ sum_k w_k N(a mu_k, a^2 S_k + s^2 I) and 
 eps*(x_t, t) = -s * grad log p_t(x_t). `GaussianMixtureDenoiser` returns exactly that (or the matching v / x_0
 prediction), so every error a sampler makes with it is the sampler's own truncation error.
 
-Noise level of a (possibly fractional) timestep, the rule used everywhere in this package (`alpha_bar_at`):
-    with N = len(alphas_cumprod) and the table alphas_cumprod[0..N-1] of a Diffusers beta schedule,
-    - 0 <= t <= N-1: linear interpolation of alphas_cumprod between floor(t) and floor(t)+1;
-    - -1 <= t < 0: linear interpolation between alpha_bar(-1) = 1 (clean data) and alphas_cumprod[0];
-    - t > N-1: the schedule continues with its last beta,
-      alpha_bar(t) = alphas_cumprod[N-1] * (1 - beta_{N-1})^(t-N+1);
-    - t < -1 or non-finite: ValueError.
-It is continuous and piecewise differentiable in t (a tuned tau may exceed the last training step).
+The noise level of a (possibly fractional) timestep follows the package's one rule,
+`diffusers_timetuner.noise_schedule.alpha_bar_at` (re-exported here).
 """
 from typing import List, Optional, Sequence, Union
 
@@ -23,7 +17,22 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+from ..noise_schedule import alpha_bar_at  # also exported as testbeds.alpha_bar_at
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def cached_decomposition(mixture: torch.nn.Module):
+    """float64 (log w, mu, U, lambda) of a mixture's ``weights`` / ``means`` / ``covariances`` buffers (eigh of the
+    symmetrised covariances), cached on ``mixture._cache`` until a buffer is replaced or changed in place."""
+    key = (id(mixture.covariances), mixture.covariances._version, id(mixture.means), mixture.means._version,
+           id(mixture.weights), mixture.weights._version, mixture.covariances.device)
+    if mixture._cache_key != key:
+        cov = mixture.covariances.double()
+        lam, u = torch.linalg.eigh((cov + cov.transpose(1, 2)) / 2)
+        mixture._cache = (mixture.weights.double().log(), mixture.means.double(), u, lam.clamp(min=0))
+        mixture._cache_key = key
+    return mixture._cache
 
 
 class GaussianMixtureDenoiserOutput(BaseOutput):
@@ -34,32 +43,6 @@ class GaussianMixtureDenoiserOutput(BaseOutput):
     """
 
     sample: torch.Tensor
-
-
-def alpha_bar_at(alphas_cumprod: torch.Tensor, t: Union[float, torch.Tensor]) -> torch.Tensor:
-    """alpha_bar at a possibly fractional timestep t (see the module docstring for the exact rule).
-
-    Args:
-        alphas_cumprod: (N,) table of a Diffusers scheduler (float32 or float64).
-        t: timestep(s), any shape; differentiable when it is a floating tensor that requires grad.
-
-    Returns:
-        alpha_bar(t) with t's shape, in alphas_cumprod's dtype.
-    """
-    ac = alphas_cumprod
-    t = torch.as_tensor(t, device=ac.device).to(ac.dtype)
-    if not torch.isfinite(t).all() or (t < -1).any():
-        raise ValueError(
-            f"Timesteps must be finite and >= -1 (alpha_bar(-1) = 1 is clean data); got min {t.min().item()}."
-        )
-    n = ac.shape[0]
-    lo = t.detach().floor().clamp(0, n - 2).long()
-    frac = t - lo.to(t.dtype)
-    inside = ac[lo] * (1 - frac) + ac[lo + 1] * frac
-    below = 1.0 + (ac[0] - 1.0) * (t + 1.0)  # between alpha_bar(-1) = 1 and alphas_cumprod[0]
-    last_alpha = ac[n - 1] / ac[n - 2]  # 1 - beta_{N-1}
-    above = ac[n - 1] * torch.pow(last_alpha, (t - (n - 1)).clamp(min=0))
-    return torch.where(t < 0, below, torch.where(t > n - 1, above, inside))
 
 
 class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
@@ -204,15 +187,7 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
     # Exact quantities
     # ------------------------------------------------------------------------------------------------------------
     def _decomposition(self):
-        """float64 (log w, mu, U, lambda), recomputed only when the covariance buffer changes."""
-        key = (id(self.covariances), self.covariances._version, id(self.means), self.means._version,
-               id(self.weights), self.weights._version, self.covariances.device)
-        if self._cache_key != key:
-            cov = self.covariances.double()
-            lam, u = torch.linalg.eigh((cov + cov.transpose(1, 2)) / 2)
-            self._cache = (self.weights.double().log(), self.means.double(), u, lam.clamp(min=0))
-            self._cache_key = key
-        return self._cache
+        return cached_decomposition(self)
 
     def _timesteps(self, timestep, batch: int, device) -> torch.Tensor:
         t = torch.as_tensor(timestep, device=device)

@@ -41,23 +41,24 @@ def sample_per_class(pipe, n_per_class: int, num_inference_steps: int, guidance_
 
 
 def evaluate(pipe, steps: Iterable[int] = (10, 20, 100), guidance_scales: Iterable[float] = (1.0, 2.0),
-             n_per_class: int = 100, seed: int = 0, batch_size: int = 500, progress: bool = False) -> List[dict]:
-    """Accuracy (sample classified as its label) and FD-MNIST (vs the 1000 held-out digits) per setting."""
+             n_per_class: int = 100, seed: int = 0, batch_size: int = 500, progress: bool = False,
+             reference_size: int = 28) -> List[dict]:
+    """Accuracy (sample classified as its label) and FD-MNIST (vs the 1000 held-out digits at `reference_size`)."""
     rows = []
     for g in guidance_scales:
         for n in steps:
             t0 = time.time()
             x, y = sample_per_class(pipe, n_per_class, n, g, seed, batch_size, progress)
             feats, preds = classifier.classifier_outputs(x)
-            fd = classifier.frechet_distance(*classifier.feature_statistics(feats), *classifier.heldout_mnist_statistics())
+            fd = classifier.frechet_distance(*classifier.feature_statistics(feats), *classifier.heldout_mnist_statistics(reference_size))
             rows.append({"steps": n, "guidance_scale": g, "n_samples": len(y),
                          "accuracy": float((preds == y).double().mean()), "fd_mnist": fd,
                          "seconds": time.time() - t0})
     return rows
 
 
-def markdown_table(rows: List[dict]) -> str:
-    lines = ["| DDIM steps | guidance | samples | accuracy | FD-MNIST |", "|---|---|---|---|---|"]
+def markdown_table(rows: List[dict], sampler: str = "DDIM") -> str:
+    lines = [f"| {sampler} steps | guidance | samples | accuracy | FD-MNIST |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['steps']} | {r['guidance_scale']:g} | {r['n_samples']} | {100 * r['accuracy']:.1f}% "
                      f"| {r['fd_mnist']:.2f} |")

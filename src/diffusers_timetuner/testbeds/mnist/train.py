@@ -12,21 +12,16 @@ clip_sample=False), ``grid.png`` (10x10 samples, one row per class, 100 DDIM ste
 Example:
     PYTHONPATH=src python -m diffusers_timetuner.testbeds.mnist.train --output_dir /tmp/mnist --max_minutes 25
 """
-import argparse
 import copy
 import json
-import math
 import os
-import platform
-import shlex
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-NULL_CLASS = 10
+from ..training import NULL_CLASS, command_line, parse_training_args, resolve_device, sample_grid, train_loop
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 2e-2
 
@@ -59,110 +54,46 @@ def make_scheduler() -> DDIMScheduler:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_steps", type=int, default=100_000)
-    p.add_argument("--max_minutes", type=float, default=25.0, help="wall-clock budget for the training loop")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup_steps", type=int, default=300)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--label_dropout", type=float, default=0.12, help="probability of training on the null class")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--mixed_precision", choices=("no", "bf16"), default="no", help="bf16 autocast (cuda only)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
-    p.add_argument("--log_every", type=int, default=200)
-    p.add_argument("--grid_steps", type=int, default=100, help="DDIM steps for grid.png")
-    args = p.parse_args(argv)
-    if args.max_minutes <= 0 or args.max_steps <= 0 or args.batch_size <= 0:
-        p.error("--max_minutes, --max_steps and --batch_size must be positive")
-    if not 0.0 <= args.label_dropout < 1.0:
-        p.error("--label_dropout must be in [0, 1)")
-    return args
+    def mixed_precision(p):
+        p.add_argument("--mixed_precision", choices=("no", "bf16"), default="no", help="bf16 autocast (cuda only)")
+
+    return parse_training_args(__doc__.split("\n")[0], argv, max_minutes=25.0, grid_sampler="DDIM",
+                               checkpoints=False, add_arguments=mixed_precision)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def epsilon_loss(alphas_cumprod: torch.Tensor, use_bf16: bool = False):
+    """``loss_fn(unet, x0, labels, generator)``: MSE on eps, t ~ U{0..999}, x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps."""
+
+    def loss_fn(unet, x0, labels, generator):
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        with torch.autocast(device_type=x0.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            pred = unet(xt, t, class_labels=labels).sample
+        return F.mse_loss(pred.float(), eps)
+
+    return loss_fn
 
 
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
-
-
-@torch.no_grad()
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+def train_alphas_cumprod(device: torch.device) -> torch.Tensor:
+    """alpha-bar of the training schedule (linear betas 1e-4..2e-2 over 1000 steps), on ``device``."""
+    noise_sched = DDPMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END, beta_schedule="linear"
+    )
+    return noise_sched.alphas_cumprod.to(device)
 
 
 def train(args, log=print):
     """Run the training loop; returns (ema_unet on CPU float32, stats dict)."""
     from ..data import load_mnist
 
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    images, labels = load_mnist("train")
-    images, labels = images.to(device), labels.to(device)
-    n = images.shape[0]
-
-    unet = make_unet().to(device).train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    noise_sched = DDPMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END, beta_schedule="linear"
-    )
-    alphas_cumprod = noise_sched.alphas_cumprod.to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    device = resolve_device(args.device)
     use_bf16 = args.mixed_precision == "bf16" and device.type == "cuda"
-    n_params = sum(p.numel() for p in unet.parameters())
-    log(f"device {device} | {_hardware(device)} | params {n_params} | train digits {n} | bf16 {use_bf16}")
-
-    start, step, running = time.time(), 0, None
-    while step < args.max_steps and (time.time() - start) < 60.0 * args.max_minutes:
-        idx = torch.randint(0, n, (args.batch_size,), device=device, generator=gen)
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(y.shape, device=device, generator=gen) < args.label_dropout] = NULL_CLASS
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (args.batch_size,), device=device, generator=gen)
-        eps = torch.randn(x0.shape, device=device, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            pred = unet(xt, t, class_labels=y).sample
-        loss = F.mse_loss(pred.float(), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        _ema_update(ema, unet, min(args.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        lv = loss.item() if step % 50 == 0 or step == 1 else None
-        if lv is not None:
-            running = lv if running is None else 0.9 * running + 0.1 * lv
-        if step % args.log_every == 0:
-            log(f"step {step} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} elapsed {time.time() - start:.0f}s")
-    wall = time.time() - start
-    if not math.isfinite(running if running is not None else float("nan")):
-        raise RuntimeError(f"training diverged or ran no logged step (loss {running}); nothing written")
-    log(f"done: {step} steps, final loss (EMA of logged losses) {running:.4f}, {wall:.0f}s")
-    stats = {
-        "steps": step,
-        "final_loss": running,
-        "wall_seconds": wall,
-        "hardware": _hardware(device),
-        "params": n_params,
-        "batch_size": args.batch_size,
-    }
-    return ema.float().cpu(), stats
+    loss_fn = epsilon_loss(train_alphas_cumprod(device), use_bf16)
+    return train_loop(
+        args, make_unet, lambda: load_mnist("train"), loss_fn, "train digits {n} | bf16 " + str(use_bf16), log
+    )
 
 
 def save(unet: UNet2DModel, stats: dict, args, argv) -> None:
@@ -172,14 +103,10 @@ def save(unet: UNet2DModel, stats: dict, args, argv) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     unet.save_pretrained(os.path.join(args.output_dir, "unet"), safe_serialization=True)
     make_scheduler().save_pretrained(os.path.join(args.output_dir, "scheduler"))
-    pipe = ClassConditionalImagePipeline(unet=copy.deepcopy(unet), scheduler=make_scheduler()).to(_device(args.device))
-    pipe.set_progress_bar_config(disable=True)
-    labels = torch.arange(10).repeat_interleave(10)
-    grid = pipe(
-        class_labels=labels, num_inference_steps=args.grid_steps, generator=torch.Generator().manual_seed(args.seed)
-    ).images
-    _save_grid(grid, os.path.join(args.output_dir, "grid.png"))
-    command = "python -m diffusers_timetuner.testbeds.mnist.train " + " ".join(shlex.quote(a) for a in argv)
+    pipe = ClassConditionalImagePipeline(unet=copy.deepcopy(unet), scheduler=make_scheduler())
+    pipe = pipe.to(resolve_device(args.device))
+    sample_grid(pipe, args, os.path.join(args.output_dir, "grid.png"))
+    command = command_line("diffusers_timetuner.testbeds.mnist.train", argv)
     with open(os.path.join(args.output_dir, "PROVENANCE.md"), "w") as f:
         f.write(
             "# Bundled MNIST UNet: provenance\n\n"
@@ -194,20 +121,6 @@ def save(unet: UNet2DModel, stats: dict, args, argv) -> None:
             f"- grid.png: 10 samples per class (rows 0..9), {args.grid_steps} DDIM steps, no guidance\n"
         )
         f.write("- stats: `" + json.dumps(stats) + "`\n")
-
-
-def _save_grid(images: torch.Tensor, path: str) -> None:
-    from PIL import Image
-
-    n = images.shape[0]
-    rows = int(math.sqrt(n))
-    cols = math.ceil(n / rows)
-    h, w = images.shape[-2:]
-    canvas = torch.zeros(rows * h, cols * w)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = images[i, 0].cpu()
-    Image.fromarray((canvas.numpy() * 255).round().astype("uint8"), mode="L").save(path)
 
 
 def main(args=None, argv=None):

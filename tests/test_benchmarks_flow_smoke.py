@@ -1,0 +1,62 @@
+"""CI smoke run of the flow-matching benchmarks (flow GMM quality vs NFE, SD3 / Flux inference overhead) at --quick
+sizes: each writes its JSON / Markdown / PNG with finite numbers and the fields the README quotes. The figures are
+not checked here (tiny sizes); the committed results are."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `benchmarks` lives at the repository root, next to src/
+    sys.path.insert(0, str(REPO))
+
+pytest.importorskip("sklearn", reason="the testbeds need scikit-learn (pip install diffusers-timetuner[test])")
+
+
+def _numbers(obj):
+    if isinstance(obj, bool) or obj is None:
+        return
+    if isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+
+
+def _run(module, tmp_path):
+    module.main(module.parse_args(["--quick", "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path)]))
+    payload = json.loads((tmp_path / f"{module.NAME}.json").read_text())
+    assert (tmp_path / f"{module.NAME}.md").exists() and (tmp_path / f"{module.NAME}.png").exists()
+    assert all(math.isfinite(v) for v in _numbers(payload["results"]))
+    assert payload["command"] and payload["versions"]["diffusers"]
+    return payload["results"]
+
+
+@pytest.mark.slow
+def test_flow_gmm_quick(tmp_path):
+    from benchmarks import flow_gmm
+
+    res = _run(flow_gmm, tmp_path)
+    cells = {(c["family"], c["nfe"]): c for c in res["cells"]}
+    assert set(cells) == {("flow_euler", 5), ("unipc_flow", 5)}
+    assert "teacher_local" in cells[("flow_euler", 5)]["tuned"]
+    assert res["floor"]["fd"] > 0 and res["fd_exact_vs_exact"] > 0
+
+
+@pytest.mark.slow
+def test_inference_overhead_flow_quick(tmp_path):
+    from benchmarks import inference_overhead_flow
+
+    res = _run(inference_overhead_flow, tmp_path)
+    for key in ("sd3", "flux"):
+        r = res["pipelines"][key]
+        assert len(r["paired_ratios"]) == res["settings"]["reps"]
+        lo, hi = r["paired_ratio_ci95"]
+        assert lo <= r["median_paired_ratio"] <= hi
+        assert r["taus"] != r["grid"]  # the tuned variant really ran a table
