@@ -681,6 +681,9 @@ def markdown(summary, args) -> str:
     return "\n".join(lines)
 
 
+NOT_RECORDED = "not recorded"
+
+
 def code_lines(res) -> List[str]:
     """Which package / peer code made the figures (entries come from the per-cell cache, whatever code made them):
     a figure whose code is not the current one may differ on a fresh run."""
@@ -691,16 +694,21 @@ def code_lines(res) -> List[str]:
             for m, e in ms.items():
                 if "metrics" in e:
                     code = e.get("code") or {}
-                    key = (code.get("package", "not recorded"), code.get("peers", "not recorded"))
+                    key = (code.get("package", NOT_RECORDED), code.get("peers", NOT_RECORDED))
                     made_by.setdefault(key, []).append(f"{tb} {cell} {LABELS[m]}")
     out = ["\n## Code that made the figures\n",
            f"Current code: package `{current['package']}`, peers `{current['peers']}` (fingerprints of the package's "
            "calibration / scheduler / sampling sources and of `peers_grid/`).\n"]
     for (package, peers), entries in sorted(made_by.items()):
         stale = [what for what, fp in (("package", package), ("peers", peers)) if fp != current[what]]
-        verdict = "the current code" if not stale else \
-            f"older {' and '.join(stale)} code: a fresh run (`--no-cache`) may give other figures"
-        out.append(f"- package `{package}`, peers `{peers}` ({verdict}): {len(entries)} figures")
+        if not stale:
+            verdict = "the current code"
+        elif NOT_RECORDED in (package, peers):
+            verdict = "code not recorded: a fresh run (`--no-cache`) may give other figures"
+        else:
+            verdict = f"older {' and '.join(stale)} code: a fresh run (`--no-cache`) may give other figures"
+        which = f": {', '.join(entries)}" if len(entries) <= 12 else ""
+        out.append(f"- package `{package}`, peers `{peers}` ({verdict}): {len(entries)} figures{which}")
     return out + [""]
 
 
