@@ -697,8 +697,10 @@ def code_lines(res) -> List[str]:
                     key = (code.get("package", NOT_RECORDED), code.get("peers", NOT_RECORDED))
                     made_by.setdefault(key, []).append(f"{tb} {cell} {LABELS[m]}")
     out = ["\n## Code that made the figures\n",
-           f"Current code: package `{current['package']}`, peers `{current['peers']}` (fingerprints of the package's "
-           "calibration / scheduler / sampling sources and of `peers_grid/`).\n"]
+           "Figures are read from the per-cell cache (`grid_side_by_side_cache/`), each made by the code it records; "
+           "this file was assembled by the current code, package "
+           f"`{current['package']}`, peers `{current['peers']}` (fingerprints of the package's calibration / "
+           "scheduler / sampling sources and of `peers_grid/`).\n"]
     for (package, peers), entries in sorted(made_by.items()):
         stale = [what for what, fp in (("package", package), ("peers", peers)) if fp != current[what]]
         if not stale:
