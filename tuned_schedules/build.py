@@ -37,17 +37,18 @@ BUNDLED = REPO / "src" / "diffusers_timetuner" / "tuned_schedules"  # where the 
 ENTRIES = {
     "gmm-digits-ddim-10-g1": ("gmm", dict(scheduler="ddim", num_inference_steps=10, objective="endpoint",
                                           num_samples=256, batch_size=256, num_validation_samples=128,
-                                          num_heldout_samples=512, teacher_steps=200, seed=0)),
+                                          num_heldout_samples=512, teacher="same", teacher_steps=200, seed=0)),
+    # The tau entries were built with the same-sampler teacher, the default before the DPM-Solver++ teacher.
     "mnist-ddim-5-g1": ("cli", ["--num_inference_steps", "5", "--objective", "endpoint", "--num_samples", "64",
                                 "--batch_size", "64", "--num_validation_samples", "32", "--num_heldout_samples",
-                                "128", "--teacher_steps", "50", "--seed", "0", "--no_progress"]),
-    "mnist-ddim-10-g1": ("cli", ["--num_inference_steps", "10", "--no_progress"]),
+                                "128", "--teacher", "same", "--teacher_steps", "50", "--seed", "0", "--no_progress"]),
+    "mnist-ddim-10-g1": ("cli", ["--num_inference_steps", "10", "--teacher", "same", "--no_progress"]),
     # Flow-matching MNIST testbed, Euler at 10 steps; the endpoint objective, as on the exact flow GMM where it
     # gave the lowest FD at every NFE (benchmarks/flow_gmm.py).
     "mnist-flow-euler-10-g1": ("cli", [
         "--pretrained_model_name_or_path", "mnist_flow", "--scheduler", "flow_euler", "--num_inference_steps", "10",
         "--objective", "endpoint", "--num_samples", "64", "--batch_size", "64", "--num_validation_samples", "64",
-        "--num_heldout_samples", "128", "--teacher_steps", "100", "--seed", "0", "--no_progress"]),
+        "--num_heldout_samples", "128", "--teacher", "same", "--teacher_steps", "100", "--seed", "0", "--no_progress"]),
     # the grid modes (the learned grid is in the table: plain set_timesteps(10) samples on it)
     "gmm-digits-ddim-10-grid-g1": ("gmm", dict(scheduler="ddim", num_inference_steps=10, tune="grid",
                                                num_samples=256, batch_size=256, num_validation_samples=128,
