@@ -19,7 +19,7 @@ import torch
 from ..denoiser import Denoiser, slice_conditioning
 from ..table import HELD_OUT_KEY, timesteps_close
 from .checkpoint import CheckpointStore
-from .config import DEFAULT_OBJECTIVE, DEFAULT_OPTIMIZER, CalibrationConfig
+from .config import CalibrationConfig
 from .conditions import build_conditions, resolve_model
 from .distributed import Distributed
 from .objectives import get_objective
@@ -41,7 +41,7 @@ from .validate import VALIDATED_ARGS as _VALIDATED_ARGS, validate_calibration_ar
 logger = logging.getLogger(__name__)
 
 # Defaults chosen by measurement (DDIM, 10 steps, held-out MSE to a many-step teacher's final sample from the same
-# x_T; numbers in the calibration issue's report):
+# x_T):
 #   exact GMM (sklearn digits, 64-D, 256 calibration samples, 512 held-out): paper eq. 9 +3.8 % (guarded -8.2 %),
 #       teacher_local -10.9 % (guarded -12.9 %), endpoint -34.7 % at 2.7x teacher_local's model evaluations;
 #   bundled MNIST UNet, 32 calibration samples: paper eq. 9 diverges at the step into t = 0 (+70 % held-out); no
@@ -142,8 +142,8 @@ def calibrate(
             table records it: sample with ``pipe(..., timesteps=the same grid)``. Needs a scheduler whose
             ``set_timesteps`` accepts ``timesteps``.
         objective: ``"teacher_local"`` (default: match a many-step teacher's state after every step, from the same
-            x_T; cheap, see ``DEFAULT_OBJECTIVE`` for the measurements), ``"endpoint"`` (match the teacher's final
-            sample; the most accurate on the exact GMM, ~3-4x the cost),
+            x_T; cheap; the measurements are noted in ``calibration/api.py``), ``"endpoint"`` (match the
+            teacher's final sample; the most accurate on the exact GMM, ~3-4x the cost),
             ``"paper"`` (eq. 9) or ``"paper_x0"`` (eq. 10).
         strategy: ``"sequential"`` (Alg. 1, needs ``data``), ``"parallel"`` (eq. 11, needs ``data``) or
             ``"data_free"`` (x_T ~ N(0, I)). ``None``: ``"sequential"`` with data, else ``"data_free"``.

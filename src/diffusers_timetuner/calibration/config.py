@@ -15,7 +15,7 @@ from .optimizers import OPTIMIZERS
 from .stats import VALIDATION_METRICS
 from .strategies import STRATEGIES
 
-# Defaults chosen by measurement: see calibration/api.py (DEFAULT_OBJECTIVE) for the figures.
+# Defaults chosen by measurement: the figures are noted in calibration/api.py.
 DEFAULT_OBJECTIVE = "teacher_local"
 DEFAULT_OPTIMIZER = "local_search"
 
