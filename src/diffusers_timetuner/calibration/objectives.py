@@ -24,10 +24,11 @@ from typing import Sequence
 import torch
 
 from .nonfinite import finite_losses
-from .rollout import ChunkState, Rollout, alpha_sigma_at
+from .prediction import alpha_sigma_at
+from .rollout import ChunkState, Rollout
 
 # Teacher moved to teacher.py; re-exported for callers that import it from here.
-from .teacher import Teacher, default_teacher_steps  # noqa: F401
+from .teacher import Teacher  # noqa: F401
 
 OBJECTIVES = ("paper", "paper_x0", "teacher_local", "endpoint")
 

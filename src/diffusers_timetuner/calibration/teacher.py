@@ -15,7 +15,7 @@ import torch
 from ..denoiser import NonFiniteOutputError
 from ..sampling import grid_timesteps, sample, sample_trajectory
 from ..table import matching_indices
-from .rollout import to_epsilon
+from .prediction import to_epsilon
 
 
 class Teacher:
