@@ -30,6 +30,7 @@ import torch
 
 from ..denoiser import slice_conditioning
 from ..sampling import grid_timesteps, sample
+from .guard import clearly_better
 from .stats import metric_value, paired_change
 from .teacher import FineTeacher, FineTrajectory
 
@@ -265,7 +266,7 @@ def guarded_choice(candidates: Sequence[tuple], untuned_finals, teacher_finals, 
         if finals is None:
             continue
         err, base, change, se = compare(metric, finals, untuned_finals, teacher_finals)
-        ok = change < 0 and -change > margin * se
+        ok = clearly_better(change, se, margin)
         verdicts[name] = {"validation": err, "validation_untuned": base, "change": change, "change_se": se,
                           "passed": bool(ok)}
         log(f"guard: {name}: validation {metric} {base:.5g} (untuned) -> {err:.5g} ({change:+.3g} +/- {se:.2g} SE)"
