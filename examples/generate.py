@@ -21,9 +21,8 @@ import os
 import torch
 from PIL import Image, ImageDraw
 
+from diffusers_timetuner.calibration.families import untuned_copy  # same config and grid, no table
 from diffusers_timetuner.hub import list_bundled_schedules, load_tuned_scheduler
-
-TUNED_KEYS = ("tuned_timesteps", "tuned_grids", "tuning_info")
 
 
 def parse_args(argv=None):
@@ -60,11 +59,6 @@ def load_pipeline(name: str):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(name)
-
-
-def untuned_copy(scheduler):
-    """Same class, same config (so the same grid t_i), no table: the network sees t_i itself."""
-    return type(scheduler).from_config({**scheduler.config, **{key: None for key in TUNED_KEYS}})
 
 
 def generate(pipe, scheduler, args, num_inference_steps: int, guidance_scale):

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .calibration.families import untuned_copy
 from .denoiser import Denoiser
 from .hub.fit import check_scheduler_fits_pipeline
 from .metrics import paired_difference
@@ -92,12 +93,6 @@ def validate_evaluation_config(config: EvaluationConfig) -> None:
     if not _is_int(config.grid_columns) or not 1 <= config.grid_columns <= config.num_samples:
         raise ValueError(f"grid_columns must be an int in [1, num_samples={config.num_samples}], got "
                          f"{config.grid_columns!r}.")
-
-
-def untuned_copy(scheduler):
-    """The same TimeTuner scheduler class and config without a table: its diffusers parent, bit for bit."""
-    return type(scheduler).from_config({**scheduler.config, "tuned_timesteps": None, "tuned_grids": None,
-                                        "tuning_info": None})
 
 
 def _is_stochastic(scheduler, eta: Optional[float]) -> bool:
