@@ -119,8 +119,8 @@ class FlowMatchingGaussianMixture(ModelMixin, ConfigMixin):
 
     def velocity(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """v*(x, s) = E[eps - x_0 | x_s = x] for flattened x (B, D) and s (B,), float64."""
-        log_w, mu, u, lam = self._decomposition()
         resp, z, var, u_flat, lam, _ = self._posterior(x, s)
+        mu = self._decomposition()[1]  # cached by _posterior's call
         k, d = mu.shape
         coef = (s[:, None, None] - (1.0 - s)[:, None, None] * lam[None]) / var  # eps part minus x0 part, eigenbasis
         v = (resp[:, :, None] * coef * z).reshape(-1, k * d) @ u_flat.T
