@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration.families import untuned_copy
+from .calibration.inputs import model_device
 from .denoiser import Denoiser
 from .hub.fit import check_scheduler_fits_pipeline
 from .metrics import paired_difference
@@ -151,7 +152,7 @@ class EvaluationPlan:
         else:
             self.teacher = copy.deepcopy(self.untuned)
         self.network = pipeline.unet
-        self.device = next(iter(self.network.parameters()), torch.zeros(0)).device
+        self.device = model_device(self.network)
         self.denoiser = Denoiser(self.network, guidance_scale=guidance_scale,
                                  null_class_label=null_class_label if guidance_scale != 1.0 else None)
         size = self.network.config.sample_size
