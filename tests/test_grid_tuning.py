@@ -278,3 +278,33 @@ def test_fine_teacher_is_cached_accurate_and_reports_its_own_error(gmm):
     # states between fine times come from a first-order step over less than one fine spacing
     mid = teacher.state_at(first, 500)
     assert mid.shape == noise.shape and torch.isfinite(mid).all()
+
+
+def test_grid_modes_refuse_a_stochastic_sampler_on_several_processes_before_the_search():
+    """The grid search scores a stochastic sampler by the energy distance of each process's own samples, which the
+    processes do not combine: with more than one process it must refuse, before any teacher or search work."""
+    from types import SimpleNamespace
+
+    from diffusers_timetuner.schedulers import TimeTunerDDPMScheduler
+    from diffusers_timetuner.testbeds import load_gmm_pipeline
+
+    pipe = load_gmm_pipeline()
+
+    class Counting(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.calls = net, 0
+            self.config = net.config
+
+        def forward(self, x, t, **kw):
+            self.calls += 1
+            return self.net(x, t, **kw)
+
+    model = Counting(pipe.unet)
+    two_processes = SimpleNamespace(state=SimpleNamespace(process_index=0, num_processes=2),
+                                    device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="runs on one process only, not 2"):
+        calibrate(model, TimeTunerDDPMScheduler.from_config(pipe.scheduler.config), 4, tune="grid",
+                  accelerator=two_processes, num_samples=4, batch_size=4, num_validation_samples=4,
+                  num_heldout_samples=4, progress=False)
+    assert model.calls <= 2  # only the fractional-timestep probe ran (its two calls)

@@ -349,6 +349,13 @@ def calibrate(
         fine_teacher = FineTeacher(denoiser, untuned, int(teacher_steps or DEFAULT_FINE_TEACHER_STEPS), device=device)
 
     for n in steps:
+        if tune != "tau" and dist.world_size > 1 and \
+                metric_for(Rollout(denoiser, untuned, n, eta=eta, device=device)) == "energy_distance":
+            # The grid search scores a candidate by the energy distance of each process's own share of the samples,
+            # so processes could accept different grids; only the endpoint error is reduced across processes.
+            raise ValueError(f"tune={tune!r} with a stochastic sampler (judged by the energy distance) runs on one "
+                             f"process only, not {dist.world_size}: launch one process, or use a deterministic "
+                             "sampler (e.g. DDIM with eta=0) or validation_metric='endpoint_mse'.")
         tick = time.perf_counter()
         fwd0 = denoiser.num_forward_samples
         info = dict(settings, package="diffusers-timetuner", package_version=_version())
