@@ -221,3 +221,48 @@ def test_flow_scale_noise_uses_the_grid_sigma():
 def test_unipc_solver_p_refuses_a_table():
     with pytest.raises(ValueError, match="solver_p"):
         TimeTunerUniPCMultistepScheduler(solver_p=UniPCMultistepScheduler(), tuned_timesteps={2: [900.0, 400.0]})
+
+
+def test_flow_tuned_step_reads_no_timestep_value(monkeypatch):
+    """The pipeline loop (`for t in scheduler.timesteps: step(..., t, ...)`) hands back views of the taus: set_timesteps
+    prepared their look-up, so no step reads a value (`.item()`, a device synchronisation on a GPU) or scans the
+    table; a copy of a tau still takes the value look-up, with the same samples, and a view of another step's tau
+    is still refused."""
+    from diffusers_timetuner.schedulers import mixin
+
+    grid = grid_of(FlowMatchEulerDiscreteScheduler(shift=3.0), 5)
+    sched = TimeTunerFlowMatchEulerDiscreteScheduler(shift=3.0, tuned_timesteps={5: shifted(grid, top=1000)})
+    calls = {"scalar": 0, "scan": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(mixin, "_scalar", counting("scalar", mixin._scalar))
+    monkeypatch.setattr(mixin, "matching_indices", counting("scan", mixin.matching_indices))
+    by_view = sample(sched, 5)  # SD3-style: no begin index, the first step finds its index itself
+    assert calls == {"scalar": 0, "scan": 0}
+    sched.set_timesteps(5)
+    sched.set_begin_index(0)  # Flux-style
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        x = sched.step(fake_model(x, t), t, x).prev_sample
+    assert calls == {"scalar": 0, "scan": 0}
+    # copies of the taus: the value look-up (one read per step), same result as the views
+    sched.set_timesteps(5)
+    x = torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps.clone():
+        x = sched.step(fake_model(x, t), t.clone(), x).prev_sample
+    assert calls["scalar"] == 6  # one per step, and the first step's own search for its index
+    assert torch.equal(x, by_view)
+    sched.set_timesteps(5)
+    sched.set_begin_index(0)
+    with pytest.raises(ValueError, match="of step 1, but the scheduler is at step 0"):
+        sched.step(torch.zeros(1), sched.timesteps[1], torch.zeros(1))
+    # an in-place edit of the taus makes the prepared look-up stale: the edited value is what the step accepts
+    sched.set_timesteps(5)
+    sched.timesteps[0] += 40.0
+    sched.step(torch.zeros(1), sched.timesteps[0].clone(), torch.zeros(1))
+    assert sched.step_index == 1

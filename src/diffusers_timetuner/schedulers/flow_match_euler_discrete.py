@@ -188,7 +188,7 @@ class TimeTunerFlowMatchEulerDiscreteScheduler(TimeTunerMixin, FlowMatchEulerDis
     ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
         """[`FlowMatchEulerDiscreteScheduler.step`] on the grid sigmas; with a table, `timestep` must be this step's
         tau."""
-        if self.is_tuned and per_token_timesteps is not None:
+        if per_token_timesteps is not None and self.is_tuned:
             raise ValueError(
                 "`per_token_timesteps` reads the noise level from the timesteps, which hold tuned taus here; "
                 "per-token timesteps cannot be combined with a tau table (load the scheduler without one)."

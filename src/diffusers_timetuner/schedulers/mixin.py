@@ -146,37 +146,64 @@ def _version_of(tensor: torch.Tensor) -> int | None:
         return None
 
 
+def _isolated_entries(values: list[float]) -> dict[float, int]:
+    """{value: index} of the entries that no other entry lies within the lookup tolerance of (see `_TimestepLookup`)."""
+    exact: dict[float, int] = {}
+    if values and all(map(math.isfinite, values)):
+        # Every pairwise tolerance is <= atol + rtol * max|v| < reach, so an entry whose neighbours in sorted order
+        # are both farther than reach can only ever match a timestep equal to itself on its own.
+        reach = 2.0 * (TAU_ATOL + TAU_RTOL * max(map(abs, values)))
+        order = sorted(range(len(values)), key=values.__getitem__)
+        ordered = [values[j] for j in order] + [math.inf]
+        below = -math.inf
+        for k, j in enumerate(order):
+            if ordered[k] - below > reach and ordered[k + 1] - ordered[k] > reach:
+                exact[ordered[k]] = j
+            below = ordered[k]
+    return exact
+
+
 class _TimestepLookup:
     """`find_timestep_index` for one schedule tensor, prepared once so that a step costs no tensor operation.
 
-    The schedule is copied to CPU float64 once. Entries that no other entry lies within the tolerance of go into a
-    dict, so the usual call (the pipeline passes back an exact element of the schedule) is one dict look-up; any
-    other value is scanned with the same rule as `find_timestep_index`, so both give the same index or error.
-    `is_current` tells whether the tensor is still the one (same object, storage and contents) it was built from.
+    The schedule is copied to CPU float64 once (or taken from `prepared`, the same analysis made once per tau
+    table). Entries that no other entry lies within the tolerance of go into a dict, so the usual call (the pipeline
+    passes back an exact element of the schedule) is one dict look-up; any other value is scanned with the same rule
+    as `find_timestep_index`, so both give the same index or error. A pipeline iterating `scheduler.timesteps` passes
+    views of the schedule itself: their index is their place in its storage, found without reading the value (no
+    device synchronisation on an accelerator), and accepted only for an entry the dict holds, so the answer is the
+    one the value look-up gives. `is_current` tells whether the tensor is still the one (same object, storage and
+    contents) it was built from.
     """
 
-    def __init__(self, schedule: torch.Tensor):
+    def __init__(self, schedule: torch.Tensor, prepared: tuple[np.ndarray, dict[float, int]] | None = None):
         self.source = schedule
         self.data_ptr = schedule.data_ptr()
         self.version = _version_of(schedule)
         # inference tensors have no version counter: compare contents instead
         self.snapshot = schedule.detach().clone() if self.version is None else None
-        # a copy: a float64 CPU schedule would otherwise share its memory with these values
-        self.values = schedule.detach().to("cpu", torch.float64).reshape(-1).numpy().copy()
-        self.exact: dict[float, int] = {}
+        if prepared is None:
+            # a copy: a float64 CPU schedule would otherwise share its memory with these values
+            self.values = schedule.detach().to("cpu", torch.float64).reshape(-1).numpy().copy()
+            self.exact = _isolated_entries(self.values.tolist())
+        else:
+            self.values, self.exact = prepared
         self.floats: list[float] = self.values.tolist()
-        values = self.floats
-        if values and all(map(math.isfinite, values)):
-            # Every pairwise tolerance is <= atol + rtol * max|v| < reach, so an entry whose neighbours in sorted order
-            # are both farther than reach can only ever match a timestep equal to itself on its own.
-            reach = 2.0 * (TAU_ATOL + TAU_RTOL * max(map(abs, values)))
-            order = sorted(range(len(values)), key=values.__getitem__)
-            ordered = [values[j] for j in order] + [math.inf]
-            below = -math.inf
-            for k, j in enumerate(order):
-                if ordered[k] - below > reach and ordered[k + 1] - ordered[k] > reach:
-                    self.exact[ordered[k]] = j
-                below = ordered[k]
+        # where the entries live, for views of the schedule (a 1-D tensor with a version counter only); the lookup
+        # keeps `source` alive, so another tensor at one of these addresses on its device shares its memory
+        self.isolated = frozenset(self.exact.values())
+        self.viewable = schedule.ndim == 1 and self.version is not None and schedule.stride(0) > 0
+        self.dtype, self.device = schedule.dtype, schedule.device
+        self.entry_bytes = schedule.stride(0) * schedule.element_size() if schedule.ndim == 1 else 0
+
+    def view_index(self, timestep: Any) -> int | None:
+        """The index of `timestep` when it is a one-element view of an isolated entry of the schedule, else `None`."""
+        if not self.viewable or not isinstance(timestep, torch.Tensor) or timestep.dtype != self.dtype:
+            return None
+        i, rest = divmod(timestep.data_ptr() - self.data_ptr, self.entry_bytes)
+        if rest or i not in self.isolated or timestep.numel() != 1 or timestep.device != self.device:
+            return None
+        return i
 
     def is_current(self, schedule: torch.Tensor) -> bool:
         if schedule is not self.source or schedule.data_ptr() != self.data_ptr:
@@ -186,6 +213,9 @@ class _TimestepLookup:
         return self.snapshot.shape == schedule.shape and torch.equal(self.snapshot, schedule.detach())
 
     def index(self, timestep: Any, what: str) -> int:
+        i = self.view_index(timestep)
+        if i is not None:
+            return i
         t = _scalar(timestep)
         i = self.exact.get(t)
         if i is not None:
@@ -223,6 +253,7 @@ class TimeTunerMixin:
         self._active_table: TauTable | None = None
         self.grid_timesteps = self.timesteps.clone()
         self._timestep_lookups: dict[int, _TimestepLookup] = {}  # id(schedule tensor) -> prepared lookup
+        self._tau_preparations: dict[tuple, tuple] = {}  # (n, dtype) -> (table, CPU taus, look-up analysis)
 
     def _table_timestep_bound(self) -> int:
         """Taus above ``bound - 1`` get a `TunedTimestepsWarning` (outside the training range)."""
@@ -342,9 +373,9 @@ class TimeTunerMixin:
         table = self._tau_tables[n]
         if table.grid is not None:
             produced = grid.detach().cpu().tolist()
-            if len(produced) != len(table.grid) or not all(
+            if produced != list(table.grid) and (len(produced) != len(table.grid) or not all(
                 timesteps_close(a, b) for a, b in zip(produced, table.grid)
-            ):
+            )):
                 settings = {
                     k: self.config[k]
                     for k in ("timestep_spacing", "steps_offset", "beta_schedule", "num_train_timesteps")
@@ -355,8 +386,21 @@ class TimeTunerMixin:
                     f"scheduler config ({settings}) produces the grid {produced}. Use the scheduler config the table "
                     f"was tuned with, or calibrate a table for this grid (`{CALIBRATE_HINT.format(n=n)}`)."
                 )
-        self.timesteps = torch.tensor(table.taus, dtype=self._tau_dtype(grid), device=grid.device)
+        taus_cpu, prepared = self._prepared_table(table, self._tau_dtype(grid))
+        self.timesteps = taus_cpu.to(grid.device, copy=True)
         self._active_table = table
+        # the step look-up of these taus, analysed once per table: a step then costs a dict look-up at most
+        self._remember_lookup(_TimestepLookup(self.timesteps, prepared))
+
+    def _prepared_table(self, table: TauTable, dtype: torch.dtype):
+        """The taus of `table` as a CPU tensor of `dtype` and their look-up analysis, computed once per table."""
+        key = (table.n, dtype)
+        cached = self._tau_preparations.get(key)
+        if cached is None or cached[0] is not table:
+            taus = torch.tensor(table.taus, dtype=dtype)
+            values = taus.to(torch.float64).numpy().copy()
+            cached = self._tau_preparations[key] = (table, taus, (values, _isolated_entries(values.tolist())))
+        return cached[1], cached[2]
 
     # ---- step-index lookup -----------------------------------------------------------------------------------
     def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
@@ -390,12 +434,16 @@ class TimeTunerMixin:
         Keyed by the tensor object and rebuilt whenever that object's storage or contents changed, so `set_timesteps`
         (new tensors), assigning `scheduler.timesteps` and in-place edits all take effect.
         """
-        cache = self._timestep_lookups
-        lookup = cache.get(id(schedule))
+        lookup = self._timestep_lookups.get(id(schedule))
         if lookup is None or not lookup.is_current(schedule):
-            if len(cache) >= 8:  # callers passing fresh schedule tensors every time: keep the cache small
-                cache.clear()
-            lookup = cache[id(schedule)] = _TimestepLookup(schedule)
+            lookup = self._remember_lookup(_TimestepLookup(schedule))
+        return lookup
+
+    def _remember_lookup(self, lookup: _TimestepLookup) -> _TimestepLookup:
+        cache = self._timestep_lookups
+        if len(cache) >= 8:  # callers passing fresh schedule tensors every time: keep the cache small
+            cache.clear()
+        cache[id(lookup.source)] = lookup
         return lookup
 
     def _grid_timesteps_for(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -414,10 +462,14 @@ class TimeTunerMixin:
     def _check_step_timestep(self, timestep) -> None:
         """Counter-based solvers (DPM-Solver, Euler) ignore `timestep` after the first step; with a table, check
         that the tau passed in belongs to the step the counter is at, so a wrong value cannot pass silently."""
-        if not self.is_tuned:
+        if self._active_table is None:
             return
         expected = self.step_index if self.step_index is not None else self.begin_index
-        i = self.index_for_timestep(timestep)
+        # a pipeline hands back an element of `scheduler.timesteps`: the look-up prepared by set_timesteps knows it
+        lookup = self._timestep_lookups.get(id(self.timesteps))
+        i = lookup.view_index(timestep) if lookup is not None and lookup.is_current(self.timesteps) else None
+        if i is None:
+            i = self.index_for_timestep(timestep)
         if expected is not None and i != expected:
             raise ValueError(
                 f"`step` got the timestep {_scalar(timestep)!r} of step {i}, but the scheduler is at step {expected}. "
