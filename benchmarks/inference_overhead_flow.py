@@ -1,11 +1,13 @@
 """Inference overhead on flow-matching pipelines: `StableDiffusion3Pipeline` and `FluxPipeline` calls with a tuned
 `TimeTunerFlowMatchEulerDiscreteScheduler` vs Diffusers' own `FlowMatchEulerDiscreteScheduler`.
 
-The pipelines are built offline from tiny random components (as the pipeline tests build them; prompt embeddings
-passed directly). A tiny transformer makes a network step short, so a fixed per-step scheduler cost weighs more:
-a stricter test than a real model. The two variants are timed exactly as `inference_overhead.py` times the other
-samplers: alternating order per repetition after warm-up, one paired ratio (tuned / untuned) per repetition, their
-median with a seeded percentile-bootstrap 95% interval. The tuned table differs from the grid at every step (grid
+The pipelines are built offline from random components (`diffusers_timetuner.testbeds.tiny_pipelines`, which the
+pipeline tests use too; prompt embeddings passed directly) at two scales: "tiny" (a network step well under a
+millisecond, so a fixed per-step scheduler cost weighs the most: a stricter test than a real model) and
+"realistic" (a transformer call of tens of milliseconds on one core). Both are always reported. The two variants
+are timed exactly as `inference_overhead.py` times the other samplers: alternating order per repetition after
+warm-up, one paired ratio (tuned / untuned) per repetition, their median with a seeded percentile-bootstrap 95%
+interval. The tuned table differs from the grid at every step (grid
 +/- 2.5 timesteps, with the pipeline's own shift / mu). SD3 runs with classifier-free guidance (5.0, a batch of two
 per call), Flux with its dynamic shift (mu from the image size). output_type="latent": the VAE decode, equal in
 both, is left out of the ratio. Timings are reported, never asserted on.
@@ -22,13 +24,20 @@ import time
 
 import torch
 
+from diffusers_timetuner.testbeds import tiny_pipelines
+
 from . import cli_args, writer
 from .inference_overhead import TARGET, paired_ratio_stats
 
 NAME = "inference_overhead_flow"
+# per run size, per component scale (see `testbeds.tiny_pipelines`): steps, paired repetitions, warm-up calls,
+# bootstrap resamples, image size in pixels. The tiny scale is always run (the strictest case: the network is so cheap
+# that scheduler overhead weighs the most); the realistic one has a transformer call of tens of milliseconds.
 SIZES = {
-    "quick": dict(nfe=4, reps=4, warmup=1, bootstrap=2000, size=16),
-    "medium": dict(nfe=10, reps=100, warmup=3, bootstrap=2000, size=32),
+    "quick": dict(tiny=dict(nfe=4, reps=4, warmup=1, bootstrap=2000, size=16),
+                  realistic=dict(nfe=2, reps=2, warmup=1, bootstrap=2000, size=64)),
+    "medium": dict(tiny=dict(nfe=10, reps=100, warmup=3, bootstrap=2000, size=32),
+                   realistic=dict(nfe=10, reps=30, warmup=2, bootstrap=2000, size=64)),
 }
 
 
@@ -37,47 +46,18 @@ def parse_args(argv=None):
     return cli_args.add_common_args(parser).parse_args(argv)
 
 
-def _vae():
-    from diffusers import AutoencoderKL
+def build_sd3(scale="tiny"):
+    from diffusers import StableDiffusion3Pipeline
 
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-        shift_factor=0.0609, scaling_factor=1.5035,
-    ).eval()
+    comps, embeds = tiny_pipelines.sd3_parts(scale)
+    return StableDiffusion3Pipeline, comps, dict(shift=3.0), dict(embeds, guidance_scale=5.0)
 
 
-def build_sd3():
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+def build_flux(scale="tiny"):
+    from diffusers import FluxPipeline
 
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
-    ).eval()
-    g = torch.Generator().manual_seed(1)
-    pe, pp = torch.randn(1, 7, 32, generator=g), torch.randn(1, 64, generator=g)
-    kwargs = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=0.5 * pe,
-                  negative_pooled_prompt_embeds=0.5 * pp, guidance_scale=5.0)
-    comps = dict(transformer=transformer, vae=_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
-                 tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-    return StableDiffusion3Pipeline, comps, dict(shift=3.0), kwargs
-
-
-def build_flux():
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-    ).eval()
-    g = torch.Generator().manual_seed(1)
-    kwargs = dict(prompt_embeds=torch.randn(1, 7, 32, generator=g),
-                  pooled_prompt_embeds=torch.randn(1, 32, generator=g))
-    comps = dict(transformer=transformer, vae=_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
-                 tokenizer_2=None)
+    comps, embeds = tiny_pipelines.flux_parts(scale)
+    kwargs = dict(prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=embeds["pooled_prompt_embeds"])
     config = dict(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
     return FluxPipeline, comps, config, kwargs
 
@@ -122,12 +102,12 @@ def scheduler_seconds_per_step(schedulers, nfe, shape, set_args, rounds=10, reps
     return {k: statistics.median(v) for k, v in per.items()}
 
 
-def measure(name, builder, cfg, seed):
+def measure(name, builder, scale, cfg, seed):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from diffusers_timetuner import TimeTunerFlowMatchEulerDiscreteScheduler
 
-    cls, comps, sched_config, kwargs = builder()
+    cls, comps, sched_config, kwargs = builder(scale)
     nfe, size = cfg["nfe"], cfg["size"]
     pipe = cls(**comps, scheduler=FlowMatchEulerDiscreteScheduler(**sched_config))
     pipe.set_progress_bar_config(disable=True)
@@ -156,12 +136,13 @@ def measure(name, builder, cfg, seed):
     tuned = TimeTunerFlowMatchEulerDiscreteScheduler(**sched_config).with_tuned_timesteps(nfe, taus, grid=grid,
                                                                                            info=info)
     untuned = FlowMatchEulerDiscreteScheduler(**sched_config)
-    cli_args.log(f"{NAME}: {name}, {nfe} steps, {size}x{size}, {cfg['reps']} interleaved reps")
+    cli_args.log(f"{NAME}: {name} ({scale}), {nfe} steps, {size}x{size}, {cfg['reps']} interleaved reps")
     times = time_pair(pipe, {"untuned": untuned, "tuned": tuned}, call, cfg["reps"], cfg["warmup"])
     if [round(float(t), 3) for t in tuned.timesteps] != [round(t, 3) for t in taus]:  # the table really ran
         raise RuntimeError(f"{name}: the tuned scheduler ran {tuned.timesteps.tolist()}, not its table {taus}.")
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"pipeline": cls.__name__, "scheduler_config": sched_config, "mu": mu, "nfe": nfe, "size": size,
+    out = {"pipeline": cls.__name__, "scale": scale, "scheduler_config": sched_config, "mu": mu, "nfe": nfe,
+           "size": size, "reps": cfg["reps"],
            "guidance_scale": kwargs.get("guidance_scale"), "grid": grid, "taus": taus, "times_s": times,
            "median_s": med, "ratio_of_medians": med["tuned"] / med["untuned"]}
     out.update(paired_ratio_stats(times["untuned"], times["tuned"], cfg["bootstrap"], seed))
@@ -190,40 +171,46 @@ def main(args) -> dict:
         raise ValueError("inference_overhead_flow times CPU calls only (no CUDA synchronisation); use --device cpu.")
     run = writer.Run(NAME, args, device)
     cfg = SIZES[args.size]
-    results = {"settings": cfg, "target": TARGET,
-               "pipelines": {"sd3": measure("StableDiffusion3Pipeline", build_sd3, cfg, args.seed),
-                             "flux": measure("FluxPipeline", build_flux, cfg, args.seed)}}
+    pipelines = {}
+    for scale in ("tiny", "realistic"):
+        suffix = "" if scale == "tiny" else f"_{scale}"
+        pipelines["sd3" + suffix] = measure("StableDiffusion3Pipeline", build_sd3, scale, cfg[scale], args.seed)
+        pipelines["flux" + suffix] = measure("FluxPipeline", build_flux, scale, cfg[scale], args.seed)
+    results = {"settings": cfg, "target": TARGET, "pipelines": pipelines}
     return run.write(results, markdown(results), plot(results))
 
 
 def markdown(results) -> str:
     rows = []
-    for key, r in results["pipelines"].items():
+    for r in results["pipelines"].values():
         lo, hi = r["paired_ratio_ci95"]
-        rows.append([r["pipeline"], r["nfe"], f"{1e3 * r['median_s']['untuned']:.2f}",
+        rows.append([r["pipeline"], r["scale"], f"{r['size']}x{r['size']}", r["nfe"], r["reps"],
+                     f"{1e3 * r['median_s']['untuned']:.2f}",
                      f"{1e3 * r['median_s']['tuned']:.2f}", f"{r['median_paired_ratio']:.4f}",
                      f"[{lo:.4f}, {hi:.4f}]", f"{r['ratio_of_medians']:.4f}", f"{r['ratio_bound']:.5f}",
                      f"{1e6 * r['scheduler_s_per_step']['untuned']:.0f} / "
                      f"{1e6 * r['scheduler_s_per_step']['tuned']:.0f}",
                      r["verdict"]])
-    n = results["settings"]["reps"]
     return ("# Inference overhead: flow-matching pipelines\n\nTuned `TimeTunerFlowMatchEulerDiscreteScheduler` "
-            "(every tau off the grid by 2.5) vs Diffusers' `FlowMatchEulerDiscreteScheduler`, tiny offline "
-            f"components, {n} interleaved repetitions per pipeline, order alternating; SD3 with guidance 5.0 and "
-            "shift 3.0, Flux with its dynamic shift. Target: tuned / untuned <= "
-            f"{results['target']} (met when the whole 95% interval is below it).\n\n"
-            + writer.markdown_table(["pipeline", "steps", "untuned ms", "tuned ms", "median paired ratio",
-                                     "bootstrap 95% CI", "ratio of medians", "scheduler-only bound",
-                                     "scheduler us/step untuned / tuned", "target"], rows)
+            "(every tau off the grid by 2.5) vs Diffusers' `FlowMatchEulerDiscreteScheduler`, random offline "
+            "components (`diffusers_timetuner.testbeds.tiny_pipelines`) at two scales: *tiny* (one transformer block, "
+            "well under a millisecond per call: scheduler cost weighs the most) and *realistic* (more and wider "
+            "blocks, 256 image tokens: tens of milliseconds per transformer call). Interleaved repetitions, order "
+            "alternating; SD3 with guidance 5.0 (a batch of two per call) and shift 3.0, Flux with its dynamic "
+            f"shift. Target: tuned / untuned <= {results['target']} (met when the whole 95% interval is below it, "
+            "missed when all of it is above).\n\n"
+            + writer.markdown_table(["pipeline", "scale", "image", "steps", "reps", "untuned ms", "tuned ms",
+                                     "median paired ratio", "bootstrap 95% CI", "ratio of medians",
+                                     "scheduler-only bound", "scheduler us/step untuned / tuned", "target"], rows)
             + "\nThe scheduler-only bound is 1 + (tuned - untuned scheduler seconds per step, set_timesteps + step "
             "on the pipeline's latent shape without the network) / (untuned pipeline seconds per step): the overhead "
             "the scheduler itself can add, free of the network's timing noise on a shared CPU.\n")
 
 
 def plot(results):
-    fig, axes = writer.figure(ncols=len(results["pipelines"]), nrows=1, size=(4.4, 3.3))
+    fig, axes = writer.figure(ncols=2, nrows=(len(results["pipelines"]) + 1) // 2, size=(4.4, 3.3))
     for k, r in enumerate(results["pipelines"].values()):
-        ax = axes[0][k]
+        ax = axes[k // 2][k % 2]
         ratios = r["paired_ratios"]
         lo, hi = r["paired_ratio_ci95"]
         ax.plot(range(1, len(ratios) + 1), ratios, "o", ms=3, label="paired ratio per repetition")
@@ -231,7 +218,7 @@ def plot(results):
         ax.axhline(results["target"], color="tab:red", ls="--", lw=1, label=f"target {results['target']}")
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.axhline(r["ratio_bound"], color="black", ls=":", lw=1.2, label=f"scheduler bound {r['ratio_bound']:.4f}")
-        ax.set_title(f"{r['pipeline']}: {r['verdict']}", fontsize=8)
+        ax.set_title(f"{r['pipeline']} ({r['scale']}): {r['verdict']}", fontsize=8)
         ax.set_xlabel("repetition")
         ax.set_ylabel("tuned / untuned call time")
         ax.legend(fontsize=6)

@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     FluxImg2ImgPipeline,
     FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -27,6 +24,7 @@ from diffusers_timetuner import (
     TimeTunerHeunDiscreteScheduler,
     TimeTunerUniPCMultistepScheduler,
 )
+from diffusers_timetuner.testbeds.tiny_pipelines import flux_parts, sd3_parts
 from test_pipelines import SD_CONFIG, TimestepSpy, sd_components, vae  # noqa: F401  (fixtures)
 
 FM = TimeTunerFlowMatchEulerDiscreteScheduler
@@ -40,45 +38,14 @@ def shifted(values, d=2.5, top=1000):
     return [t + d if t + d <= top else t - d for t in values]
 
 
-def _vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-        shift_factor=0.0609, scaling_factor=1.5035,
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def sd3():
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
-    ).eval()
-    comps = dict(transformer=transformer, vae=_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
-                 tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-    g = torch.Generator().manual_seed(1)
-    pe, pp = torch.randn(1, 7, 32, generator=g), torch.randn(1, 64, generator=g)
-    embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=0.5 * pe,
-                  negative_pooled_prompt_embeds=0.5 * pp)
-    return comps, embeds
+    return sd3_parts("tiny")
 
 
 @pytest.fixture(scope="module")
 def flux():
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-    ).eval()
-    comps = dict(transformer=transformer, vae=_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
-                 tokenizer_2=None)
-    g = torch.Generator().manual_seed(1)
-    pe, pp = torch.randn(1, 7, 32, generator=g), torch.randn(1, 32, generator=g)
-    embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=0.5 * pe,
-                  negative_pooled_prompt_embeds=0.5 * pp)
-    return comps, embeds
+    return flux_parts("tiny")
 
 
 def make(cls, comps, scheduler):

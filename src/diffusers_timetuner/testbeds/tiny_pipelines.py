@@ -1,0 +1,85 @@
+"""Random, offline `StableDiffusion3Pipeline` / `FluxPipeline` components, for tests and the overhead benchmark.
+
+No text encoders or tokenizers: the prompt embeddings are seeded random tensors passed to the pipeline directly.
+``scale="tiny"`` is the smallest configuration the transformers accept (one block; a network call takes well under a
+millisecond, so scheduler cost weighs the most); ``scale="realistic"`` keeps the architecture but gives it more
+blocks, wider attention and a longer token sequence, so one transformer call takes tens of milliseconds on one CPU
+core, in proportion to the per-step work of a real model. Everything is seeded: a call gives the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Transformer sizes per scale. SD3: (blocks, attention heads, head dimension, patch size); Flux: (double blocks, single
+# blocks, attention heads, head dimension). At "realistic" a 64x64 image (a 32x32 latent with this VAE) is 256 image
+# tokens for both, as the real models' 2x2 patches / packing make them.
+SCALES = {
+    "tiny": dict(sd3=(1, 4, 8, 1), flux=(1, 1, 2, 16)),
+    "realistic": dict(sd3=(2, 4, 32, 2), flux=(1, 2, 4, 32)),
+}
+# Pixel size (height = width) at which each scale is sampled by default.
+IMAGE_SIZE = {"tiny": 16, "realistic": 64}
+
+
+def _check_scale(scale: str) -> None:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}.")
+
+
+def tiny_vae():
+    """A two-block `AutoencoderKL` (4 latent channels, downsampling by 2), SD3's shift / scaling factors."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    ).eval()
+
+
+def sd3_parts(scale: str = "tiny"):
+    """(components for `StableDiffusion3Pipeline(**components, scheduler=...)`, prompt embeddings with negatives)."""
+    from diffusers import SD3Transformer2DModel
+
+    _check_scale(scale)
+    layers, heads, head_dim, patch = SCALES[scale]["sd3"]
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=patch, in_channels=4, num_layers=layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, caption_projection_dim=heads * head_dim, joint_attention_dim=32,
+        pooled_projection_dim=64, out_channels=4,
+    ).eval()
+    components = dict(transformer=transformer, vae=tiny_vae(), text_encoder=None, tokenizer=None,
+                      text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    g = torch.Generator().manual_seed(1)
+    pe, pp = torch.randn(1, 7, 32, generator=g), torch.randn(1, 64, generator=g)
+    embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=0.5 * pe,
+                  negative_pooled_prompt_embeds=0.5 * pp)
+    return components, embeds
+
+
+def flux_parts(scale: str = "tiny", guidance_embeds: bool = False):
+    """(components for `FluxPipeline(**components, scheduler=...)`, prompt embeddings with negatives).
+
+    ``guidance_embeds=True`` gives the transformer FLUX.1-dev's guidance embedding (the pipeline's
+    ``guidance_scale`` is then a network input, not classifier-free guidance).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    _check_scale(scale)
+    double, single, heads, head_dim = SCALES[scale]["flux"]
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[head_dim // 4, head_dim // 4, head_dim // 2], guidance_embeds=guidance_embeds,
+    ).eval()
+    components = dict(transformer=transformer, vae=tiny_vae(), text_encoder=None, tokenizer=None,
+                      text_encoder_2=None, tokenizer_2=None)
+    g = torch.Generator().manual_seed(1)
+    pe, pp = torch.randn(1, 7, 32, generator=g), torch.randn(1, 32, generator=g)
+    embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=0.5 * pe,
+                  negative_pooled_prompt_embeds=0.5 * pp)
+    return components, embeds
