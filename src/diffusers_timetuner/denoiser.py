@@ -1,17 +1,165 @@
 """The one place where "the time the model sees" is chosen.
 
 Samplers, calibration and benchmarks never call a network directly: they call a :class:`Denoiser`, which turns a
-diffusers network (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, or any module with the same call
-signature) into ``denoiser(x, tau, cond) -> model_output`` in the scheduler's ``prediction_type``, with
-classifier-free guidance applied exactly as diffusers pipelines apply it. Compare dpm-solver's ``model_wrapper`` /
-``get_model_input_time``: :meth:`Denoiser.model_input_time` is that function here.
+diffusers network (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, SD3Transformer2DModel,
+FluxTransformer2DModel, or any module with the UNet call signature) into ``denoiser(x, tau, cond) -> model_output``
+in the scheduler's ``prediction_type``, with classifier-free guidance applied exactly as diffusers pipelines apply
+it. Compare dpm-solver's ``model_wrapper`` / ``get_model_input_time``: :meth:`Denoiser.model_input_time` is that
+function here (tau in the scheduler's units), and a :class:`NetworkCall` hands it to the network the way the
+network's own pipeline does (SD3: as it is, by keyword; Flux: ``tau / 1000`` on packed latents).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Mapping, Optional
 
 import torch
+
+
+class NetworkCall:
+    """How a network is called: ``model(sample, t, **cond)`` (UNets, DiT, the testbeds), t in scheduler units."""
+
+    description: Dict[str, Any] = {"call": "model(sample, t, **cond)"}
+    # what to tell a user who passes text prompts where this network's pipeline cannot encode them here (None: can)
+    prompt_hint: Optional[str] = None
+
+    def inputs(self, cond: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+        """The network's keyword inputs from the user's conditioning (pipeline argument names accepted)."""
+        return None if cond is None else dict(cond)
+
+    def __call__(self, model, sample: torch.Tensor, t: torch.Tensor, cond: Dict[str, Any]):
+        return model(sample, t, **cond)
+
+    def default_sample_shape(self, model):
+        """The per-sample shape the network's pipeline samples by default, or `None` (then the config's)."""
+        return None
+
+    def image_seq_len(self, shape) -> Optional[int]:
+        """Image tokens of a sample of this shape (the dynamic shift's input); `None` where it does not apply."""
+        return None
+
+    def pipeline_sigmas(self, num_inference_steps: int, scheduler) -> Optional[list]:
+        """The sigma grid the network's pipeline passes to `set_timesteps` for n steps, `None` when it passes none."""
+        return None
+
+
+class _TransformerCall(NetworkCall):
+    """SD3 / Flux transformers: keyword inputs; the pipelines' embedding names map to the network's."""
+
+    RENAME = {"prompt_embeds": "encoder_hidden_states", "negative_prompt_embeds": "encoder_hidden_states",
+              "pooled_prompt_embeds": "pooled_projections", "negative_pooled_prompt_embeds": "pooled_projections"}
+    REQUIRED = ("encoder_hidden_states", "pooled_projections")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.prompt_hint = (
+            f"Text prompts are not encoded for a {name} here: encode them with the pipeline "
+            "(`pipe.encode_prompt(...)`) and pass conditions={'prompt_embeds': ..., 'pooled_prompt_embeds': ...} "
+            "(negative_conditions likewise for guidance)."
+        )
+
+    def inputs(self, cond):
+        if cond is None:
+            return None
+        out = {}
+        for key, value in cond.items():
+            name = self.RENAME.get(key, key)
+            if name in out:
+                raise ValueError(f"conditions give the {self.name} input {name!r} twice (as {key!r} too).")
+            out[name] = value
+        return out
+
+    def _check(self, cond: Dict[str, Any]) -> None:
+        missing = [k for k in self.REQUIRED if k not in cond]
+        if missing:
+            raise ValueError(
+                f"The {self.name} needs {missing} among its inputs: pass conditions={{'prompt_embeds': ..., "
+                "'pooled_prompt_embeds': ...}} (the embeddings the pipeline takes), and negative_conditions "
+                "likewise for classifier-free guidance."
+            )
+
+
+class SD3TransformerCall(_TransformerCall):
+    """`SD3Transformer2DModel` as `StableDiffusion3Pipeline` calls it: latents (B, C, H, W), the timestep as it is
+    (scheduler units, ``sigma * 1000``)."""
+
+    def __init__(self, model):
+        super().__init__(type(model).__name__)
+        self.patch_size = int(model.config.patch_size)
+        self.description = {"call": "StableDiffusion3Pipeline", "network_time": "tau"}
+
+    def __call__(self, model, sample, t, cond):
+        self._check(cond)
+        return model(hidden_states=sample, timestep=t, return_dict=False, **cond)[0]
+
+    def image_seq_len(self, shape) -> int:
+        # as StableDiffusion3Pipeline computes it for its dynamic shift
+        return (int(shape[-2]) // self.patch_size) * (int(shape[-1]) // self.patch_size)
+
+
+class FluxTransformerCall(_TransformerCall):
+    """`FluxTransformer2DModel` as `FluxPipeline` calls it: the sample is the unpacked latent (B, C, H, W) that
+    `FluxPipeline.prepare_latents` draws before packing, packed into 2x2 patches around the call; the network sees
+    ``tau / 1000``; a guidance-distilled transformer (``guidance_embeds``, FLUX.1-dev) gets `guidance` (the
+    pipeline's ``guidance_scale``, default 3.5) in its guidance embedding."""
+
+    DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
+
+    def __init__(self, model, guidance: Optional[float] = None):
+        super().__init__(type(model).__name__)
+        embeds = bool(getattr(model.config, "guidance_embeds", False))
+        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                     or not math.isfinite(guidance)):
+            raise ValueError(f"embedded_guidance_scale must be a finite number, got {guidance!r}.")
+        if guidance is not None and not embeds:
+            raise ValueError(f"embedded_guidance_scale={guidance} is for a transformer with a guidance embedding "
+                             f"(guidance_embeds=True, FLUX.1-dev); this {self.name} has none: leave it unset.")
+        self.guidance = (self.DEFAULT_GUIDANCE if guidance is None else float(guidance)) if embeds else None
+        self.channels = int(model.config.in_channels) // 4
+        self.description = {"call": "FluxPipeline", "network_time": "tau / 1000", "guidance": self.guidance}
+
+    def __call__(self, model, sample, t, cond):
+        from diffusers import FluxPipeline
+
+        self._check(cond)
+        b, c, h, w = sample.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"Flux packs 2x2 latent patches: the latent height and width must be even, got {h}x{w}.")
+        packed = FluxPipeline._pack_latents(sample, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, sample.device, sample.dtype)
+        txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=sample.device, dtype=sample.dtype)
+        guidance = None if self.guidance is None else torch.full((b,), self.guidance, device=sample.device)
+        out = model(hidden_states=packed, timestep=t / 1000, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids,
+                    return_dict=False, **cond)[0]
+        return FluxPipeline._unpack_latents(out, h, w, 1)
+
+    def default_sample_shape(self, model):
+        # FluxPipeline's default image (default_sample_size 128 times the VAE factor) is a 128 x 128 latent
+        return (self.channels, 128, 128)
+
+    def image_seq_len(self, shape) -> int:
+        return (int(shape[-2]) // 2) * (int(shape[-1]) // 2)  # packed tokens, as FluxPipeline computes it
+
+    def pipeline_sigmas(self, num_inference_steps, scheduler):
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            return None  # FluxPipeline then passes none
+        n = int(num_inference_steps)
+        return [float(v) for v in torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)]
+
+
+def network_call_for(model, embedded_guidance_scale: Optional[float] = None) -> NetworkCall:
+    """The :class:`NetworkCall` of `model`: by its class for SD3 / Flux transformers, the UNet call otherwise."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if isinstance(model, FluxTransformer2DModel):
+        return FluxTransformerCall(model, embedded_guidance_scale)
+    if embedded_guidance_scale is not None:
+        raise ValueError(f"embedded_guidance_scale is for a Flux transformer with a guidance embedding, not a "
+                         f"{type(model).__name__}: leave it unset.")
+    if isinstance(model, SD3Transformer2DModel):
+        return SD3TransformerCall(model)
+    return NetworkCall()
 
 Conditioning = Optional[Mapping[str, Any]]
 
@@ -32,6 +180,8 @@ class Denoiser:
         keep_learned_variance: models that also predict a variance return ``2 * C`` channels. By default only the
             first ``C`` channels (the mean prediction) are returned, as ``DiTPipeline`` does; set ``True`` when the
             scheduler consumes the variance channels itself (``DDPMScheduler(variance_type="learned")``).
+        network_call: how the network is called (default: `network_call_for(model)`, which knows SD3 and Flux
+            transformers).
     """
 
     def __init__(
@@ -42,7 +192,10 @@ class Denoiser:
         uncond: Conditioning = None,
         null_class_label: Optional[int] = None,
         keep_learned_variance: bool = False,
+        network_call: Optional[NetworkCall] = None,
     ):
+        self.network_call = network_call if network_call is not None else network_call_for(model)
+        uncond = self.network_call.inputs(uncond)
         if uncond is None and null_class_label is not None:
             uncond = {"class_labels": torch.tensor([int(null_class_label)])}
         if float(guidance_scale) != 1.0 and uncond is None:
@@ -76,7 +229,7 @@ class Denoiser:
         return t
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning = None) -> torch.Tensor:
-        cond = dict(cond or {})
+        cond = self.network_call.inputs(cond) or {}
         batch = sample.shape[0]
         if not self.do_classifier_free_guidance:
             return self._forward(sample, self.model_input_time(timestep, batch, sample.device), cond)
@@ -91,7 +244,7 @@ class Denoiser:
 
     def _forward(self, sample: torch.Tensor, t: torch.Tensor, cond: Dict[str, Any]) -> torch.Tensor:
         cond = {k: (v.to(sample.device) if torch.is_tensor(v) else v) for k, v in cond.items()}
-        out = self.model(sample, t, **cond)
+        out = self.network_call(self.model, sample, t, cond)
         out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, (tuple, list)) else out)
         self.num_forward_samples += sample.shape[0]
         if not bool(torch.isfinite(out.detach()).all()):

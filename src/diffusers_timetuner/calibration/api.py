@@ -8,6 +8,7 @@ report and the user-facing verdict (``_worse_advice`` / ``_se_note``). The piece
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..denoiser import Denoiser, slice_conditioning
+from ..denoiser import Denoiser, network_call_for, slice_conditioning
 from ..table import HELD_OUT_KEY, timesteps_close
 from .checkpoint import CheckpointStore
 from .config import CalibrationConfig
@@ -245,7 +246,22 @@ def calibrate(
             )
     if timesteps is not None:
         check_custom_grid(untuned, timesteps)
+    # how the network is called (SD3 / Flux transformers as their pipelines call them) and the sample it takes
+    network_call = network_call_for(model, config.embedded_guidance_scale)
+    data, data_labels = split_data(data)
+    shape = sample_shape_of(model, data, sample_shape if sample_shape is not None
+                            else network_call.default_sample_shape(model))
+    if data is not None:
+        if tuple(data.shape[1:]) != shape:
+            raise ValueError(f"data has samples of shape {tuple(data.shape[1:])}, the model expects {shape}.")
+    mu = pipeline_mu(untuned, network_call, shape) if mu is None else mu
     check_flow_settings(untuned, sigmas, mu)
+
+    def sigmas_for(n: int):
+        """The custom sigmas, else the ones the network's pipeline passes for n steps (Flux), else None."""
+        if sigmas is not None or "sigmas" not in inspect.signature(untuned.set_timesteps).parameters:
+            return sigmas
+        return network_call.pipeline_sigmas(n, untuned)
     tune = config.tune
     if tune != "tau":
         check_grid_tunable(untuned)
@@ -274,13 +290,8 @@ def calibrate(
     model.eval()
     model.requires_grad_(False)
     cond_set = build_conditions(model, pipeline, conditions, negative_conditions, guidance_scale, null_class_label,
-                                device)
-    denoiser = Denoiser(model, guidance_scale=guidance_scale, uncond=cond_set.uncond)
-    data, data_labels = split_data(data)
-    shape = sample_shape_of(model, data, sample_shape)
-    if data is not None:
-        if tuple(data.shape[1:]) != shape:
-            raise ValueError(f"data has samples of shape {tuple(data.shape[1:])}, the model expects {shape}.")
+                                device, prompt_hint=network_call.prompt_hint)
+    denoiser = Denoiser(model, guidance_scale=guidance_scale, uncond=cond_set.uncond, network_call=network_call)
     probe = check_float_timesteps(denoiser, shape, cond_set.take(range(1)), device, train_steps)
 
     # Disjoint seeded draws: calibration (seed), validation (seed + 1), held-out (seed + 2); identical everywhere.
@@ -300,7 +311,7 @@ def calibrate(
         "scheduler_class": type(base).__name__, "model_id": model_id,
         "prediction_type": getattr(untuned.config, "prediction_type", None),
         "data_free": data is None, "num_processes": dist.world_size,
-        "conditioning": cond_set.description,
+        "conditioning": cond_set.description, "network_call": network_call.description, "mu": mu,
     }
     # What a resumed run must share with the interrupted one: every setting (not the process count) and a probe of
     # the model (tells another model apart). A checkpoint with other values is refused, naming the keys.
@@ -322,7 +333,7 @@ def calibrate(
 
     def tau_table(n, grid, teacher=None):
         """Tau for n steps on ``grid`` (None: the scheduler's own) with the chosen strategy; guarded on that grid."""
-        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=grid, sigmas=sigmas, mu=mu)
+        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=grid, sigmas=sigmas_for(n), mu=mu)
         objective_obj.check(rollout)
         check_untuned_finite(rollout, shape, cond_set.take(range(1)))
         if teacher is None:
@@ -361,7 +372,7 @@ def calibrate(
         info = dict(settings, package="diffusers-timetuner", package_version=_version())
         # refuse a sampler that already ends non-finite before any teacher work (names its step, not the teacher's)
         check_untuned_finite(Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=timesteps,
-                                     sigmas=sigmas, mu=mu), shape, cond_set.take(range(1)))
+                                     sigmas=sigmas_for(n), mu=mu), shape, cond_set.take(range(1)))
         if fine_teacher is not None:
             if yardstick is None:
                 k = min(8, len(calib))
@@ -455,6 +466,19 @@ def check_untuned_finite(rollout: Rollout, shape, cond) -> None:
                 "final_sigmas_type='sigma_min' or solver_type='bh2')" if "UniPC" in type(sched).__name__ else "")
         raise ValueError(f"The untuned {type(sched).__name__} with n={rollout.num_inference_steps} gives non-finite "
                          f"samples{hint}; fix the scheduler config before calibrating.")
+
+
+def pipeline_mu(scheduler, network_call, shape) -> Optional[float]:
+    """The dynamic shift `mu` the network's pipeline computes from the image size (`calculate_shift` of its image
+    tokens, the scheduler's shift settings), for a scheduler with ``use_dynamic_shifting``; else `None`."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    seq_len = network_call.image_seq_len(shape)
+    if seq_len is None or not scheduler.config.get("use_dynamic_shifting", False):
+        return None
+    c = scheduler.config
+    return float(calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                 c.get("base_shift", 0.5), c.get("max_shift", 1.15)))
 
 
 def check_flow_settings(scheduler, sigmas, mu) -> None:

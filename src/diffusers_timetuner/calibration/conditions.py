@@ -49,8 +49,11 @@ class ConditionSet:
 
 
 def build_conditions(model, pipeline, conditions, negative_conditions, guidance_scale: float,
-                     null_class_label: Optional[int], device) -> ConditionSet:
-    """Turn the user's ``conditions`` into a :class:`ConditionSet` (see :func:`~.api.calibrate`)."""
+                     null_class_label: Optional[int], device, prompt_hint: Optional[str] = None) -> ConditionSet:
+    """Turn the user's ``conditions`` into a :class:`ConditionSet` (see :func:`~.api.calibrate`).
+
+    ``prompt_hint``: for a network whose prompts are not encoded here (SD3 / Flux), the error text for prompts.
+    """
     cfg = float(guidance_scale) != 1.0
     num_classes = getattr(getattr(model, "config", None), "num_class_embeds", None)
     if null_class_label is None:
@@ -60,6 +63,8 @@ def build_conditions(model, pipeline, conditions, negative_conditions, guidance_
 
     # text prompts: encode once with the pipeline's text encoder
     if _is_prompts(conditions):
+        if prompt_hint is not None:
+            raise ValueError(prompt_hint)
         if pipeline is None or not hasattr(pipeline, "encode_prompt"):
             raise ValueError("Prompts need a pipeline with `encode_prompt` (e.g. StableDiffusionPipeline): pass the "
                              "pipeline, or pass prompt embeddings as a tensor.")

@@ -55,6 +55,10 @@ class CalibrationConfig:
     adam_steps: Optional[int] = field(default=None, metadata={
         "help": "Adam mini-batches per step (default: the optimizer's, 500 as in the reference code)."})
     guidance_scale: float = field(default=1.0, metadata={"help": "Classifier-free guidance scale."})
+    embedded_guidance_scale: Optional[float] = field(default=None, metadata={
+        "help": "A guidance-distilled Flux transformer (guidance_embeds=True, FLUX.1-dev): the value its guidance "
+                "embedding gets, FluxPipeline's guidance_scale (default 3.5 there and here); not classifier-free "
+                "guidance. Sample with the same value."})
     num_samples: int = field(default=64, metadata={"help": "Calibration samples."})
     batch_size: int = field(default=64, metadata={"help": "Samples per network call and process."})
     num_validation_samples: Optional[int] = field(default=32, metadata={"help": "Samples of the validation guard."})

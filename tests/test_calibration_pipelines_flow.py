@@ -1,0 +1,194 @@
+"""`calibrate()` on `StableDiffusion3Pipeline` / `FluxPipeline` objects (tiny random components, offline).
+
+The denoiser calls each transformer as its pipeline does (SD3: keyword inputs, the timestep as it is; Flux: packed
+latents, ``tau / 1000``, image / text ids, the guidance embedding); the grid is the pipeline's (Flux's own sigmas,
+``mu`` from the image size). Each test calibrates a small table, checks with a forward pre-hook that the transformer
+of a pipeline call with the calibrated scheduler receives the taus, and round-trips the table through
+``save_pretrained`` / ``from_pretrained``.
+"""
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from diffusers_timetuner import TimeTunerFlowMatchEulerDiscreteScheduler, calibrate
+from diffusers_timetuner.denoiser import Denoiser
+from diffusers_timetuner.sampling import sample
+from diffusers_timetuner.testbeds.tiny_pipelines import flux_parts, sd3_parts
+
+FM = TimeTunerFlowMatchEulerDiscreteScheduler
+# Flux's scheduler config with the token counts of the tiny latents (an 8x8 latent is 16 tokens, 16x16 is 64)
+FLUX_CONFIG = dict(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
+
+
+def small(**kw):
+    base = dict(num_samples=4, batch_size=4, num_validation_samples=4, num_heldout_samples=4, progress=False,
+                guard=False, teacher_steps=6, objective="endpoint")
+    base.update(kw)
+    return base
+
+
+class Spy:
+    """Forward pre-hook recording the timestep (and guidance) of every transformer call."""
+
+    def __init__(self, module):
+        self.times, self.guidance = [], []
+        self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        t = kwargs["timestep"].reshape(-1)
+        assert torch.all(t == t[0]), "one timestep per call"
+        self.times.append(float(t[0]))
+        g = kwargs.get("guidance")
+        self.guidance.append(None if g is None else float(g.reshape(-1)[0]))
+
+    def close(self):
+        self.handle.remove()
+
+
+def embeds_as_conditions(embeds):
+    cond = {"prompt_embeds": embeds["prompt_embeds"], "pooled_prompt_embeds": embeds["pooled_prompt_embeds"]}
+    neg = {"prompt_embeds": embeds["negative_prompt_embeds"],
+           "pooled_prompt_embeds": embeds["negative_pooled_prompt_embeds"]}
+    return cond, neg
+
+
+def round_trip(res, tmp_path):
+    res.scheduler.save_pretrained(tmp_path)
+    loaded = FM.from_pretrained(tmp_path)
+    assert loaded.config.tuned_timesteps == res.scheduler.config.tuned_timesteps
+    return loaded
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0], ids=["no_cfg", "cfg"])
+def test_sd3_pipeline_calibrates_and_its_transformer_receives_tau(guidance_scale, tmp_path):
+    comps, embeds = sd3_parts()
+    pipe = StableDiffusion3Pipeline(**comps, scheduler=FM(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    cond, neg = embeds_as_conditions(embeds)
+    n = 3
+    res = calibrate(pipe, None, n, conditions=cond, negative_conditions=neg if guidance_scale != 1 else None,
+                    guidance_scale=guidance_scale, sample_shape=(4, 8, 8), **small())
+    taus = res.scheduler.config.tuned_timesteps[str(n)]
+    grid = res.scheduler.config.tuned_grids[str(n)]
+    assert taus != grid  # a table that differs from tau = t travels below
+    assert res.reports[n].forward_samples > 0
+    loaded = round_trip(res, tmp_path)
+    pipe.scheduler = loaded
+    spy = Spy(comps["transformer"])
+    kw = dict(num_inference_steps=n, guidance_scale=guidance_scale, height=16, width=16, output_type="latent",
+              generator=torch.Generator().manual_seed(0), **embeds)
+    tuned = pipe(**kw).images
+    spy.close()
+    # the pipeline batches both CFG branches into one call: one call per step either way
+    assert np.allclose(spy.times, np.float32(taus), rtol=0, atol=1e-3)
+    pipe.scheduler = FM(shift=3.0)
+    untuned = pipe(**dict(kw, generator=torch.Generator().manual_seed(0))).images
+    assert not torch.equal(tuned, untuned)
+
+
+def test_flux_pipeline_with_guidance_embedding_calibrates_on_its_own_grid(tmp_path):
+    comps, embeds = flux_parts(guidance_embeds=True)
+    pipe = FluxPipeline(**comps, scheduler=FM(**FLUX_CONFIG))
+    pipe.set_progress_bar_config(disable=True)
+    cond, _ = embeds_as_conditions(embeds)
+    n = 3
+    calib_spy = Spy(comps["transformer"])
+    res = calibrate(pipe, "flow_euler", n, conditions=cond, embedded_guidance_scale=4.0, sample_shape=(4, 8, 8),
+                    **small())
+    calib_spy.close()
+    assert set(calib_spy.guidance) == {4.0}  # every calibration call fed the guidance embedding the given value
+    assert max(calib_spy.times) <= 1.0  # Flux's network time is tau / 1000, in [0, 1]
+    info = res.scheduler.config.tuning_info[str(n)]
+    # mu as FluxPipeline computes it for a 16x16 image (8x8 latent: 16 packed tokens)
+    assert info["time_shift"] == {"use_dynamic_shifting": True, "mu": calculate_shift(16, 16, 256, 0.5, 1.15)}
+    taus = res.scheduler.config.tuned_timesteps[str(n)]
+    assert taus != res.scheduler.config.tuned_grids[str(n)]
+    pipe.scheduler = round_trip(res, tmp_path)
+    spy = Spy(comps["transformer"])
+    kw = dict(num_inference_steps=n, guidance_scale=4.0, height=16, width=16, output_type="latent",
+              generator=torch.Generator().manual_seed(0), prompt_embeds=embeds["prompt_embeds"],
+              pooled_prompt_embeds=embeds["pooled_prompt_embeds"])
+    pipe(**kw)  # the recorded grid is checked at set_timesteps: Flux's own sigmas and mu must be the calibrated ones
+    spy.close()
+    assert np.allclose(spy.times, np.float32(taus) / 1000, rtol=0, atol=1e-6)
+    assert set(spy.guidance) == {4.0}
+    # another image size is another mu: refused with the table's message
+    with pytest.raises(ValueError, match="tuned with mu="):
+        pipe(**dict(kw, height=32, width=32))
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 3.0], ids=["no_cfg", "true_cfg"])
+def test_flux_pipeline_calibrates_with_and_without_true_cfg(true_cfg, tmp_path):
+    comps, embeds = flux_parts()
+    pipe = FluxPipeline(**comps, scheduler=FM(**FLUX_CONFIG))
+    pipe.set_progress_bar_config(disable=True)
+    cond, neg = embeds_as_conditions(embeds)
+    n = 2
+    res = calibrate(pipe, None, n, conditions=cond, negative_conditions=neg if true_cfg != 1 else None,
+                    guidance_scale=true_cfg, sample_shape=(4, 8, 8), **small())
+    taus = res.scheduler.config.tuned_timesteps[str(n)]
+    pipe.scheduler = round_trip(res, tmp_path)
+    spy = Spy(comps["transformer"])
+    pipe(num_inference_steps=n, true_cfg_scale=true_cfg, height=16, width=16, output_type="latent",
+         generator=torch.Generator().manual_seed(0), **embeds)
+    spy.close()
+    calls = 2 if true_cfg != 1 else 1  # Flux's true CFG: a conditional and a negative call per step
+    assert np.allclose(spy.times, np.repeat(np.float32(taus) / 1000, calls), rtol=0, atol=1e-6)
+    assert spy.guidance == [None] * (n * calls)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_denoiser_samples_as_the_pipeline_does(kind):
+    """An untuned run of the denoiser on the pipeline's grid from the same x_T ends where the pipeline ends: the
+    network call (keyword inputs, packing, ids, tau / 1000, CFG batching) is the pipeline's."""
+    parts, cls, config, cfg = (sd3_parts, StableDiffusion3Pipeline, dict(shift=3.0), 4.0) if kind == "sd3" else \
+        (flux_parts, FluxPipeline, FLUX_CONFIG, 1.0)
+    comps, embeds = parts()
+    pipe = cls(**comps, scheduler=FM(**config))
+    pipe.set_progress_bar_config(disable=True)
+    cond, neg = embeds_as_conditions(embeds)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    if kind == "sd3":
+        out = pipe(latents=noise, num_inference_steps=3, guidance_scale=cfg, height=16, width=16,
+                   output_type="latent", **embeds).images
+        set_kwargs = {}
+    else:
+        packed = FluxPipeline._pack_latents(noise, 1, 4, 8, 8)
+        out = pipe(latents=packed, num_inference_steps=3, height=16, width=16, output_type="latent",
+                   prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=embeds["pooled_prompt_embeds"]).images
+        out = FluxPipeline._unpack_latents(out, 8, 8, 1)
+        set_kwargs = dict(sigmas=np.linspace(1.0, 1 / 3, 3), mu=pipe.scheduler._mu)
+    denoiser = Denoiser(comps["transformer"], guidance_scale=cfg, uncond=neg if cfg != 1 else None)
+    sched = FM(**config)
+    if set_kwargs:
+        sched.set_timesteps(**set_kwargs)
+    else:
+        sched.set_timesteps(3)
+    ours = sample(denoiser, sched, noise, None, cond)
+    assert torch.allclose(ours, out, atol=1e-5, rtol=1e-5)
+
+
+def test_pipeline_inputs_are_checked_before_calibrating():
+    comps, embeds = sd3_parts()
+    pipe = StableDiffusion3Pipeline(**comps, scheduler=FM(shift=3.0))
+    with pytest.raises(ValueError, match="encode them with the pipeline"):
+        calibrate(pipe, None, 2, conditions=["a photo"], sample_shape=(4, 8, 8), **small())
+    with pytest.raises(ValueError, match=r"needs \['pooled_projections'\]"):
+        calibrate(pipe, None, 2, conditions={"prompt_embeds": embeds["prompt_embeds"]}, sample_shape=(4, 8, 8),
+                  **small())
+    with pytest.raises(ValueError, match="embedded_guidance_scale is for a Flux transformer"):
+        calibrate(pipe, None, 2, conditions=embeds_as_conditions(embeds)[0], embedded_guidance_scale=3.5,
+                  sample_shape=(4, 8, 8), **small())
+    fcomps, fembeds = flux_parts()  # no guidance embedding
+    flux = FluxPipeline(**fcomps, scheduler=FM(**FLUX_CONFIG))
+    with pytest.raises(ValueError, match="has none: leave it unset"):
+        calibrate(flux, None, 2, conditions=embeds_as_conditions(fembeds)[0], embedded_guidance_scale=3.5,
+                  sample_shape=(4, 8, 8), **small())
+    with pytest.raises(ValueError, match="embedded_guidance_scale must be a finite number"):
+        calibrate(FluxPipeline(**flux_parts(guidance_embeds=True)[0], scheduler=FM(**FLUX_CONFIG)), None, 2,
+                  conditions=embeds_as_conditions(fembeds)[0], embedded_guidance_scale=float("nan"),
+                  sample_shape=(4, 8, 8), **small())
+    with pytest.raises(ValueError, match="must be even"):
+        calibrate(flux, None, 2, conditions=embeds_as_conditions(fembeds)[0], sample_shape=(4, 7, 8), **small())
