@@ -187,6 +187,11 @@ def main(args) -> dict:
     return run.write(results, markdown(results), plot(results))
 
 
+def cpu_cell(stats) -> str:
+    lo, hi = stats["paired_ratio_ci95"]
+    return f"{stats['median_paired_ratio']:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
 def markdown(results) -> str:
     rows = []
     for r in results["pipelines"].values():
@@ -197,8 +202,7 @@ def markdown(results) -> str:
                      f"[{lo:.4f}, {hi:.4f}]", f"{r['ratio_of_medians']:.4f}", f"{r['ratio_bound']:.5f}",
                      f"{1e6 * r['scheduler_s_per_step']['untuned']:.0f} / "
                      f"{1e6 * r['scheduler_s_per_step']['tuned']:.0f}",
-                     r["verdict"], "{:.4f} [{:.4f}, {:.4f}]".format(r["cpu_time"]["median_paired_ratio"],
-                                                                  *r["cpu_time"]["paired_ratio_ci95"])])
+                     r["verdict"], cpu_cell(r["cpu_time"])])
     return ("# Inference overhead: flow-matching pipelines\n\nTuned `TimeTunerFlowMatchEulerDiscreteScheduler` "
             "(every tau off the grid by 2.5) vs Diffusers' `FlowMatchEulerDiscreteScheduler`, random offline "
             "components (`diffusers_timetuner.testbeds.tiny_pipelines`) at two scales: *tiny* (one transformer block, "

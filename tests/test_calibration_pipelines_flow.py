@@ -192,3 +192,21 @@ def test_pipeline_inputs_are_checked_before_calibrating():
                   sample_shape=(4, 8, 8), **small())
     with pytest.raises(ValueError, match="must be even"):
         calibrate(flux, None, 2, conditions=embeds_as_conditions(fembeds)[0], sample_shape=(4, 7, 8), **small())
+
+
+def test_sd3_pipeline_calibrates_on_a_custom_sigma_grid(tmp_path):
+    comps, embeds = sd3_parts()
+    pipe = StableDiffusion3Pipeline(**comps, scheduler=FM(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    sigmas = [1.0, 0.6, 0.25]
+    res = calibrate(pipe, None, conditions=embeds_as_conditions(embeds)[0], sigmas=sigmas, sample_shape=(4, 8, 8),
+                    **small())
+    taus = res.scheduler.config.tuned_timesteps["3"]
+    pipe.scheduler = round_trip(res, tmp_path)
+    spy = Spy(comps["transformer"])
+    pipe(sigmas=sigmas, guidance_scale=1.0, height=16, width=16, output_type="latent",
+         generator=torch.Generator().manual_seed(0), **embeds)
+    spy.close()
+    assert np.allclose(spy.times, np.float32(taus), rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="was tuned on the grid"):  # the recorded grid refuses the default one
+        pipe(num_inference_steps=3, guidance_scale=1.0, height=16, width=16, output_type="latent", **embeds)

@@ -224,8 +224,8 @@ def test_unipc_solver_p_refuses_a_table():
 
 
 def test_flow_tuned_step_reads_no_timestep_value(monkeypatch):
-    """The pipeline loop (`for t in scheduler.timesteps: step(..., t, ...)`) hands back views of the taus: set_timesteps
-    prepared their look-up, so no step reads a value (`.item()`, a device synchronisation on a GPU) or scans the
+    """The pipeline loop (`for t in scheduler.timesteps: step(..., t, ...)`) hands back views of the taus:
+    set_timesteps prepared their look-up, so no step reads a value (`.item()`, a device synchronisation on a GPU) or scans the
     table; a copy of a tau still takes the value look-up, with the same samples, and a view of another step's tau
     is still refused."""
     from diffusers_timetuner.schedulers import mixin

@@ -16,6 +16,8 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+Conditioning = Optional[Mapping[str, Any]]
+
 
 class NetworkCall:
     """How a network is called: ``model(sample, t, **cond)`` (UNets, DiT, the testbeds), t in scheduler units."""
@@ -160,8 +162,6 @@ def network_call_for(model, embedded_guidance_scale: Optional[float] = None) -> 
     if isinstance(model, SD3Transformer2DModel):
         return SD3TransformerCall(model)
     return NetworkCall()
-
-Conditioning = Optional[Mapping[str, Any]]
 
 
 class Denoiser:

@@ -15,7 +15,7 @@ __all__ = ["VALIDATED_ARGS", "validate_calibration_args"]
 VALIDATED_ARGS = (
     "num_inference_steps", "timesteps", "num_samples", "batch_size", "num_validation_samples", "num_heldout_samples",
     "teacher_steps", "guard_margin", "eta", "guidance_scale", "seed", "data", "sample_shape", "tune",
-    "grid_search_evaluations", "teacher",
+    "grid_search_evaluations", "teacher", "sigmas",
 )
 
 
@@ -47,17 +47,19 @@ def validate_calibration_args(
     tune: Any = "tau",
     grid_search_evaluations: Any = None,
     teacher: Any = "dpmsolver++",
+    sigmas: Any = None,
 ) -> None:
     """Raise ValueError for the first argument of ``calibrate`` that cannot be right, whatever the model.
 
-    Checks: step counts are positive integers (``timesteps``' length counts as one); sample counts are integers
-    (>= 1; ``num_validation_samples`` may be 0 or None to skip the guard); ``teacher_steps`` is above every step
-    count (a teacher no finer than the coarse sampler teaches nothing); ``guard_margin``, ``eta`` and
-    ``guidance_scale`` are finite (``guard_margin`` and ``eta`` >= 0); ``data`` has at least one row of finite values
-    whose shape matches ``sample_shape`` when both are given.
+    Checks: step counts are positive integers (the length of ``timesteps`` or ``sigmas`` counts as one); sample
+    counts are integers (>= 1; ``num_validation_samples`` may be 0 or None to skip the guard); ``teacher_steps`` is
+    above every step count (a teacher no finer than the coarse sampler teaches nothing); ``guard_margin``, ``eta``
+    and ``guidance_scale`` are finite (``guard_margin`` and ``eta`` >= 0); ``data`` has at least one row of finite
+    values whose shape matches ``sample_shape`` when both are given.
     """
     if num_inference_steps is None:
-        steps = [len(timesteps)] if timesteps is not None else [10]
+        grid = timesteps if timesteps is not None else sigmas
+        steps = [len(grid)] if grid is not None else [10]
     else:
         steps = list(num_inference_steps) if isinstance(num_inference_steps, (list, tuple)) else [num_inference_steps]
         if hasattr(num_inference_steps, "tolist"):

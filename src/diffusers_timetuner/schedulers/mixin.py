@@ -147,7 +147,7 @@ def _version_of(tensor: torch.Tensor) -> int | None:
 
 
 def _isolated_entries(values: list[float]) -> dict[float, int]:
-    """{value: index} of the entries that no other entry lies within the lookup tolerance of (see `_TimestepLookup`)."""
+    """{value: index} of the entries no other entry lies within the look-up tolerance of (see `_TimestepLookup`)."""
     exact: dict[float, int] = {}
     if values and all(map(math.isfinite, values)):
         # Every pairwise tolerance is <= atol + rtol * max|v| < reach, so an entry whose neighbours in sorted order
