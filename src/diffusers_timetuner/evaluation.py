@@ -272,6 +272,7 @@ class EvaluationPlan:
                                                 decode=bool(keep))
                 if images is not None:
                     record["images"][name] = images[keep]
+                record.setdefault("timesteps", {})[name] = self.text_sampler.last_timesteps
             else:
                 # untuned and tuned get the same step noise: one generator per batch, seeded by its first index
                 generator = torch.Generator().manual_seed(self.config.seed + 1 + int(idx[0])) if stochastic else None
@@ -358,10 +359,13 @@ class EvaluationPlan:
                           "(rows of the three sets resampled jointly, 200 resamples)"})
         for n in self.steps:
             tuned_x, untuned_x = samples[f"tuned_{n}"].double(), samples[f"untuned_{n}"].double()
-            probe = copy.deepcopy(self.tuned)
-            probe.set_timesteps(n, **({"mu": 0.0} if probe.config.get("use_dynamic_shifting", False) else {}))
-            rep: Dict[str, Any] = {"grid": [float(t) for t in grid_timesteps(probe)],
-                                   "taus": [float(t) for t in probe.timesteps]}
+            if self.latent:  # as the pipeline set them (a dynamic shift's mu included)
+                grid, taus = records[0]["timesteps"][f"tuned_{n}"]
+            else:
+                probe = copy.deepcopy(self.tuned)
+                probe.set_timesteps(n)
+                grid, taus = [float(t) for t in grid_timesteps(probe)], [float(t) for t in probe.timesteps]
+            rep: Dict[str, Any] = {"grid": grid, "taus": taus}
             if metric == "endpoint_mse":
                 errors = {"untuned": (untuned_x - teacher).pow(2).flatten(1).sum(1),
                           "tuned": (tuned_x - teacher).pow(2).flatten(1).sum(1)}
@@ -377,8 +381,6 @@ class EvaluationPlan:
             rep.update(change=change, change_se=se, relative_change=change / before if before > 0 else None,
                        verdict=verdict_for(change, se),
                        verdict_line=verdict_line(n, self.config.teacher_steps, before, after, change, se, metric))
-            if probe.config.get("use_dynamic_shifting", False):
-                rep["grid_note"] = "grid and taus shown at mu = 0; the pipeline sets mu from the image size"
             report["step_counts"][str(n)] = rep
         if fd_mnist:
             from .testbeds.mnist.classifier import fd_mnist as fd

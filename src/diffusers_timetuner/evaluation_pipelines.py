@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .sampling import grid_timesteps
+
 # What a pipeline's __call__ must take to be driven here.
 REQUIRED_CALL_ARGS = ("prompt", "latents", "num_inference_steps", "output_type", "callback_on_step_end",
                       "callback_on_step_end_tensor_inputs")
@@ -128,7 +130,8 @@ class TextPipelineSampler:
                  eta: Optional[float] = None, generators: Optional[List[torch.Generator]] = None,
                  decode: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(final latents as float32 on CPU, decoded images as uint8 on CPU or None) for x_T ``noise`` and the
-        prompts of ``indices``; ``generators`` (one per sample) give the step noise of stochastic samplers."""
+        prompts of ``indices``; ``generators`` (one per sample) give the step noise of stochastic samplers. The
+        call's (grid, timesteps fed) are left in ``last_timesteps``."""
         final: Dict[str, torch.Tensor] = {}
 
         def keep_latents(pipe, step, timestep, tensors):
@@ -148,6 +151,9 @@ class TextPipelineSampler:
         pipe.set_progress_bar_config(disable=True)  # the evaluation shows one bar over every call
         try:
             images = pipe(**kwargs).images
+            used = pipe.scheduler  # the grid and the times the network saw, as the pipeline set them (mu included)
+            self.last_timesteps = ([float(t) for t in grid_timesteps(used)],
+                                   [float(t) for t in used.timesteps])
         finally:
             pipe.scheduler = original
             if bar is None:
