@@ -390,3 +390,35 @@ def test_cli_on_a_saved_sd_pipeline_with_prompts_file_and_reference_folder(sd, t
     ref_pool = feats(evaluation.load_image_folder(str(ref)))
     pool = feats(result.images["tuned_3"])
     assert report["inception"]["tuned_3"]["fid"] == pytest.approx(fid(ref_pool, pool), rel=1e-6)
+
+
+def test_two_process_launch_on_a_text_pipeline_matches_one_process(sd, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo) on examples/evaluate.py with a saved tiny SD pipeline and a
+    prompts file: the same figures as a one-process run (the same x_T and prompt per sample index, any split)."""
+    import shutil
+    import subprocess
+
+    from test_evaluate import ROOT, _free_port
+
+    accelerate = shutil.which("accelerate")
+    assert accelerate is not None, "the `accelerate` launcher is not on PATH"
+    sd.save_pretrained(tmp_path / "pipe")
+    tuned_sd_scheduler(3).save_pretrained(tmp_path / "table")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    common = ["--tuned_schedule", str(tmp_path / "table"), "--pretrained_model_name_or_path", str(tmp_path / "pipe"),
+              "--skip_model_id_check", "--prompts", str(tmp_path / "prompts.txt"), "--num_samples", "5",
+              "--teacher_steps", str(TEACHER), "--batch_size", "2", "--grid_columns", "3", "--no_progress", "--cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli_evaluate.main(cli_evaluate.parse_args([*common, "--output_dir", str(one)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+              os.path.join(ROOT, "examples", "evaluate.py"), *common, "--output_dir", str(two)]
+    run = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Evaluating on 2 process(es)" in run.stdout
+    r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    assert r2["num_processes"] == 2 and r2["space"] == "latent"
+    for key in ("endpoint_mse_untuned", "endpoint_mse_tuned", "change", "change_se"):
+        assert r2["step_counts"]["3"][key] == pytest.approx(r1["step_counts"]["3"][key], rel=1e-4, abs=1e-7), key

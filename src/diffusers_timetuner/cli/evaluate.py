@@ -39,6 +39,7 @@ class EvaluateArguments:
                 "Flux), or 'mnist' / 'gmm' for a bundled testbed (default: the bundled testbed the table was tuned "
                 "for)."})
     prompts: Optional[str] = field(default=None, metadata={
+        "aliases": ["--prompts_file"],  # timetuner-calibrate's name for the same file
         "help": "Text-to-image pipelines: a text file of prompts, one per line (blank lines skipped), cycled over "
                 "the samples."})
     torch_dtype: Optional[str] = field(default=None, metadata={
