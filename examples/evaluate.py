@@ -6,9 +6,10 @@
         --pretrained_model_name_or_path ORG/sd3 --prompts prompts.txt --torch_dtype bfloat16   # text-to-image
     accelerate launch examples/evaluate.py --help     # every option (EvaluationConfig fields + the CLI's own)
 
-The same x_T (and labels or prompts) are sampled without the table, with it, and by a many-step teacher; the report says how far
-each few-step sample lands from the teacher's, whether the table helps (by more than 2 paired standard errors), and
-with --reference_dir the Inception FID / sFID / precision / recall. The console script `timetuner-evaluate` runs the
+The same x_T (and labels or prompts) are sampled without the table, with it, and by a many-step teacher; the report
+says how far each few-step sample lands from the teacher's (stochastic samplers: how far each sample set lies from
+the teacher's, in energy distance), whether the table helps (by more than 2 standard errors), and with
+--reference_dir the Inception FID / sFID / precision / recall. The console script `timetuner-evaluate` runs the
 same job.
 """
 import torch

@@ -19,7 +19,7 @@ from diffusers import (
     FluxPipeline,
     StableDiffusion3Pipeline,
 )
-from hub_server.outputs import SD_MODEL_ID, tiny_stable_diffusion, tuned_sd_scheduler
+from hub_server.outputs import tiny_stable_diffusion, tuned_sd_scheduler
 from test_pipelines_flow import FLUX_CONFIG, flux, sd3, shifted  # noqa: F401  (fixtures: tiny SD3 / Flux parts)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -66,7 +66,7 @@ def sd():
 
 
 @pytest.fixture(scope="module")
-def sd3_pipe(sd3):
+def sd3_pipe(sd3):  # noqa: F811  (the imported fixture)
     comps, _ = sd3
     torch.manual_seed(0)
     pipe = StableDiffusion3Pipeline(**dict(
@@ -78,7 +78,7 @@ def sd3_pipe(sd3):
 
 
 @pytest.fixture(scope="module")
-def flux_pipe(flux):
+def flux_pipe(flux):  # noqa: F811  (the imported fixture)
     comps, _ = flux
     torch.manual_seed(0)
     tokenizer_2, text_encoder_2 = t5_parts()

@@ -412,8 +412,8 @@ def verdict_line(n: int, teacher_steps: int, untuned: float, tuned: float, chang
     rel = f"{100 * change / untuned:+.1f}%" if untuned > 0 else "n/a"
     sigmas = f"{abs(change) / se:.1f} SE" if se > 0 else "SE 0"
     if metric == "endpoint_mse":
-        what, away, kind = f"endpoint distance to the {teacher_steps}-step teacher", "samples move away from the teacher", \
-            "paired"
+        what, away, kind = (f"endpoint distance to the {teacher_steps}-step teacher",
+                            "samples move away from the teacher", "paired")
     else:
         what, away, kind = (f"energy distance to the {teacher_steps}-step teacher's samples",
                             "the sample set moves away from the teacher's", "bootstrap")

@@ -55,8 +55,8 @@ class TextPipelineSampler:
         params = call_parameters(pipeline)
         missing = [a for a in REQUIRED_CALL_ARGS if a not in params]
         if missing:
-            raise ValueError(f"{type(pipeline).__name__}.__call__ takes no {', '.join(missing)}: this evaluation drives "
-                             "text-to-image pipelines through those arguments (e.g. StableDiffusionPipeline, "
+            raise ValueError(f"{type(pipeline).__name__}.__call__ takes no {', '.join(missing)}: this evaluation "
+                             "drives text-to-image pipelines through those arguments (e.g. StableDiffusionPipeline, "
                              "StableDiffusion3Pipeline, FluxPipeline).")
         self.pipeline = pipeline
         self.params = params
