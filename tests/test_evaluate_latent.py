@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import string
 
 import numpy as np
 import pytest
@@ -34,14 +35,17 @@ from diffusers_timetuner.schedulers import (
     TimeTunerFlowMatchEulerDiscreteScheduler,
 )
 
-PROMPTS = ["w1 w2 w3", "w4", "w5 w6"]  # words of the tiny CLIP vocabulary; 3 prompts cycled over the samples
+PROMPTS = ["a b c", "d", "e f"]  # words of the tiny vocabularies below; 3 prompts cycled over the samples
 N, TEACHER = 4, 8  # tiny sizes: enough to test the bookkeeping, not the quality
 FM = TimeTunerFlowMatchEulerDiscreteScheduler
 
 
 # ------------------------------------------------------------------------------------------ tiny pipelines
 def clip_tokenizer():
-    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2, **{f"w{i}</w>": i + 3 for i in range(90)}}
+    """One token per one-letter word: with no merges, BPE keeps single characters only, so a vocabulary of longer
+    words would turn every prompt into the same end-of-text tokens (and the prompts would not matter)."""
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2,
+             **{f"{c}</w>": i + 3 for i, c in enumerate(string.ascii_lowercase)}}
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)  # transformers 5: no files needed
 
 
@@ -54,7 +58,7 @@ def clip_config():
 def t5_parts():
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581w{i}", -float(i)) for i in range(90)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{c}", -1.0) for c in string.ascii_lowercase]
     encoder = T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
                                       decoder_start_token_id=0)).eval()
     return T5TokenizerFast(vocab=vocab, extra_ids=0), encoder
@@ -62,7 +66,9 @@ def t5_parts():
 
 @pytest.fixture(scope="module")
 def sd():
-    return tiny_stable_diffusion()  # UNet + VAE + CLIP text encoder + tokenizer; 8x8 images (VAE factor 1)
+    pipe = tiny_stable_diffusion()  # UNet + VAE + CLIP text encoder; 8x8 images (VAE factor 1)
+    pipe.tokenizer = clip_tokenizer()  # prompts of one-letter words that tokenize apart
+    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +139,9 @@ def test_sd_figures_equal_an_independent_computation(sd, sd_result):
     assert not torch.allclose(untuned, tuned)  # the table differs from tau = t
     for name, ref in (("untuned_3", untuned), ("tuned_3", tuned), ("teacher", teacher)):
         torch.testing.assert_close(sd_result.samples[name], ref, rtol=0, atol=1e-5)
+    # the prompts matter, so the match above also says each sample got its own prompt (cycled by index)
+    shuffled = by_hand(sd, DDIMScheduler.from_config(table.config), 3, noise, prompts[1:] + prompts[:1], **guidance)
+    assert (shuffled - untuned).abs().max() > 1e-3
 
     e_u = ((untuned.double() - teacher.double()) ** 2).flatten(1).sum(1).numpy()
     e_t = ((tuned.double() - teacher.double()) ** 2).flatten(1).sum(1).numpy()
@@ -325,7 +334,7 @@ def test_reference_images_that_cannot_be_compared(sd, shape, match, no_sampling)
 
 @pytest.mark.parametrize("config, match", [
     (dict(height=15), "height=15 is not a multiple of 4"),  # Flux: VAE factor 2 x 2 for packed latents
-    (dict(negative_prompt="w9"), "negative_prompt only with true_cfg_scale > 1"),
+    (dict(negative_prompt="z"), "negative_prompt only with true_cfg_scale > 1"),
 ])
 def test_flux_settings_refused(flux_pipe, config, match, no_sampling):
     with pytest.raises(ValueError, match=match):
@@ -422,3 +431,26 @@ def test_two_process_launch_on_a_text_pipeline_matches_one_process(sd, tmp_path)
     assert r2["num_processes"] == 2 and r2["space"] == "latent"
     for key in ("endpoint_mse_untuned", "endpoint_mse_tuned", "change", "change_se"):
         assert r2["step_counts"]["3"][key] == pytest.approx(r1["step_counts"]["3"][key], rel=1e-4, abs=1e-7), key
+
+
+def test_negative_prompt_defaults_to_the_one_the_table_was_calibrated_with(sd):
+    """A table calibrated with prompts records its negative prompt (tuning_info[n]["conditioning"]); without
+    --negative_prompt the evaluation uses it, as the pipeline called by hand with that negative prompt shows."""
+    base = tuned_sd_scheduler(3)
+    info = dict(base.config["tuning_info"]["3"], conditioning={"kind": "prompts", "prompts": PROMPTS,
+                                                               "negative_prompt": "g h"})
+    table = base.with_tuned_timesteps(3, base.config["tuned_timesteps"]["3"], grid=base.config["tuned_grids"]["3"],
+                                      info=info)
+    plan = prepare_evaluation(sd, table, EvaluationConfig(num_samples=2, teacher_steps=TEACHER, grid_columns=1),
+                              prompts=PROMPTS)
+    assert plan.text_sampler.settings()["negative_prompt"] == "g h"
+    got = plan.sample_batch([0, 1])["tuned_3"]
+    noise = seed_noise(2, (4, 8, 8))
+    with_neg = by_hand(sd, table, 3, noise, PROMPTS[:2], guidance_scale=5.0, negative_prompt=["g h"] * 2)
+    without = by_hand(sd, table, 3, noise, PROMPTS[:2], guidance_scale=5.0)
+    torch.testing.assert_close(got, with_neg, rtol=0, atol=1e-5)
+    assert (with_neg - without).abs().max() > 1e-4  # the negative prompt matters at guidance 5
+    # an explicit one wins
+    plan = prepare_evaluation(sd, table, EvaluationConfig(num_samples=2, teacher_steps=TEACHER, grid_columns=1,
+                                                          negative_prompt="z"), prompts=PROMPTS)
+    assert plan.text_sampler.settings()["negative_prompt"] == "z"

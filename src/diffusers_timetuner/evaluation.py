@@ -43,7 +43,7 @@ from .calibration.inputs import model_device
 from .calibration.stats import metric_value, paired_change
 from .calibration.teacher import fine_teacher_scheduler
 from .denoiser import Denoiser
-from .evaluation_pipelines import TextPipelineSampler, is_latent_pipeline, is_text_pipeline
+from .evaluation_pipelines import TextPipelineSampler, call_parameters, is_latent_pipeline, is_text_pipeline
 from .hub.fit import check_scheduler_fits_pipeline
 from .metrics import paired_difference
 from .sampling import grid_timesteps, sample, steps_draw_noise
@@ -71,7 +71,8 @@ class EvaluationConfig:
         "help": "Guidance scale (default: the one the table records, else 1.0 for pixel pipelines and the "
                 "pipeline's own default for text-to-image ones)."})
     negative_prompt: Optional[str] = field(default=None, metadata={
-        "help": "Negative prompt (text-to-image pipelines whose __call__ takes one)."})
+        "help": "Negative prompt (text-to-image pipelines whose __call__ takes one; default: the one the table was "
+                "calibrated with, if any)."})
     true_cfg_scale: Optional[float] = field(default=None, metadata={
         "help": "Flux's true classifier-free guidance scale (> 1 uses --negative_prompt)."})
     height: Optional[int] = field(default=None, metadata={
@@ -520,7 +521,13 @@ def prepare_evaluation(pipeline, tuned_scheduler, config: EvaluationConfig = Eva
     eta = config.eta if config.eta is not None else _recorded(tuned_scheduler, "eta", steps)
 
     if text:  # the pipeline's own __call__ encodes the prompts and applies guidance
-        sampler = TextPipelineSampler(pipeline, prompts, negative_prompt=config.negative_prompt,
+        negative = config.negative_prompt
+        recorded = _recorded(tuned_scheduler, "conditioning", steps) or {}
+        params = call_parameters(pipeline)  # Flux's negative prompt is a separate, opt-in true CFG: not defaulted
+        takes_negative = "negative_prompt" in params and "true_cfg_scale" not in params
+        if negative is None and takes_negative and recorded.get("kind") == "prompts":
+            negative = recorded.get("negative_prompt") or None  # the table's own (CFG's other branch), if any
+        sampler = TextPipelineSampler(pipeline, prompts, negative_prompt=negative,
                                       guidance_scale=None if guidance is None else float(guidance),
                                       true_cfg_scale=config.true_cfg_scale, height=config.height, width=config.width)
         plan = EvaluationPlan(pipeline, tuned_scheduler, config, steps, sampler.settings().get("guidance_scale"), eta,

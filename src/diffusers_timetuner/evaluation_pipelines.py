@@ -141,6 +141,8 @@ class TextPipelineSampler:
         kwargs = dict(self.call_kwargs, prompt=self.prompts_for(indices), num_inference_steps=int(num_inference_steps),
                       latents=self.latents(noise), output_type="pt" if decode else "latent",
                       callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"])
+        if "negative_prompt" in kwargs:  # one per prompt: Stable Diffusion wants the prompt's type (a list)
+            kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(kwargs["prompt"])
         if generators is not None:
             kwargs["generator"] = generators
         if eta is not None and "eta" in self.params:
