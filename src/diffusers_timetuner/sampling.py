@@ -129,3 +129,25 @@ def sample_trajectory(denoiser, scheduler, noise, num_inference_steps=None, cond
 
     sample(denoiser, scheduler, noise, num_inference_steps, cond, callback=both, **kwargs)
     return states
+
+
+def steps_draw_noise(scheduler, num_inference_steps: int, eta: Optional[float] = None) -> bool:
+    """Whether ``scheduler``'s steps draw noise (DDPM, DDIM with ``eta`` > 0, consistency models, SDE solvers).
+
+    Found by taking the first of ``num_inference_steps`` steps twice on a tiny dummy input with two different
+    generators (a zero network output; no model call). A flow-matching scheduler with dynamic shifting is probed at
+    mu = 0 (the shift does not decide whether a step is stochastic).
+    """
+    import copy
+
+    probe = copy.deepcopy(scheduler)
+    shift = {"mu": 0.0} if probe.config.get("use_dynamic_shifting", False) else {}
+    probe.set_timesteps(num_inference_steps, **shift)
+    x = torch.ones((1, 1, 2, 2))
+    outs = []
+    for seed in (0, 1):
+        sched = copy.deepcopy(probe)
+        gen = torch.Generator().manual_seed(seed)
+        zero = lambda x_in, t, cond: torch.zeros_like(x_in)  # noqa: E731
+        outs.append(denoising_step(zero, sched, x, sched.timesteps[0], extra=step_kwargs(sched, eta, gen)).prev_sample)
+    return not torch.equal(outs[0], outs[1])

@@ -156,6 +156,17 @@ def _vp_alphas(scheduler) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------ teacher
+def fine_teacher_scheduler(scheduler):
+    """DPM-Solver++ 2M (data prediction, linspace grid, final sigma 0) on ``scheduler``'s noise schedule and
+    prediction type: the fine teacher's solver (also the evaluation's teacher for latent VP pipelines)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    cfg = {k: scheduler.config[k] for k in keys if k in scheduler.config}
+    return DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=2,
+                                       timestep_spacing="linspace", final_sigmas_type="zero", lower_order_final=True)
+
+
 @dataclass
 class FineTrajectory:
     """One batch of teacher trajectories: states (VP space) at the fine times and the noise prediction at each."""
@@ -180,16 +191,10 @@ class FineTeacher:
     """
 
     def __init__(self, denoiser, scheduler, num_steps: int, device=None):
-        from diffusers import DPMSolverMultistepScheduler
-
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
-        cfg = {k: scheduler.config[k] for k in keys if k in scheduler.config}
         self.denoiser = denoiser
         self.device = device
         self.num_inference_steps = int(num_steps)
-        self.scheduler = DPMSolverMultistepScheduler(
-            **cfg, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
-            final_sigmas_type="zero", lower_order_final=True)
+        self.scheduler = fine_teacher_scheduler(scheduler)
         self.scheduler.set_timesteps(self.num_inference_steps, device=device)
         self.times = [int(t) for t in self.scheduler.timesteps.tolist()]
         self.alphas = _vp_alphas(self.scheduler)

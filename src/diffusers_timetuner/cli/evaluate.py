@@ -3,6 +3,8 @@
 
     timetuner-evaluate --tuned_schedule mnist-ddim-5-g1                        # bundled table on the bundled model
     timetuner-evaluate --tuned_schedule ORG/NAME --pretrained_model_name_or_path ./my-pipeline --num_samples 1000
+    timetuner-evaluate --tuned_schedule ORG/sd15-ddim-10 --pretrained_model_name_or_path ORG/sd15 \
+        --prompts prompts.txt --guidance_scale 7.5 --torch_dtype float16        # a text-to-image pipeline
     accelerate launch -m diffusers_timetuner.cli.evaluate --tuned_schedule ...  # samples split over the processes
 
 Writes ``report.json`` (command, versions, device, every figure, the verdict per step count) and
@@ -33,8 +35,15 @@ class EvaluateArguments:
     tuned_schedule: str = field(metadata={
         "help": "The tuned schedule: a bundled name (e.g. mnist-ddim-5-g1), a local folder or a Hub repo id."})
     pretrained_model_name_or_path: Optional[str] = field(default=None, metadata={
-        "help": "Diffusers pipeline folder or Hub id, or 'mnist' / 'gmm' for a bundled testbed (default: the "
-                "bundled testbed the table was tuned for)."})
+        "help": "Diffusers pipeline folder or Hub id (pixel-space, or latent text-to-image: Stable Diffusion, SD3, "
+                "Flux), or 'mnist' / 'gmm' for a bundled testbed (default: the bundled testbed the table was tuned "
+                "for)."})
+    prompts: Optional[str] = field(default=None, metadata={
+        "aliases": ["--prompts_file"],  # timetuner-calibrate's name for the same file
+        "help": "Text-to-image pipelines: a text file of prompts, one per line (blank lines skipped), cycled over "
+                "the samples."})
+    torch_dtype: Optional[str] = field(default=None, metadata={
+        "help": "Load a pipeline folder / Hub id in this dtype (float32, float16 or bfloat16; default: as saved)."})
     subfolder: str = field(default="scheduler", metadata={
         "help": "Where the table's config lives in a repo / folder."})
     revision: Optional[str] = field(default=None, metadata={"help": "Hub branch, tag or commit of the table."})
@@ -78,6 +87,10 @@ def check_args(args: argparse.Namespace) -> None:
     validate_evaluation_config(args.config)
     if not args.tuned_schedule.strip():
         raise ValueError("--tuned_schedule is empty: pass a bundled name, a folder or a Hub repo id.")
+    if args.prompts is not None:
+        read_prompts(args.prompts)
+    if args.torch_dtype is not None and args.torch_dtype not in DTYPES:
+        raise ValueError(f"--torch_dtype must be one of {', '.join(DTYPES)}, got {args.torch_dtype!r}.")
     if args.reference_dir is not None:
         if args.reference_dir != "mnist" and not os.path.isdir(args.reference_dir):
             raise ValueError(f"--reference_dir {args.reference_dir} is not a folder (nor 'mnist').")
@@ -98,6 +111,20 @@ def check_args(args: argparse.Namespace) -> None:
     if occupied and not args.overwrite_output_dir:
         raise ValueError(f"--output_dir {out} already holds an evaluation: pass --overwrite_output_dir to replace "
                          "it, or choose another --output_dir.")
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def read_prompts(path: str) -> List[str]:
+    """The prompts of a text file, one per line (blank lines skipped); a missing or empty file is refused."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompts {path} is not a file: pass a text file with one prompt per line.")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompt (one per line).")
+    return prompts
 
 
 def load_reference(source: str, limit: Optional[int] = None) -> torch.Tensor:
@@ -121,9 +148,10 @@ def load_reference(source: str, limit: Optional[int] = None) -> torch.Tensor:
     return images
 
 
-def load_pipeline(name: Optional[str], tuned_scheduler):
+def load_pipeline(name: Optional[str], tuned_scheduler, torch_dtype: Optional[str] = None):
     """(pipeline, model id): ``name`` as ``timetuner-calibrate`` reads it; None picks the bundled testbed the table
-    records (a table for another model needs --pretrained_model_name_or_path)."""
+    records (a table for another model needs --pretrained_model_name_or_path). ``torch_dtype`` (a name) applies to
+    a pipeline folder / Hub id."""
     from .. import testbeds
     from .calibrate import load_model
 
@@ -138,7 +166,16 @@ def load_pipeline(name: Optional[str], tuned_scheduler):
                              "--pretrained_model_name_or_path.")
         else:
             name = "mnist"
-    return load_model(name)
+    if torch_dtype is None:
+        return load_model(name)
+    testbed_ids = {testbeds.MNIST_MODEL_ID, testbeds.GMM_MODEL_ID, testbeds.FLOW_GMM_MODEL_ID,
+                   testbeds.MNIST_FLOW_MODEL_ID, testbeds.FASHION_MODEL_ID}
+    if name in {"mnist", "gmm", "flow_gmm", "mnist_flow", "fashion"} | testbed_ids:
+        raise ValueError(f"--torch_dtype applies to a pipeline folder or Hub id, not the bundled testbed {name}: "
+                         "leave it out.")
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(name, torch_dtype=getattr(torch, torch_dtype)), name
 
 
 def main(args: argparse.Namespace):
@@ -159,15 +196,19 @@ def main(args: argparse.Namespace):
     logger = logging.getLogger("diffusers_timetuner.evaluate")
 
     tuned = load_tuned_scheduler(args.tuned_schedule, subfolder=args.subfolder, revision=args.revision)
-    pipeline, model_id = load_pipeline(args.pretrained_model_name_or_path, tuned)
+    pipeline, model_id = load_pipeline(args.pretrained_model_name_or_path, tuned, args.torch_dtype)
     pipeline.to(state.device)
-    plan = prepare_evaluation(pipeline, tuned, args.config, check_model_id=not args.skip_model_id_check,
-                              source=args.tuned_schedule)  # every check, before any sampling
+    prompts = read_prompts(args.prompts) if args.prompts is not None else None
     reference = load_reference(args.reference_dir, args.max_reference_images) if args.reference_dir else None
+    plan = prepare_evaluation(pipeline, tuned, args.config, prompts=prompts, reference_images=reference,
+                              check_model_id=not args.skip_model_id_check,
+                              source=args.tuned_schedule)  # every check, before any sampling
     logger.info(f"timetuner-evaluate on {state.num_processes} process(es), device {state.device}: "
                 f"{args.tuned_schedule} ({type(tuned).__name__}, steps {plan.steps}) on {model_id}; "
-                f"{plan.num_samples} samples, teacher {args.config.teacher_steps} steps, guidance "
-                f"{plan.guidance_scale}")
+                f"{plan.num_samples} samples, teacher {type(plan.teacher).__name__} {args.config.teacher_steps} "
+                f"steps, guidance {plan.guidance_scale}, "
+                f"{'energy distance (stochastic sampler)' if plan.stochastic else 'endpoint distance'} in "
+                f"{'latent' if plan.latent else 'pixel'} space")
 
     with state.split_between_processes(list(range(plan.num_samples))) as mine:
         records = plan.sample_all(mine, progress=state.is_main_process and not args.no_progress)
@@ -179,7 +220,7 @@ def main(args: argparse.Namespace):
                                 fd_mnist=model_id == testbeds.MNIST_MODEL_ID, inception_device=state.device,
                                 progress=not args.no_progress)
         extra = {"command": args.command, "versions": versions(), "device": str(state.device),
-                 "reference_dir": args.reference_dir,
+                 "reference_dir": args.reference_dir, "prompts_file": args.prompts, "torch_dtype": args.torch_dtype,
                  "num_processes": state.num_processes}
         paths = result.save(args.output_dir, extra=extra)
         for line in result.verdict_lines():

@@ -17,11 +17,23 @@ def _normalise_model_id(name: str | None) -> str | None:
     return name.rstrip("/")
 
 
+# The keys that set a flow-matching scheduler's time shift, i.e. its grid of sigmas.
+FLOW_SHIFT_KEYS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+                   "max_image_seq_len", "time_shift_type", "shift_terminal")
+
+
+def _is_flow_matching(scheduler) -> bool:
+    cfg = scheduler.config
+    return ("FlowMatch" in type(scheduler).__name__ or bool(cfg.get("use_flow_sigmas", False))
+            or cfg.get("prediction_type") == "flow_prediction")
+
+
 def check_scheduler_fits_pipeline(scheduler, pipeline, *, check_model_id: bool = True, source: str = "tuned schedule"):
     """Raise ValueError if a tuned table was made for another model or noise schedule than `pipeline`'s.
 
-    Checks: recorded `model_id` vs the pipeline's `name_or_path`; `num_train_timesteps`, `prediction_type` and the
-    betas (via `alphas_cumprod`) vs `pipeline.scheduler`; each table's recorded grid vs the grid this scheduler
+    Checks: recorded `model_id` vs the pipeline's `name_or_path`; the sampler family (flow matching vs a VP noise
+    schedule), `num_train_timesteps`, `prediction_type`, the betas (via `alphas_cumprod`) and a flow-matching time
+    shift (`FLOW_SHIFT_KEYS`) vs `pipeline.scheduler`; each table's recorded grid vs the grid this scheduler
     builds for that step count.
     """
     import torch
@@ -29,6 +41,14 @@ def check_scheduler_fits_pipeline(scheduler, pipeline, *, check_model_id: bool =
     ref = pipeline.scheduler
     cfg = scheduler.config
     problems = []
+    if _is_flow_matching(scheduler) != _is_flow_matching(ref):
+        kind = lambda s: "flow matching (sigmas)" if _is_flow_matching(s) else "a VP noise schedule (betas)"  # noqa
+        problems.append(f"sampler family: the table's {type(scheduler).__name__} uses {kind(scheduler)}, the "
+                        f"pipeline's {type(ref).__name__} {kind(ref)}")
+    elif _is_flow_matching(scheduler):
+        for key in FLOW_SHIFT_KEYS:
+            if key in ref.config and key in cfg and ref.config[key] != cfg[key]:
+                problems.append(f"{key}: table {cfg[key]!r}, pipeline {ref.config[key]!r}")
     for key in ("num_train_timesteps", "prediction_type"):
         if key in ref.config and key in cfg and ref.config[key] != cfg[key]:
             problems.append(f"{key}: table {cfg[key]!r}, pipeline {ref.config[key]!r}")
