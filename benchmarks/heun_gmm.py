@@ -4,7 +4,8 @@ The testbed is the digits mixture with its exact noise prediction (`testbeds.loa
 every error is the sampler's. Heun with Karras sigmas (`use_karras_sigmas=True`, the EDM schedule) makes 2n - 1
 network evaluations for n steps, so a table holds 2n - 1 taus and NFE = 2n - 1. For each n and each objective Heun
 supports (``teacher_local``, ``endpoint``; the paper's eq. 9 / 10 need a grid state between evaluations and are
-refused) a table is calibrated data-free against the Heun teacher at ``teacher_factor * n`` steps, then every
+refused) a table is calibrated data-free against the Heun teacher at ``teacher_factor * (n - 1) + 1`` Karras steps
+(each coarse interval split ``teacher_factor`` times, so its grid contains the coarse one), then every
 sampler draws the same x_T and is scored by
 - FD: the pixel-space Frechet distance of its samples to exact samples of the mixture;
 - L2: the mean per-sample endpoint L2 distance to the many-step Heun sample from the same x_T.
@@ -29,7 +30,7 @@ SIZES = {
     "quick": dict(n=64, ref=256, steps=[3], objectives=["teacher_local"], floor_steps=50, teacher_factor=5,
                   calib=dict(num_samples=16, num_validation_samples=16, num_heldout_samples=16)),
     # NFE 5, 7, 11, 15, 19: both objectives at every step count (the exact model costs little per evaluation).
-    "medium": dict(n=2000, ref=10000, steps=[3, 4, 6, 8, 10], objectives=list(OBJECTIVES), floor_steps=250,
+    "medium": dict(n=2000, ref=10000, steps=[3, 4, 6, 8, 10], objectives=list(OBJECTIVES), floor_steps=200,
                    teacher_factor=20, calib=dict(num_samples=256, num_validation_samples=256,
                                                  num_heldout_samples=256)),
 }
@@ -81,7 +82,7 @@ def main(args) -> dict:
                 continue
             tick = time.perf_counter()
             result = calibrate(tb.model, make_heun(tb.noise_config), steps, objective=obj, seed=args.seed,
-                               teacher_steps=size["teacher_factor"] * steps, progress=False, **size["calib"])
+                               teacher_steps=size["teacher_factor"] * (steps - 1) + 1, progress=False, **size["calib"])
             rep = result.reports[steps]
             out = score(generate(result.scheduler, steps))
             out.update(taus=rep.taus, grid=rep.grid, calibration_s=time.perf_counter() - tick,
