@@ -31,8 +31,8 @@ SIZES = {
     "quick": dict(n=64, ref=256, steps=[1, 2], objectives=["teacher_local"], reference_steps=[4], ode_steps=20,
                   calib=dict(num_samples=16, num_validation_samples=16, num_heldout_samples=16)),
     "medium": dict(n=2000, ref=10000, steps=[1, 2], objectives=list(OBJECTIVES), reference_steps=[4, 8],
-                   ode_steps=200, calib=dict(num_samples=256, num_validation_samples=256,
-                                             num_heldout_samples=256)),
+                   ode_steps=200, calib=dict(num_samples=128, num_validation_samples=128,
+                                             num_heldout_samples=128)),
 }
 
 

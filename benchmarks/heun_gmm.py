@@ -29,10 +29,11 @@ OBJECTIVES = ("teacher_local", "endpoint")
 SIZES = {
     "quick": dict(n=64, ref=256, steps=[3], objectives=["teacher_local"], floor_steps=50, teacher_factor=5,
                   calib=dict(num_samples=16, num_validation_samples=16, num_heldout_samples=16)),
-    # NFE 5, 7, 11, 15, 19: both objectives at every step count (the exact model costs little per evaluation).
+    # NFE 5, 7, 11, 15, 19: both objectives at every step count; 128 calibration / validation / held-out x_T (sized
+    # for a heavily shared CPU, with --budget-s).
     "medium": dict(n=2000, ref=10000, steps=[3, 4, 6, 8, 10], objectives=list(OBJECTIVES), floor_steps=200,
-                   teacher_factor=20, calib=dict(num_samples=256, num_validation_samples=256,
-                                                 num_heldout_samples=256)),
+                   teacher_factor=20, calib=dict(num_samples=128, num_validation_samples=128,
+                                                 num_heldout_samples=128)),
 }
 
 
