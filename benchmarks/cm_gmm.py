@@ -138,7 +138,8 @@ def markdown(results) -> str:
                        if o in t else None for o in objectives],
                      *[(", ".join(f"{v:.1f}" for v in t[o]["taus"]) + " (" + ", ".join(f"{v:.1f}" for v in
                         t[o]["grid"]) + ")") if o in t else None for o in objectives]])
-    ref = "; ".join(f"{r['steps']} steps: FD {r['fd']:.4g}, L2 to ODE {r['l2_to_ode']:.4g}" for r in results["reference"])
+    ref = "; ".join(f"{r['steps']} steps: FD {r['fd']:.4g}, L2 to ODE {r['l2_to_ode']:.4g}"
+                    for r in results["reference"])
     return (f"# Consistency model at 1-2 steps on the GMM testbed\n\nModel `{results['model_id']}` (consistency "
             f"distillation from the mixture's exact ODE, `testbeds/gmm_cm/`), `CMStochasticIterativeScheduler` "
             f"(taus in 250 log sigma units). FD: pixel Frechet distance to exact mixture samples (two exact sample "

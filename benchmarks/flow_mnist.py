@@ -1,4 +1,4 @@
-"""Trained flow-matching MNIST testbed: untuned vs tuned FlowMatchEuler (shift 1.0) or UniPC vs NFE, FD-MNIST, accuracy.
+"""Trained flow-matching MNIST testbed: untuned vs tuned FlowMatchEuler (shift 1.0) or UniPC vs NFE, FD-MNIST.
 
 The model is the bundled 16x16 rectified-flow UNet (`testbeds.load_mnist_flow_pipeline`). For each NFE a table is
 calibrated (data-free, endpoint objective, seeded; at NFE 10 the bundled table ``mnist-flow-euler-10-g1`` is used
@@ -106,7 +106,8 @@ def main(args) -> dict:
                 time.sleep(10)
             tuned, source = load_tuned_scheduler(BUNDLED_TABLE), f"bundled {BUNDLED_TABLE}"
         else:
-            result = calibrate(pipe, make_scheduler(), nfe, seed=args.seed, progress=False, model_id=MNIST_FLOW_MODEL_ID, **size["calib"])
+            result = calibrate(pipe, make_scheduler(), nfe, seed=args.seed, progress=False,
+                               model_id=MNIST_FLOW_MODEL_ID, **size["calib"])
             tuned, source = result.scheduler, "calibrated here"
         calib_s = time.perf_counter() - tick
         cell = {"nfe": nfe, "table": source, "calibration_s": calib_s,
