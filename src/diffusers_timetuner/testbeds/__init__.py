@@ -11,8 +11,12 @@
   (10 components, seed 0, bundled in ``testbeds/gmm_digits/``), with a DDIMScheduler on the same betas.
 - `load_flow_gmm_model()`: the same mixture under the rectified flow x_s = (1 - s) x_0 + s eps, as an exact-velocity
   flow-matching model (`FlowMatchingGaussianMixture`, called like a FlowMatchEuler pipeline's transformer).
+- `load_gmm_cm_pipeline()`: a consistency model of the same mixture (`ConsistencyMLP`, distilled from the mixture's
+  exact probability-flow ODE) in a `ConsistencyModelPipeline` with its `CMStochasticIterativeScheduler`. Weights,
+  training script and provenance in ``testbeds/gmm_cm/``.
 
-All return a `ClassConditionalImagePipeline` (unet + scheduler), what `DiffusionPipeline.from_pretrained` gives.
+All but the consistency model return a `ClassConditionalImagePipeline` (unet + scheduler), what
+`DiffusionPipeline.from_pretrained` gives.
 """
 import os
 from typing import Optional, Union
@@ -29,12 +33,14 @@ MNIST_MODEL_DIR = os.path.join(_HERE, "mnist")
 GMM_MODEL_DIR = os.path.join(_HERE, "gmm_digits")
 MNIST_FLOW_MODEL_DIR = os.path.join(_HERE, "mnist_flow")
 FASHION_MODEL_DIR = os.path.join(_HERE, "fashion")
+GMM_CM_MODEL_DIR = os.path.join(_HERE, "gmm_cm")
 # Ids of the bundled models (the hub module skips them as base_model: they are not Hub repos).
 MNIST_MODEL_ID = "diffusers-timetuner/bundled-mnist"
 GMM_MODEL_ID = "diffusers-timetuner/bundled-gmm-digits"
 MNIST_FLOW_MODEL_ID = "diffusers-timetuner/bundled-mnist-flow"
 FASHION_MODEL_ID = "diffusers-timetuner/bundled-fashion-mnist"
 FLOW_GMM_MODEL_ID = "diffusers-timetuner/bundled-flow-gmm-digits"
+GMM_CM_MODEL_ID = "diffusers-timetuner/bundled-gmm-digits-cm"
 
 __all__ = [
     "ClassConditionalImagePipeline",
@@ -45,6 +51,8 @@ __all__ = [
     "load_fashion_unet",
     "load_flow_gmm_model",
     "load_flow_gmm_pipeline",
+    "load_gmm_cm_model",
+    "load_gmm_cm_pipeline",
     "load_gmm_model",
     "load_gmm_pipeline",
     "load_mnist_pipeline",
@@ -60,6 +68,8 @@ __all__ = [
     "MNIST_FLOW_MODEL_ID",
     "FASHION_MODEL_ID",
     "FLOW_GMM_MODEL_ID",
+    "GMM_CM_MODEL_DIR",
+    "GMM_CM_MODEL_ID",
 ]
 
 
@@ -171,5 +181,31 @@ def load_gmm_pipeline(prediction_type: Optional[str] = None, scheduler=None) -> 
         )
     pipe = ClassConditionalImagePipeline(unet=model, scheduler=scheduler)
     pipe.register_to_config(_name_or_path=GMM_MODEL_ID)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_gmm_cm_model(device: Union[str, torch.device] = "cpu"):
+    """The bundled consistency model of the digits mixture (`ConsistencyMLP`, float32, eval mode)."""
+    from .gmm_cm.model import ConsistencyMLP
+
+    return ConsistencyMLP.from_pretrained(GMM_CM_MODEL_DIR, subfolder="unet").to(device).eval()
+
+
+def load_gmm_cm_pipeline(device: Union[str, torch.device] = "cpu", scheduler=None):
+    """Bundled consistency model of the mixture + its `CMStochasticIterativeScheduler` (Karras sigmas 0.002..80,
+    40 discretisation steps, ``clip_denoised=False``), in diffusers' `ConsistencyModelPipeline`.
+
+    Args:
+        device: where the network lives.
+        scheduler: optional scheduler to use instead (e.g. ``TimeTunerCMStochasticIterativeScheduler.from_config(
+            pipe.scheduler.config)``).
+    """
+    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
+
+    if scheduler is None:
+        scheduler = CMStochasticIterativeScheduler.from_pretrained(GMM_CM_MODEL_DIR, subfolder="scheduler")
+    pipe = ConsistencyModelPipeline(unet=load_gmm_cm_model(device), scheduler=scheduler)
+    pipe.register_to_config(_name_or_path=GMM_CM_MODEL_ID)
     pipe.set_progress_bar_config(disable=True)
     return pipe
