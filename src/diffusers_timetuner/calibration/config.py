@@ -94,7 +94,9 @@ class CalibrationConfig:
 # steps, tau tuned with the default objective, against a 40-step teacher (Euler, 4 sub-steps per coarse step). Chosen
 # by measurement to end with a held-out gain of more than 2 paired SE in well under 5 minutes on 2 CPU cores:
 # at the former 32 / 16 / 32 sizes (8.7k model evaluations) the guard refused its table (validation -43%, 1.9 SE);
-# at 128 / 128 / 128 (41k evaluations, seed 0) the held-out error fell 0.672 -> 0.411 (-39%, 3.6 paired SE).
+# at 128 / 128 / 128 (41k evaluations, seed 0) the held-out error fell 0.672 -> 0.411 (-39%, 3.6 paired SE); at these
+# sizes (62k evaluations, 65 s of CPU time on one thread) seeds 0 / 1 / 2 gave -40.2% / -41.4% / -35.6%, 5.8 / 7.3 /
+# 6.4 paired SE better.
 # The eps MNIST UNet (28x28, --pretrained_model_name_or_path mnist, DDIM@10) costs about 10x as much per sample and did
 # not get there within the budget: at 32 / 16 / 32 samples its guard refused the tau table (validation +6.4 +/- 3.3
 # SE: worse), and so did DPM-Solver++@5 with tune="grid+tau" (grid +38 +/- 11 SE, then tau +3.8 +/- 1.7 SE); its
