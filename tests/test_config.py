@@ -195,19 +195,50 @@ def test_cli_args_give_the_api_config_with_the_same_overrides():
     assert parse_args(argv + ["--preset", "none"]).config == CalibrationConfig(**overrides)
 
 
-def test_no_argument_cli_keeps_the_cpu_sizes():
-    """The README's no-argument run calibrates on 32 / 32 / 16 / 32 samples (calibration, batch, validation,
-    held-out), half the library's defaults (64 / 64 / 32 / 64), against a 40-step teacher (the library's: 100)."""
+def test_no_argument_cli_is_the_measured_main_job():
+    """The README's main job: the bundled flow-matching MNIST UNet, its Euler sampler (auto), tau tuned (the library's
+    default), on 128 / 128 / 256 / 256 samples (calibration, batch, validation, held-out) against a 40-step teacher,
+    the sizes measured to clear the 2-SE held-out bar in about a minute of 2 CPU cores (calibration/config.py,
+    CPU_QUICK_PRESET); the library's defaults are 64 / 64 / 32 / 64 and the teacher's own default."""
     from diffusers_timetuner.calibration import CalibrationConfig
     from diffusers_timetuner.cli.calibrate import parse_args
 
-    cfg = parse_args([]).config
-    assert (cfg.num_samples, cfg.batch_size, cfg.num_validation_samples, cfg.num_heldout_samples) == (32, 32, 16, 32)
+    args = parse_args([])
+    assert (args.pretrained_model_name_or_path, args.scheduler) == ("mnist_flow", "auto")
+    cfg = args.config
+    assert cfg.tune == "tau" and cfg.num_inference_steps is None  # the paper's tau table, 10 steps
+    sizes = (cfg.num_samples, cfg.batch_size, cfg.num_validation_samples, cfg.num_heldout_samples)
+    assert sizes == (128, 128, 256, 256)
     api = CalibrationConfig()
     assert (api.num_samples, api.batch_size, api.num_validation_samples, api.num_heldout_samples) == (64, 64, 32, 64)
     assert cfg.teacher_steps == 40 and api.teacher_steps is None
     assert dataclasses_equal_except(cfg, api, {"num_samples", "batch_size", "num_validation_samples",
                                                "num_heldout_samples", "teacher_steps"})
+
+
+def test_auto_scheduler_is_flow_euler_for_a_flow_model_and_ddim_otherwise():
+    from diffusers_timetuner.cli.calibrate import load_model, scheduler_for
+
+    flow, _ = load_model("mnist_flow")
+    eps, _ = load_model("gmm")
+    assert scheduler_for("auto", flow) == "flow_euler"
+    assert scheduler_for("auto", eps) == "ddim"
+    assert scheduler_for("dpmsolver", flow) == "dpmsolver"  # an explicit choice is kept
+
+
+def test_run_ends_with_the_held_out_verdict_in_paired_standard_errors():
+    from types import SimpleNamespace
+
+    from diffusers_timetuner.cli.calibrate import result_lines
+
+    # made-up figures: a difference of -0.25 with a paired SE of 0.05 is 5 SE better
+    heldout = {"metric": "endpoint_mse", "num_samples": 256, "untuned": 0.75, "tuned": 0.5, "change_se": 0.05,
+               "relative_change": -1 / 3}
+    rep = SimpleNamespace(taus=[995.3, 1.0], heldout=heldout, forward_samples=100, seconds=1.0)
+    taus, verdict = result_lines(SimpleNamespace(reports={2: rep}))
+    assert taus == "n=2: taus [995.3, 1.0]"
+    assert "on 256 x_T: untuned 0.75 -> tuned 0.5 (-33.3%, difference -0.25 +/- 0.05 paired SE; 5.0 SE better)" \
+        in verdict
 
 
 def dataclasses_equal_except(a, b, names) -> bool:
