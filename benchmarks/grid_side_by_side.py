@@ -109,7 +109,7 @@ MNIST_FD2000 = dict(n=2000, families=SAMPLERS, nfes=NFES, cells=[("ddim", 10), (
                     floor_steps=25, select_n=16, gits=dict(num_steps_tea=61, num_warmup=8),
                     ld3=dict(num_train=6, num_valid=6, rounds_v1=1, rounds_v2=1, max_seconds=400),
                     tune_calib=dict(num_samples=32, batch_size=32, validation_samples=32, heldout_samples=64,
-                                    teacher_steps=40),
+                                    teacher_steps=40, grid_search_criterion="log_mean"),
                     cache_tag="fd2000")
 
 
@@ -348,7 +348,7 @@ def _method_tune(mode):
         config = CalibrationConfig(num_samples=c["num_samples"], batch_size=c["batch_size"], seed=bench.args.seed,
                                    num_validation_samples=c["validation_samples"],
                                    num_heldout_samples=c["heldout_samples"], teacher_steps=c.get("teacher_steps"))
-        config = config.replace(tune=mode)
+        config = config.replace(tune=mode, grid_search_criterion=c.get("grid_search_criterion", "auto"))
         data = (bench.tb.data, bench.tb.labels) if bench.tb.labels is not None else bench.tb.data
         t0 = time.perf_counter()
         try:
