@@ -7,7 +7,7 @@ The per-sample endpoint error on this model is heavy-tailed (docs/facts.md, 6): 
 then scores every grid (default, dynamic programme, learned with each criterion) on fresh x_T: four disjoint seeded
 sets of 64 (seeds 0-3, labels cycling 0-9, as benchmarks/heavy_tail_mnist.py), squared distance of the final sample
 to the teacher's from the same x_T. The default criterion is the one whose grids have lower held-out median AND mean
-error than the default grid in both cells (docs/facts.md, 7, quotes a run of this script).
+error than the default grid in both cells (results: benchmarks/results/grid_criterion_mnist.md).
 
     OMP_NUM_THREADS=1 python -m benchmarks.grid_criterion_mnist --medium --threads 1
 """
