@@ -251,7 +251,7 @@ def pattern_search(evaluator: GridEvaluator, grid: Sequence[int], upper: int, *,
                     grid, best, moved = trial, loss, True
                     evaluator.adopt_last()
                     history.append({"grid": list(grid), "loss": best})
-                    log(f"grid search: t[{j}] -> {t} ({evaluator.criterion} endpoint error {best / num_samples:.5g})")
+                    log(f"grid search: t[{j}] -> {t} (calibration score {best / num_samples:.5g})")
                     steps[j] *= 2
                     break
             if moved:
