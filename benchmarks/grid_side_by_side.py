@@ -15,15 +15,19 @@ same solver code. Per cell (testbed, sampler, NFE):
   continuous-time copy of the sampler against the teacher's final samples, then rounded to integer timesteps.
 
 Quality: exact GMM: FD against exact samples and endpoint L2 to the many-step floor from the same x_T; MNIST UNet:
-FD-MNIST and class accuracy. The floor (many-step DDIM from the same x_T) gives each cell's gap; "closed" is the share
-of the gap (untuned -> floor) a method closes. Calibration cost: network sample-evaluations forward / backward
-and wall time (teacher samples a method needs included).
+FD-MNIST and class accuracy. The floor (many-step DDIM, or DPM-Solver++ with --mnist-fd2000, from the same x_T)
+gives each cell's gap; "closed" is the share of the gap (untuned -> floor) a method closes. Calibration cost:
+network sample-evaluations forward / backward and wall time (teacher samples a method needs included).
 
 Headline cells run first (MNIST DDIM@10, DPM-Solver++@5, GMM DDIM@10); with ``--budget-s`` the rest is listed as
 not measured. Finished cells are cached in ``results/grid_side_by_side_cache/`` (one JSON per cell and method), so
 separate processes (``--testbeds gmm`` / ``--testbeds mnist``) can run in parallel and a last run assembles them.
 
-Usage: python -m benchmarks.grid_side_by_side --quick|--medium|--full [--testbeds gmm mnist]
+With ``--mnist-fd2000`` the MNIST UNet runs at the CPU-feasible FD-MNIST size (``MNIST_FD2000``: 2000 samples, a
+DPM-Solver++ 2M 25-step floor, the headline cells, the peers at the reduced CPU counts of ``--medium``); its cells
+are cached under their own tag, so the GMM part of a ``--medium`` run is kept.
+
+Usage: python -m benchmarks.grid_side_by_side --quick|--medium|--full [--testbeds gmm mnist] [--mnist-fd2000]
 """
 
 from __future__ import annotations
@@ -96,6 +100,17 @@ SIZES = {
                    gits=dict(num_steps_tea=61, num_warmup=256), ld3=dict(num_train=50, num_valid=50)),
         batch=2000),
 }
+# --mnist-fd2000: FD-MNIST on 2000 samples at the two headline cells on a CPU. Floor: DPM-Solver++ 2M at 25 steps
+# (second order; 25 rather than 50 steps because the machine is shared: the floor alone is 2000 x 25 network
+# evaluations). The peers keep the reduced CPU counts of --medium (GITS 8
+# warm-up samples, LD3 6 / 6 samples, 1 + 1 rounds); grid / grid + tau calibrate with the sizes of the bundled MNIST
+# grid tables (tuned_schedules/build.py), whose 40-step teacher is 0.045 from an 80-step run (calibration/config.py).
+MNIST_FD2000 = dict(n=2000, families=SAMPLERS, nfes=NFES, cells=[("ddim", 10), ("dpmpp", 5)], floor_family="dpmpp",
+                    floor_steps=25, select_n=16, gits=dict(num_steps_tea=61, num_warmup=8),
+                    ld3=dict(num_train=6, num_valid=6, rounds_v1=1, rounds_v2=1, max_seconds=400),
+                    tune_calib=dict(num_samples=32, batch_size=32, validation_samples=32, heldout_samples=64,
+                                    teacher_steps=40, grid_search_criterion="log_mean"),
+                    cache_tag="fd2000")
 
 
 def parse_args(argv=None):
@@ -108,6 +123,9 @@ def parse_args(argv=None):
     parser.add_argument("--reuse-tables-of-older-code", action="store_true",
                         help="tau only: use a cached calibrate() table with the same settings made by an older package "
                              "code when the current code has none (recorded in the results)")
+    parser.add_argument("--mnist-fd2000", action="store_true",
+                        help="the MNIST UNet at FD-MNIST on 2000 samples, DPM-Solver++ 2M 25-step floor, headline "
+                             "cells only (MNIST_FD2000)")
     parser.add_argument("--cache-dir", default=None, help="per-cell result cache (default <out-dir>/"
                                                           "grid_side_by_side_cache)")
     return parser.parse_args(argv)
@@ -189,25 +207,33 @@ class Bench:
     def floor(self):
         """Many-step DDIM from the evaluation x_T: the reference of every cell."""
         if self._floor is None:
-            steps = self.cfg["floor_steps"]
-            path = self._sample_cache(f"floor{steps}_n{self.n}")
+            steps, fam = self.cfg["floor_steps"], self.floor_family
+            path = self._sample_cache(f"floor{self._floor_tag()}{steps}_n{self.n}")
             if path.exists():
                 self._floor = torch.load(path)
                 return self._floor
-            log(f"{NAME}: {self.tb.name} floor, DDIM {steps} steps, {self.n} samples")
+            log(f"{NAME}: {self.tb.name} floor, {FAMILIES[fam].label} {steps} steps, {self.n} samples")
             t0 = time.perf_counter()
-            x = self.generate(make_scheduler("ddim", self.tb.noise_config), steps, "ddim")
+            x = self.generate(make_scheduler(fam, self.tb.noise_config), steps, fam)
             q = fd_pixels(x, self.exact) if self.exact is not None else None
             m = {"fd": q} if q is not None else mnist_metrics(x, self.labels, self.device)
             self._floor = {"samples": x, "metrics": m, "steps": steps, "seconds": time.perf_counter() - t0}
             torch.save(self._floor, path)
         return self._floor
 
+    @property
+    def floor_family(self) -> str:
+        """The many-step sampler of the floor and of the calibration targets (DDIM unless the size says)."""
+        return self.cfg.get("floor_family", "ddim")
+
+    def _floor_tag(self) -> str:
+        return "" if self.floor_family == "ddim" else f"-{self.floor_family}"  # DDIM: the older cache names
+
     def _sample_cache(self, what):
         """Floor and teacher samples are kept (a restart must not pay for them again); not committed."""
         d = Path(self.args.cache_dir_resolved) / "samples"
         d.mkdir(parents=True, exist_ok=True)
-        return d / f"{self.args.size}_{self.tb.name}_seed{self.args.seed}_{what}.pt"
+        return d / f"{_size_tag(self.args, self.cfg)}_{self.tb.name}_seed{self.args.seed}_{what}.pt"
 
     def calibration_set(self):
         """Calibration x_T (a seed disjoint from the evaluation one), labels and the teacher's final samples."""
@@ -217,14 +243,14 @@ class Bench:
             seed = self.args.seed + 1000
             x_T = seeded_noise(m, self.tb.sample_shape, seed)
             labels = None if self.tb.num_classes is None else self.tb.labels_for(m, "cpu")["class_labels"]
-            steps = self.cfg["floor_steps"]
-            path = self._sample_cache(f"teacher{steps}_m{m}")
+            steps, fam = self.cfg["floor_steps"], self.floor_family
+            path = self._sample_cache(f"teacher{self._floor_tag()}{steps}_m{m}")
             if path.exists():
                 self._calib = torch.load(path)
                 return self._calib
-            log(f"{NAME}: {self.tb.name} teacher (DDIM {steps} steps) on {m} calibration samples")
+            log(f"{NAME}: {self.tb.name} teacher ({FAMILIES[fam].label} {steps} steps) on {m} calibration samples")
             t0 = time.perf_counter()
-            y = self.generate(make_scheduler("ddim", self.tb.noise_config), steps, "ddim", n=m, seed=seed)
+            y = self.generate(make_scheduler(fam, self.tb.noise_config), steps, fam, n=m, seed=seed)
             self._calib = {"x_T": x_T, "labels": labels, "target": y, "teacher_steps": steps,
                            "seconds": time.perf_counter() - t0}
             torch.save(self._calib, path)
@@ -322,7 +348,7 @@ def _method_tune(mode):
         config = CalibrationConfig(num_samples=c["num_samples"], batch_size=c["batch_size"], seed=bench.args.seed,
                                    num_validation_samples=c["validation_samples"],
                                    num_heldout_samples=c["heldout_samples"], teacher_steps=c.get("teacher_steps"))
-        config = config.replace(tune=mode)
+        config = config.replace(tune=mode, grid_search_criterion=c.get("grid_search_criterion", "auto"))
         data = (bench.tb.data, bench.tb.labels) if bench.tb.labels is not None else bench.tb.data
         t0 = time.perf_counter()
         try:
@@ -431,9 +457,14 @@ def _peer_fingerprint() -> str:
     return h.hexdigest()[:10]
 
 
+def _size_tag(args, cfg) -> str:
+    """The size part of cache names: "medium", or "medium-fd2000" for the MNIST cells of ``--mnist-fd2000``."""
+    return args.size + (f"-{cfg['cache_tag']}" if cfg.get("cache_tag") else "")
+
+
 def _cell_prefix(args, cell, method) -> str:
     tb, fam, nfe = cell
-    return f"{args.size}_{tb}_{fam}_n{nfe}_{method.replace('+', '_')}_"
+    return f"{_size_tag(args, args.sizes[tb])}_{tb}_{fam}_n{nfe}_{method.replace('+', '_')}_"
 
 
 def cache_path(cache_dir: Path, args, cell, method) -> Path:
@@ -489,7 +520,10 @@ def main(argv=None):
     device = setup(args)
     run = Run(NAME, args, device)
     args.tables_dir_resolved = run.tables_dir
-    sizes = SIZES[args.size]
+    sizes = dict(SIZES[args.size])
+    if args.mnist_fd2000:
+        sizes["mnist"] = MNIST_FD2000
+    args.sizes = sizes
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.out_dir) / f"{NAME}_cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     args.cache_dir_resolved = str(cache_dir)
@@ -528,7 +562,7 @@ def main(argv=None):
                 entry["seconds_total"] = time.perf_counter() - t0
                 if "metrics" in entry:  # only finished figures are cached; errors are re-run next time
                     f = bench.floor()
-                    entry["floor"] = {"metrics": f["metrics"], "steps": f["steps"]}
+                    entry["floor"] = {"metrics": f["metrics"], "steps": f["steps"], "family": bench.floor_family}
                     entry["seed"] = args.seed
                     entry["code"] = {"package": code_fingerprint(), "peers": _peer_fingerprint(),
                                      "git_commit": git_commit(), "created_utc": utc_now()}
@@ -608,7 +642,9 @@ def markdown(summary, args) -> str:
         fl = floors.get(tb)
         metric = "FD (pixels, vs exact samples)" if tb == "gmm" else "FD-MNIST"
         size = summary["sizes"].get(tb, {})
-        lines.append(f"\n## {tb}: {metric}, {size.get('n')} samples; floor = DDIM {size.get('floor_steps')} steps"
+        floor_label = FAMILIES[size.get("floor_family", "ddim")].label
+        lines.append(f"\n## {tb}: {metric}, {size.get('n')} samples; floor = {floor_label} {size.get('floor_steps')} "
+                     "steps"
                      + (f", FD {fl['metrics']['fd']:.4g}" if fl else "") + "\n")
         header = ["cell"] + [LABELS[m] for m in args.methods]
         rows = []

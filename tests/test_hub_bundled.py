@@ -150,6 +150,20 @@ def test_entry_metric_reproduces(name, fixture_entry):
             assert got[key] == pytest.approx(value, rel=METRIC_RTOL), f"{name}, {n} steps, {key}"
 
 
+@pytest.mark.parametrize("name", BUNDLED)
+def test_learned_grid_entries_differ_from_the_default_grid(name):
+    """An entry that ships a learned grid must differ from the scheduler's own grid for that step count (else the
+    reproduce check above would only show that the default sampler reproduces)."""
+    scheduler = hub.load_tuned_scheduler(name)
+    for n, info in scheduler.config.tuning_info.items():
+        if not info.get("learned_grid"):
+            continue
+        default = type(scheduler).from_config(
+            {**scheduler.config, "tuned_timesteps": None, "tuned_grids": None, "tuning_info": None})
+        default.set_timesteps(int(n))
+        assert [int(t) for t in scheduler.config.tuned_grids[n]] != [int(t) for t in default.grid_timesteps], name
+
+
 def test_fixture_entry_is_indexed(fixture_entry):
     text = hub.render_bundled_index(fixture_entry.parent)
     assert "| `tiny-ddim-4-g1` | test-org/tiny-unet | TimeTunerDDIMScheduler | 4 | 1.0 | paper |" in text

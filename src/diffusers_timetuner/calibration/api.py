@@ -29,7 +29,7 @@ from .report import StepCountReport, evaluate_heldout, heldout_record, plot_repo
 from .rollout import Rollout
 from .families import resolve_scheduler, untuned_copy
 from .calibrator import StepCountCalibrator, distinct_taus  # noqa: F401  (distinct_taus: public here too)
-from .grid_search import check_grid_tunable, guard_grid_table, learn_grid
+from .grid_search import check_grid_tunable, guard_grid_table, learn_grid, resolve_grid_criterion
 from .inputs import (
     check_custom_grid, check_float_timesteps, draw_set, model_device, sample_shape_of, split_data,
 )
@@ -360,8 +360,9 @@ def calibrate(
         fine_teacher = FineTeacher(denoiser, untuned, int(teacher_steps or DEFAULT_FINE_TEACHER_STEPS), device=device)
 
     for n in steps:
-        if tune != "tau" and dist.world_size > 1 and \
-                metric_for(Rollout(denoiser, untuned, n, eta=eta, device=device)) == "energy_distance":
+        criterion = None if tune == "tau" else resolve_grid_criterion(
+            config.grid_search_criterion, metric_for(Rollout(denoiser, untuned, n, eta=eta, device=device)))
+        if tune != "tau" and dist.world_size > 1 and criterion == "energy_distance":
             # The grid search scores a candidate by the energy distance of each process's own share of the samples,
             # so processes could accept different grids; only the endpoint error is reduced across processes.
             raise ValueError(f"tune={tune!r} with a stochastic sampler (judged by the energy distance) runs on one "
@@ -392,8 +393,8 @@ def calibrate(
             held_rollout = Rollout(denoiser, untuned, n, eta=eta, device=device)  # the default grid: the baseline
             metric = metric_for(held_rollout)
             plan = learn_grid(denoiser, untuned, n, calib, teacher, dist=dist, batch_size=batch_size, seed=seed,
-                              eta=eta, metric=metric, max_evaluations=config.grid_search_evaluations, log=log,
-                              progress=progress)
+                              eta=eta, metric=metric, max_evaluations=config.grid_search_evaluations,
+                              criterion=criterion, log=log, progress=progress)
             grid_report = {"tune": tune, "search": plan.to_dict(), "teacher": FINE_TEACHER_NAME,
                            "teacher_steps": teacher.num_inference_steps, "teacher_error": yardstick}
             if tune == "grid":

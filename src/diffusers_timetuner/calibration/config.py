@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from .grid_search import DEFAULT_GRID_CRITERION, GRID_CRITERIA
 from .objectives import OBJECTIVES
 from .optimizers import OPTIMIZERS
 from .stats import VALIDATION_METRICS
@@ -43,6 +44,11 @@ class CalibrationConfig:
     grid_search_evaluations: Optional[int] = field(default=None, metadata={
         "help": "tune=grid / grid+tau: candidate grids the pattern search rolls out (default 4 n; each costs about "
                 "n / 2 network evaluations per calibration sample; 0: the dynamic programme's grid as it is)."})
+    grid_search_criterion: str = field(default="auto", metadata={
+        "help": "tune=grid / grid+tau: how the search scores a grid from the calibration samples' squared endpoint "
+                "errors e_i to the teacher: mean (mean e_i) or log_mean (mean log e_i, robust to the few x_T that "
+                f"end as another mode). auto: {DEFAULT_GRID_CRITERION} (the energy distance for stochastic samplers).",
+        "choices": ["auto", *GRID_CRITERIA]})
     objective: str = field(default=DEFAULT_OBJECTIVE, metadata={
         "help": "teacher_local, endpoint, paper (eq. 9) or paper_x0 (eq. 10).",
         "choices": list(OBJECTIVES)})

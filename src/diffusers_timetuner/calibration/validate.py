@@ -9,13 +9,15 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .grid_search import GRID_CRITERIA
+
 __all__ = ["VALIDATED_ARGS", "validate_calibration_args"]
 
 # the keyword arguments of calibrate() that validate_calibration_args checks
 VALIDATED_ARGS = (
     "num_inference_steps", "timesteps", "num_samples", "batch_size", "num_validation_samples", "num_heldout_samples",
     "teacher_steps", "guard_margin", "eta", "guidance_scale", "seed", "data", "sample_shape", "tune",
-    "grid_search_evaluations", "teacher", "sigmas",
+    "grid_search_evaluations", "grid_search_criterion", "teacher", "sigmas",
 )
 
 
@@ -46,6 +48,7 @@ def validate_calibration_args(
     sample_shape: Optional[Sequence[int]] = None,
     tune: Any = "tau",
     grid_search_evaluations: Any = None,
+    grid_search_criterion: Any = "auto",
     teacher: Any = "dpmsolver++",
     sigmas: Any = None,
 ) -> None:
@@ -98,6 +101,12 @@ def validate_calibration_args(
                          "teacher='dpmsolver++'.")
     if grid_search_evaluations is not None:
         _positive_int("grid_search_evaluations", grid_search_evaluations, allow_zero=True)
+    if grid_search_criterion not in ("auto", *GRID_CRITERIA):
+        raise ValueError(f"grid_search_criterion must be 'auto' or one of {', '.join(repr(c) for c in GRID_CRITERIA)}"
+                         f", got {grid_search_criterion!r}.")
+    if tune == "tau" and grid_search_criterion != "auto":
+        raise ValueError(f"grid_search_criterion={grid_search_criterion!r} scores learned grids: it needs "
+                         "tune='grid' or 'grid+tau' (tune='tau' keeps the scheduler's grid).")
     if not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}.")
     if sample_shape is not None:
