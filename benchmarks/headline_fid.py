@@ -97,6 +97,10 @@ def parse_args(argv=None):
                              "name or Hub id, as load_tuned_scheduler takes); the method is named after PATH")
     parser.add_argument("--cells", nargs="+", default=list(CELL_NAMES), choices=CELL_NAMES)
     parser.add_argument("--no-inception", action="store_true", help="FD-MNIST and accuracy only (no Inception)")
+    parser.add_argument("--features-only", action="store_true",
+                        help="only compute the Inception features of the references and of every sample set already "
+                             "in the cache that lacks them, then exit (a second process can do this while the main "
+                             "run still samples; both write the cache atomically)")
     args = cli_args.add_common_args(parser).parse_args(argv)
     args.extra_tables = parse_tables(args.tables)
     return args
@@ -252,6 +256,8 @@ def main(args) -> dict:
     size = SIZES[args.size]
     n, seed = size["n"], args.seed
     cache = SetCache(Path(args.out_dir) / CACHE / args.size)
+    if args.features_only:
+        return fill_features(cache, size, device)
     from .testbeds import load_testbed
 
     cells = [c for c in CELLS if c.name in args.cells]
@@ -370,6 +376,17 @@ def _features(images: torch.Tensor, device) -> Dict[str, torch.Tensor]:
     return {"pool": pool.float(), "spatial": spatial.float()}  # float32 on disk: half the size, ample precision
 
 
+def fill_features(cache: SetCache, size, device) -> None:
+    for testbed in ("mnist", "mnist_flow"):
+        images = reference_images(testbed, size["n_reference"])
+        key = f"reference_{testbed}_heldout__n{images.shape[0]}"
+        if cache.load(key, "samples") is None:
+            cache.save(key, "samples", {"samples": images})
+        inception_features(cache, key, device)
+    for path in sorted(cache.root.glob("*.samples.pt"), key=lambda p: p.stat().st_mtime):
+        inception_features(cache, path.name.removesuffix(".samples.pt"), device)
+
+
 def inception_features(cache: SetCache, key: str, device) -> Dict[str, torch.Tensor]:
     feats = cache.load(key, "inception")
     if feats is None:
@@ -393,7 +410,7 @@ def reference_images(testbed: str, n_reference: Optional[int]) -> torch.Tensor:
 def reference_features(tb, size, cache, device, results) -> Dict[str, torch.Tensor]:
     images = reference_images(tb.name, size["n_reference"])
     key = f"reference_{tb.name}_heldout__n{images.shape[0]}"
-    if cache.load(key, "samples") is None:
+    if cache.load(key, "samples") is None:  # saved so that the reference's features are cached like a set's
         cache.save(key, "samples", {"samples": images})
     feats = inception_features(cache, key, device)
     results["references"][tb.name] = {"inception_s": float(feats.get("seconds", 0.0)),
@@ -566,13 +583,15 @@ def sample_grid(results, cache, n, seed, columns):
     fig, axes = writer.figure(1, len(rows), size=(0.9 * columns + 2.4, 1.15))
     for ax, (label, images) in zip(axes[:, 0], rows):
         images = ((images.float() + 1) / 2).clamp(0, 1)
-        pad = torch.ones(1, images.shape[2], 2)
+        pad = torch.full((1, images.shape[2], 2), 0.5)  # grey separators
         strip = torch.cat([t for im in images for t in (im, pad)][:-1], dim=2)[0].numpy()
         ax.imshow(strip, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(f"same x_T per column (seed {seed}, labels 0..{columns - 1}); {n} samples per set", fontsize=8)
+    fig.suptitle(f"same x_T per column (seed {seed}, labels 0..{columns - 1}); figures over {n} samples per set",
+                 fontsize=8)
+    fig.tight_layout()
     return fig
 
 
