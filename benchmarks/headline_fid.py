@@ -97,6 +97,9 @@ def parse_args(argv=None):
                              "name or Hub id, as load_tuned_scheduler takes); the method is named after PATH")
     parser.add_argument("--cells", nargs="+", default=list(CELL_NAMES), choices=CELL_NAMES)
     parser.add_argument("--no-inception", action="store_true", help="FD-MNIST and accuracy only (no Inception)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="sample and compute nothing: write the results from the sets already in the cache (the "
+                             "rest listed as not measured)")
     parser.add_argument("--features-only", action="store_true",
                         help="only compute the Inception features of the references and of every sample set already "
                              "in the cache that lacks them, then exit (a second process can do this while the main "
@@ -237,6 +240,29 @@ class SetCache:
         p = self.path(key, part)
         return torch.load(p, weights_only=False) if p.is_file() else None
 
+    def lock(self, key: str) -> bool:
+        """Claim `key`'s Inception features for this process; False when a live process holds them."""
+        import os
+
+        path = self.root / f"{key}.lock"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    os.kill(int(path.read_text() or 0), 0)
+                    return False  # its holder is alive
+                except (ProcessLookupError, ValueError, FileNotFoundError):
+                    path.unlink(missing_ok=True)  # left by a process that died: take it over
+                    continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def unlock(self, key: str) -> None:
+        (self.root / f"{key}.lock").unlink(missing_ok=True)
+
     def save(self, key: str, part: str, value) -> None:
         p = self.path(key, part)
         tmp = p.with_suffix(".tmp")
@@ -299,7 +325,6 @@ def main(args) -> dict:
     # Cheap sets first (the flow UNet costs ~1/16 of the eps UNet per evaluation), the 50-step floor last.
     plan.sort(key=lambda p: p.nfe * (0.06 if p.testbed.name == "mnist_flow" else 1.0))
 
-    figure_rows = {}
 
     def write():
         for cell_name, info in results["cells"].items():
@@ -309,7 +334,7 @@ def main(args) -> dict:
         timed = [s for k, s in results["sets"].items() if not s["identical_to"]]
         results["compute_s"] = {"sampling": sum(s["sampling_s"] for s in timed),
                                 "inception": sum(s.get("inception_s", 0.0) for s in timed)
-                                + sum(r.get("inception_s", 0.0) for r in results["references"].values()),
+                                + sum(r.get("inception_s") or 0.0 for r in results["references"].values()),
                                 "threads": sorted({s["sampling_threads"] for s in timed if s.get("sampling_threads")})}
         results["not_measured"] = sorted(not_measured(results, plan, args))
         fig = sample_grid(results, cache, n, seed, size["grid_columns"]) if results["sets"] else None
@@ -319,6 +344,8 @@ def main(args) -> dict:
         name, nfe, same = p.name, p.nfe, p.identical_to
         key = set_key(same or name, n, seed)
         if cache.load(key, "samples") is None:
+            if args.report_only:
+                continue
             cli_args.log(f"{NAME}: sampling {name} ({n} samples, {nfe} steps)")
             tick = time.perf_counter()
             samples = generate(p.testbed, p.scheduler, None if p.timesteps else nfe, n, seed, device,
@@ -336,22 +363,32 @@ def main(args) -> dict:
         cli_args.log(f"{NAME}: {name}: FD-MNIST {entry['fd_mnist']:.3f}, accuracy {entry['accuracy']:.4f}")
         write()
 
-    if not args.no_inception:
-        refs = {name: reference_features(tb, size, cache, device, results) for name, tb in testbeds.items()}
-        write()
-        for p in plan:
-            name = p.name
-            feats = inception_features(cache, set_key(p.identical_to or name, n, seed), device)
-            ref = refs[p.testbed.name]
-            results["sets"][name].update(inception_scores(ref, feats))
-            cli_args.log(f"{NAME}: {name}: FID {results['sets'][name]['fid']:.2f}, sFID "
-                         f"{results['sets'][name]['sfid']:.2f}, P {results['sets'][name]['precision']:.3f}, "
-                         f"R {results['sets'][name]['recall']:.3f}")
-            write()
-        if size["real_level"]:
-            for tb_name in testbeds:
-                results["references"][tb_name]["real_level"] = real_level(tb_name, n, cache, device, refs[tb_name])
-                write()
+    if args.no_inception:
+        return write()
+    ref_keys = {name: reference_key(name, size, cache) for name in testbeds}
+    set_keys = [results["sets"][p.name]["cache_key"] for p in plan if p.name in results["sets"]]
+    if not args.report_only:
+        compute_features(cache, list(ref_keys.values()) + list(dict.fromkeys(set_keys)), device)
+    refs = {}
+    for name, key in ref_keys.items():
+        refs[name] = cache.load(key, "inception")
+        results["references"][name] = reference_info(name, key, refs[name])
+    for p in plan:
+        st = results["sets"].get(p.name)
+        feats = None if st is None else cache.load(st["cache_key"], "inception")
+        if feats is None or refs[p.testbed.name] is None:
+            continue
+        st.update(inception_scores(refs[p.testbed.name], feats))
+        cli_args.log(f"{NAME}: {p.name}: FID {st['fid']:.2f}, sFID {st['sfid']:.2f}, P {st['precision']:.3f}, "
+                     f"R {st['recall']:.3f}")
+    write()
+    if size["real_level"]:
+        for name in testbeds:
+            if refs[name] is not None:
+                level = real_level(name, n, cache, device, refs[name], args.report_only)
+                if level is not None:
+                    results["references"][name]["real_level"] = level
+                    write()
     return write()
 
 
@@ -377,14 +414,31 @@ def _features(images: torch.Tensor, device) -> Dict[str, torch.Tensor]:
 
 
 def fill_features(cache: SetCache, size, device) -> None:
-    for testbed in ("mnist", "mnist_flow"):
-        images = reference_images(testbed, size["n_reference"])
-        key = f"reference_{testbed}_heldout__n{images.shape[0]}"
-        if cache.load(key, "samples") is None:
-            cache.save(key, "samples", {"samples": images})
-        inception_features(cache, key, device)
-    for path in sorted(cache.root.glob("*.samples.pt"), key=lambda p: p.stat().st_mtime):
-        inception_features(cache, path.name.removesuffix(".samples.pt"), device)
+    keys = [reference_key(tb, size, cache) for tb in ("mnist", "mnist_flow")]
+    keys += [p.name.removesuffix(".samples.pt")
+             for p in sorted(cache.root.glob("*.samples.pt"), key=lambda p: p.stat().st_mtime)]
+    compute_features(cache, list(dict.fromkeys(keys)), device)
+
+
+def compute_features(cache: SetCache, keys: List[str], device) -> None:
+    """Inception features of every key that lacks them. A key another process is working on (its lock file names a
+    live process) is left to it and waited for, so two processes can share the work without doing a set twice."""
+    pending = list(keys)
+    while pending:
+        busy = []
+        for key in pending:
+            if cache.path(key, "inception").is_file():
+                continue
+            if not cache.lock(key):
+                busy.append(key)
+                continue
+            try:
+                inception_features(cache, key, device)
+            finally:
+                cache.unlock(key)
+        pending = [k for k in busy if not cache.path(k, "inception").is_file()]
+        if pending:
+            time.sleep(10)
 
 
 def inception_features(cache: SetCache, key: str, device) -> Dict[str, torch.Tensor]:
@@ -407,20 +461,24 @@ def reference_images(testbed: str, n_reference: Optional[int]) -> torch.Tensor:
     return downsample(images, 16) if testbed == "mnist_flow" else images
 
 
-def reference_features(tb, size, cache, device, results) -> Dict[str, torch.Tensor]:
-    images = reference_images(tb.name, size["n_reference"])
-    key = f"reference_{tb.name}_heldout__n{images.shape[0]}"
-    if cache.load(key, "samples") is None:  # saved so that the reference's features are cached like a set's
+def reference_key(testbed: str, size, cache: SetCache) -> str:
+    """The reference digits as a cached set (so their features are cached like a sample set's)."""
+    images = reference_images(testbed, size["n_reference"])
+    key = f"reference_{testbed}_heldout__n{images.shape[0]}"
+    if cache.load(key, "samples") is None:
         cache.save(key, "samples", {"samples": images})
-    feats = inception_features(cache, key, device)
-    results["references"][tb.name] = {"inception_s": float(feats.get("seconds", 0.0)),
-        "images": "held-out real MNIST digits (testbeds.data split 'heldout', never trained on)"
-                  + (", area-downsampled to 16x16" if tb.name == "mnist_flow" else ", 28x28"),
-        "count": int(images.shape[0]), "cache_key": key}
-    return feats
+    return key
 
 
-def real_level(testbed: str, n: int, cache, device, ref) -> Dict[str, Any]:
+def reference_info(testbed: str, key: str, feats) -> Dict[str, Any]:
+    count = int(key.rsplit("__n", 1)[1])
+    return {"images": "held-out real MNIST digits (testbeds.data split 'heldout', never trained on)"
+                      + (", area-downsampled to 16x16" if testbed == "mnist_flow" else ", 28x28"),
+            "count": count, "cache_key": key,
+            "inception_s": None if feats is None else float(feats.get("seconds", 0.0))}
+
+
+def real_level(testbed: str, n: int, cache, device, ref, report_only: bool) -> Optional[Dict[str, Any]]:
     """Every metric for real training digits (as many as samples, at most 4000) against the same reference."""
     from diffusers_timetuner.testbeds.data import downsample, load_mnist
     images, labels = load_mnist("train")
@@ -430,8 +488,11 @@ def real_level(testbed: str, n: int, cache, device, ref) -> Dict[str, Any]:
     key = f"real_{testbed}_train__n{images.shape[0]}"
     if cache.load(key, "samples") is None:
         cache.save(key, "samples", {"samples": images})
+    if report_only and not cache.path(key, "inception").is_file():
+        return None
     cls = mnist_metrics(images, labels, device)
-    feats = inception_features(cache, key, device)
+    compute_features(cache, [key], device)
+    feats = cache.load(key, "inception")
     return {"images": "real MNIST training digits (split 'train')", "count": int(images.shape[0]),
             "fd_mnist": cls["fd"], "accuracy": cls["accuracy"], **inception_scores(ref, feats)}
 

@@ -79,3 +79,14 @@ def test_added_table_costs_only_its_own_set(first_run, tmp_path):
 def test_bad_tables_refused(spec):
     with pytest.raises(ValueError, match="--tables takes CELL=PATH"):
         headline_fid.parse_args(["--quick", "--tables", spec])
+
+
+def test_features_only_fills_missing_features(first_run):
+    out, _ = first_run
+    cache = out / headline_fid.CACHE / "quick"
+    missing = cache / "flow_euler_10__untuned__n4__seed0.inception.pt"
+    kept = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.inception.pt") if p != missing}
+    missing.unlink()
+    headline_fid.main(headline_fid.parse_args(["--quick", "--threads", "1", "--out-dir", str(out), "--features-only"]))
+    assert missing.is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.inception.pt") if p != missing} == kept
