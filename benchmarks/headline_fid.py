@@ -3,7 +3,8 @@ recall (k = 3), untuned vs tuned vs a many-step floor, from the same x_T and lab
 
 Cells (each: untuned, the tuned table, any ``--tables`` extra, and the floor shared by the cells of one model):
 - ``mnist_ddim_10`` and ``mnist_dpmpp_5``: the bundled 28x28 MNIST UNet (epsilon prediction), DDIM@10 and
-  DPM-Solver++(2M)@5 (`families.FAMILIES`); floor: DPM-Solver++(2M) at 50 steps (the calibration teacher's sampler).
+  DPM-Solver++(2M)@5 (`families.FAMILIES`); floor: DPM-Solver++(2M) at 25 (--medium) or 50 (--full) steps, the
+  calibration teacher's sampler.
 - ``flow_euler_10``: the bundled 16x16 flow-matching MNIST UNet, FlowMatchEuler@10 vs the bundled table
   ``mnist-flow-euler-10-g1``; floor: Euler at 100 steps (as `flow_mnist.py`).
 
@@ -49,7 +50,9 @@ SIZES = {
     # CI smoke: a handful of samples and references (k = 3 needs more than 3 of each); no real-data level.
     "quick": dict(n=4, n_reference=4, eps_floor_steps=8, flow_floor_steps=8, real_level=False, batch=4,
                   grid_columns=4, calib_size="quick"),
-    "medium": dict(n=2000, n_reference=None, eps_floor_steps=50, flow_floor_steps=100, real_level=True, batch=250,
+    # The eps floor at 25 DPM-Solver++(2M) steps (the calibration teacher's sampler) rather than 50: on 2 shared CPU
+    # cores a 50-step set costs more than the four few-step sets together. --full keeps 50.
+    "medium": dict(n=2000, n_reference=None, eps_floor_steps=25, flow_floor_steps=100, real_level=True, batch=250,
                    grid_columns=10, calib_size="medium"),
     "full": dict(n=5000, n_reference=None, eps_floor_steps=50, flow_floor_steps=100, real_level=True, batch=1000,
                  grid_columns=10, calib_size="full"),
@@ -413,17 +416,38 @@ def _features(images: torch.Tensor, device) -> Dict[str, torch.Tensor]:
     return {"pool": pool.float(), "spatial": spatial.float()}  # float32 on disk: half the size, ample precision
 
 
+# Which Inception features first when several processes share the work: the DDIM@10 cell and the floor it needs,
+# then the flow cell, then DPM-Solver++@5 (whose default table may equal untuned), then the real-data levels.
+FEATURE_PRIORITY = ("reference_mnist_heldout", "mnist_ddim_10__", "mnist__floor", "reference_mnist_flow",
+                    "flow_euler_10__", "mnist_flow__floor", "mnist_dpmpp_5__", "real_")
+
+
+def _priority(key: str) -> int:
+    return next((i for i, prefix in enumerate(FEATURE_PRIORITY) if key.startswith(prefix)), len(FEATURE_PRIORITY))
+
+
 def fill_features(cache: SetCache, size, device) -> None:
-    keys = [reference_key(tb, size, cache) for tb in ("mnist", "mnist_flow")]
-    keys += [p.name.removesuffix(".samples.pt")
-             for p in sorted(cache.root.glob("*.samples.pt"), key=lambda p: p.stat().st_mtime)]
-    compute_features(cache, list(dict.fromkeys(keys)), device)
+    """--features-only: the references, then every cached sample set lacking features, highest priority first,
+    looking again after each set (the main run may have sampled more meanwhile)."""
+    for tb in ("mnist", "mnist_flow"):
+        reference_key(tb, size, cache)
+    while True:
+        keys = [p.name.removesuffix(".samples.pt") for p in cache.root.glob("*.samples.pt")]
+        todo = sorted((k for k in keys if not cache.path(k, "inception").is_file()), key=_priority)
+        claimed = next((k for k in todo if cache.lock(k)), None)
+        if claimed is None:
+            return
+        try:
+            inception_features(cache, claimed, device)
+        finally:
+            cache.unlock(claimed)
 
 
 def compute_features(cache: SetCache, keys: List[str], device) -> None:
-    """Inception features of every key that lacks them. A key another process is working on (its lock file names a
-    live process) is left to it and waited for, so two processes can share the work without doing a set twice."""
-    pending = list(keys)
+    """Inception features of every key that lacks them, highest priority first. A key another process is working on
+    (its lock file names a live process) is left to it and waited for, so two processes can share the work without
+    doing a set twice."""
+    pending = sorted(keys, key=_priority)
     while pending:
         busy = []
         for key in pending:
