@@ -589,6 +589,12 @@ def _fmt(v, spec=".3f"):
     return "not measured" if v is None else format(v, spec)
 
 
+def _gap(share: Optional[float]) -> Optional[str]:
+    if share is None:
+        return None
+    return f"{100 * share:+.0f}%" + (" (beyond the floor)" if share > 1 else "")
+
+
 def markdown(results, args) -> str:
     s = results["settings"]
     lines = [f"# {NAME}: the headline cells in FD-MNIST, FID, sFID, precision / recall", "",
@@ -624,9 +630,9 @@ def markdown(results, args) -> str:
     for info in results["cells"].values():
         for method, row in info.get("comparison", {}).items():
             e = row.get("endpoint_to_floor")
-            rows.append([info["label"], method] + [
-                None if row.get(f"{m}_gap_closed") is None else f"{100 * row[f'{m}_gap_closed']:+.0f}%"
-                for m in ("fd_mnist", "fid", "sfid", "precision", "recall")] + [
+            same = info.get("tables", {}).get(method, {}).get("identical_to_untuned")
+            rows.append([info["label"], method + (" (= untuned)" if same else "")] + [
+                _gap(row.get(f"{m}_gap_closed")) for m in ("fd_mnist", "fid", "sfid", "precision", "recall")] + [
                 None if e is None else f"{e['untuned_mean_sq']:.2f} -> {e['tuned_mean_sq']:.2f}",
                 None if e is None else f"{e['change']:+.3f} +/- {e['paired_se']:.3f}"])
     lines.append(writer.markdown_table(header, rows))
@@ -646,6 +652,9 @@ def markdown(results, args) -> str:
     if results["not_measured"]:
         lines += ["Not measured (yet): " + "; ".join(results["not_measured"]), ""]
     c = results.get("compute_s") or {}
+    if args.report_only:
+        lines += ["Written with --report-only from the per-set cache: every figure comes from sets computed by "
+                  "earlier runs of this script at the same size and seed (their cost below).", ""]
     if c:
         lines += [f"Compute (every set's own timing, cached sets included): sampling {c['sampling']:.0f} s, "
                   f"Inception features {c['inception']:.0f} s, torch threads {c['threads']}.", ""]
