@@ -14,8 +14,8 @@ held-out endpoint error that `calibrate` itself recorded; DPM-Solver++@5 (no pub
 calibration at this size's calibration sizes; flow the bundled table.
 
 References: the 1000 held-out real digits (never trained on; the FD-MNIST reference), at 16x16 for the flow model
-(area-downsampled as its training data). The real training digits (as many as samples, at most 4000) give each
-metric's real-data level.
+(area-downsampled as its training data). The real training digits (as many as samples, at most 4000, balanced
+over the classes) give each metric's real-data level.
 
 Every set (samples, classifier figures, Inception features) is cached under ``<out-dir>/headline_fid_cache/``,
 keyed by cell, method, table hash, count and seed, so a crash or a later added table costs only its own set.
@@ -503,13 +503,16 @@ def reference_info(testbed: str, key: str, feats) -> Dict[str, Any]:
 
 
 def real_level(testbed: str, n: int, cache, device, ref, report_only: bool) -> Optional[Dict[str, Any]]:
-    """Every metric for real training digits (as many as samples, at most 4000) against the same reference."""
+    """Every metric for real training digits (as many as samples, at most 4000, the same count of each class)
+    against the same reference."""
     from diffusers_timetuner.testbeds.data import downsample, load_mnist
-    images, labels = load_mnist("train")
-    images, labels = images[:n], labels[:n]
+    images, labels = load_mnist("train")  # ordered by class: take the first n / 10 of each class
+    per_class = min(n, images.shape[0]) // 10
+    keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
+    images, labels = images[keep], labels[keep]
     if testbed == "mnist_flow":
         images = downsample(images, 16)
-    key = f"real_{testbed}_train__n{images.shape[0]}"
+    key = f"real_{testbed}_train_balanced__n{images.shape[0]}"
     if cache.load(key, "samples") is None:
         cache.save(key, "samples", {"samples": images})
     if report_only and not cache.path(key, "inception").is_file():
@@ -517,7 +520,8 @@ def real_level(testbed: str, n: int, cache, device, ref, report_only: bool) -> O
     cls = mnist_metrics(images, labels, device)
     compute_features(cache, [key], device)
     feats = cache.load(key, "inception")
-    return {"images": "real MNIST training digits (split 'train')", "count": int(images.shape[0]),
+    return {"images": "real MNIST training digits (split 'train', the same count of each class)",
+            "count": int(images.shape[0]),
             "fd_mnist": cls["fd"], "accuracy": cls["accuracy"], **inception_scores(ref, feats)}
 
 
@@ -579,6 +583,8 @@ def not_measured(results, plan, args) -> List[str]:
             missing.append(f"{name}: samples")
         elif not args.no_inception and "fid" not in s:
             missing.append(f"{name}: Inception metrics")
+    if results["settings"]["real_level"] and not args.no_inception:
+        missing += [f"real-data level ({tb})" for tb, ref in results["references"].items() if "real_level" not in ref]
     return missing
 
 
