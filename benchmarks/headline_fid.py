@@ -22,6 +22,9 @@ keyed by cell, method, table hash, count and seed, so a crash or a later added t
 The results are rewritten after every set, so a run stopped early still leaves its figures (missing ones listed as
 "not measured").
 
+The file stays whole (one script per question, as the other benchmarks): table choice, the set cache, the Inception
+work shared between processes and the report all serve this one table and share its set keys.
+
 Usage: OMP_NUM_THREADS=2 python -m benchmarks.headline_fid --medium --threads 2
        python -m benchmarks.headline_fid --medium --tables mnist_ddim_10=path/to/table.json   (adds a method)
 """
