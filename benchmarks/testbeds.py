@@ -9,8 +9,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from diffusers_timetuner import Denoiser
-from diffusers_timetuner.testbeds import load_gmm_model, load_mnist_pipeline
-from diffusers_timetuner.testbeds.data import load_mnist
+from diffusers_timetuner.testbeds import load_gmm_model, load_mnist_flow_pipeline, load_mnist_pipeline
+from diffusers_timetuner.testbeds.data import downsample, load_mnist
 
 from .families import NOISE_KEYS
 
@@ -21,7 +21,7 @@ class Testbed:
 
     model: the network given to `calibrate` and wrapped by `denoiser(guidance)`; sample_shape: (C, H, W);
     noise_config: the noise schedule (diffusers scheduler config); data/labels: real samples for calibration
-    objectives that need data; num_classes: None for unconditional models; null_label: CFG null class;
+    objectives that need data (MNIST: the training split, 16x16 for "mnist_flow"); num_classes: None for unconditional models; null_label: CFG null class;
     device: where the model (and the FD-MNIST classifier) runs.
     """
 
@@ -56,7 +56,8 @@ _TESTBED_CACHE: Dict[tuple, Testbed] = {}
 def load_testbed(name: str, device: torch.device) -> Testbed:
     key = (name, str(device))
     if key not in _TESTBED_CACHE:
-        _TESTBED_CACHE[key] = {"gmm": _load_gmm, "mnist": _load_mnist}[name](torch.device(device))
+        loaders = {"gmm": _load_gmm, "mnist": _load_mnist, "mnist_flow": _load_mnist_flow}
+        _TESTBED_CACHE[key] = loaders[name](torch.device(device))
     return _TESTBED_CACHE[key]
 
 
@@ -72,16 +73,23 @@ def _load_gmm(device: torch.device) -> Testbed:
     return Testbed("gmm", gmm, tuple(data.shape[1:]), noise_config, data, exact_sampler=exact, device=device)
 
 
-def _load_mnist(device: torch.device) -> Testbed:
-    pipe = load_mnist_pipeline(device)
+def _load_mnist(device: torch.device, pipe=None, name: str = "mnist") -> Testbed:
+    pipe = pipe or load_mnist_pipeline(device)
     unet = pipe.unet.eval().requires_grad_(False)
     images, labels = load_mnist("train")  # calibration data: the training split (FD-MNIST uses the held-out one)
     size = unet.config.sample_size
+    if name == "mnist_flow":
+        images = downsample(images, size)  # the 16x16 flow UNet's training data
     if images.shape[-1] != size:
         raise ValueError(f"the MNIST model expects {size}x{size} images, the data are {images.shape[-1]}x"
                          f"{images.shape[-1]}")
     n_cls = int(unet.config.num_class_embeds) - 1
     return Testbed(
-        "mnist", unet, (unet.config.in_channels, size, size), dict(pipe.scheduler.config), images, labels,
+        name, unet, (unet.config.in_channels, size, size), dict(pipe.scheduler.config), images, labels,
         num_classes=n_cls, null_label=n_cls, pipeline=pipe, device=device,
     )
+
+
+def _load_mnist_flow(device: torch.device) -> Testbed:
+    """The 16x16 flow-matching MNIST UNet (velocity, FlowMatchEuler's config as its noise config)."""
+    return _load_mnist(device, load_mnist_flow_pipeline(device), "mnist_flow")
