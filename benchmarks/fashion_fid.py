@@ -10,9 +10,9 @@ Inception FID, sFID and improved precision / recall (k = 3) against the 500 bund
 (`testbeds/fashion/reference_test_16px.npz`, the `inception.py` features) and by the bundled linear classifier's
 class accuracy. Per cell: headroom = FID(untuned) - FID(floor) and the share of it the tuned table closes.
 
-Objective: endpoint and teacher_local are both calibrated at one pilot cell per sampler (``pilot_nfe``); the one
+Objective: endpoint and teacher_local are both calibrated at one pilot cell (``pilot``, DDIM at 10 steps); the one
 whose table has the lower held-out endpoint error to the teacher (calibrate's own held-out set, never the FID sets)
-tunes every cell of that sampler. The choice and both held-out figures are recorded.
+tunes every cell. The choice and both held-out figures are recorded.
 
 FID from 500 samples against 500 reference images is biased upwards (500 other real test images score about 30.7
 against the reference): compare values only within one run. The FID change of each cell comes with a paired
@@ -49,13 +49,13 @@ STRATEGY = "data_free"  # the testbed ships no training data
 EVAL_SEED_OFFSET = 1000  # evaluation x_T: a seed none of calibrate's draws (seed, seed + 1, seed + 2) uses
 SIZES: Dict[str, Dict[str, Any]] = {
     # CI smoke size: 10 samples against 20 reference images (2 per class), tiny calibration sets.
-    "quick": dict(n=10, n_reference=20, samplers=["ddim"], nfes=[4], pilot_nfe=4, floor=("ddim", 10),
+    "quick": dict(n=10, n_reference=20, samplers=["ddim"], nfes=[4], pilot=("ddim", 4), floor=("ddim", 10),
                   calib=CALIB["quick"], bootstrap=20),
     # NFEs in the order they are measured: the headline cells first, so a short run still has them.
-    "medium": dict(n=500, n_reference=500, samplers=["ddim", "dpmpp"], nfes=[10, 5, 4, 8, 6], pilot_nfe=5,
+    "medium": dict(n=500, n_reference=500, samplers=["ddim", "dpmpp"], nfes=[10, 5, 4, 8, 6], pilot=("ddim", 10),
                    floor=("ddim", 100), calib=dict(num_samples=128, batch_size=128, validation_samples=64,
                                                    heldout_samples=64, adam_steps=500), bootstrap=50),
-    "full": dict(n=500, n_reference=500, samplers=["ddim", "dpmpp", "dpm2"], nfes=[10, 5, 4, 8, 6], pilot_nfe=5,
+    "full": dict(n=500, n_reference=500, samplers=["ddim", "dpmpp", "dpm2"], nfes=[10, 5, 4, 8, 6], pilot=("ddim", 10),
                  floor=("ddim", 100), calib=CALIB["full"], bootstrap=200),
 }
 METRICS = ("fid", "sfid", "precision", "recall", "accuracy")
@@ -66,6 +66,8 @@ def parse_args(argv=None):
     parser.add_argument("--nfes", type=int, nargs="+", default=None, help="override the size's NFE list (in order)")
     parser.add_argument("--samplers", nargs="+", default=None, choices=["ddim", "dpmpp", "dpm2"],
                         help="override the size's samplers")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="only compute the calibration tables (pilot first) into the table cache; no sampling")
     parser.add_argument("--cache-dir", default=None,
                         help="per-set Inception feature cache (default <out-dir>/fashion_fid_cache)")
     args = cli_args.add_common_args(parser).parse_args(argv)
@@ -175,17 +177,20 @@ def main(args) -> dict:
     size = SIZES[args.size]
     samplers, nfes = args.samplers or size["samplers"], args.nfes or size["nfes"]
     tb = load_testbed("fashion", device)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.out_dir) / f"{NAME}_cache"
-    scorer = SetScorer(tb, size, args.seed, device, cache_dir)
     calib_kwargs = dict(tables_dir=run.tables_dir, use_cache=not args.no_cache, calib=size["calib"],
                         strategy=STRATEGY, seed=args.seed)
+    if args.calibrate_only:
+        return calibrate_only(tb, size, samplers, nfes, device, calib_kwargs)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.out_dir) / f"{NAME}_cache"
+    scorer = SetScorer(tb, size, args.seed, device, cache_dir)
     results: Dict[str, Any] = {
         "settings": {"n_samples": size["n"], "n_reference": scorer.n_reference, "samplers": samplers, "nfes": nfes,
-                     "pilot_nfe": size["pilot_nfe"], "floor": {"family": size["floor"][0], "nfe": size["floor"][1]},
+                     "pilot": {"family": size["pilot"][0], "nfe": size["pilot"][1]},
+                     "floor": {"family": size["floor"][0], "nfe": size["floor"][1]},
                      "calibration": {**size["calib"], "strategy": STRATEGY, "seed": args.seed},
                      "evaluation_seed": scorer.seed, "bootstrap_reps": size["bootstrap"],
                      "objective_candidates": list(OBJECTIVES)},
-        "objective_choice": {}, "cells": {s: {} for s in samplers}, "not_measured": [],
+        "objective_choice": None, "cells": {s: {} for s in samplers}, "not_measured": [],
     }
 
     def publish():
@@ -196,22 +201,29 @@ def main(args) -> dict:
     cli_args.log(f"{NAME}: floor {family}@{steps}, {size['n']} samples")
     results["floor"] = {"family": family, "nfe": steps,
                         **scorer.score(scorer.sample_set(f"floor {family}@{steps}", family, steps))}
-
-    for sampler in samplers:
-        if run.out_of_time(f"objective pilot {sampler}@{size['pilot_nfe']}"):
-            continue
-        results["objective_choice"][sampler] = choose_objective(tb, sampler, size["pilot_nfe"], device, calib_kwargs)
+    pilot_family, pilot_nfe = size["pilot"]
+    if not run.out_of_time(f"objective pilot {pilot_family}@{pilot_nfe}"):
+        results["objective_choice"] = choose_objective(tb, pilot_family, pilot_nfe, device, calib_kwargs)
     publish()
-
     for nfe in nfes:
         for sampler in samplers:
-            choice = results["objective_choice"].get(sampler)
-            if choice is None or run.out_of_time(f"{sampler}@{nfe}"):
+            if results["objective_choice"] is None or run.out_of_time(f"{sampler}@{nfe}"):
                 continue
-            cell = measure_cell(tb, scorer, sampler, nfe, choice["chosen"], calib_kwargs, device, size, results)
+            objective = results["objective_choice"]["chosen"]
+            cell = measure_cell(tb, scorer, sampler, nfe, objective, calib_kwargs, device, size, results)
             results["cells"][sampler][str(nfe)] = cell
             publish()
     return publish()
+
+
+def calibrate_only(tb, size, samplers, nfes, device, calib_kwargs) -> dict:
+    """--calibrate-only: the pilot and every cell's table into the table cache, in the order the full run needs
+    them, and nothing else (a second process can do this while the first computes Inception features)."""
+    choice = choose_objective(tb, *size["pilot"], device, calib_kwargs)
+    for nfe in nfes:
+        for sampler in samplers:
+            try_calibration(tb, sampler, nfe, device, objective=choice["chosen"], **calib_kwargs)
+    return {"objective_choice": choice}
 
 
 def choose_objective(tb, sampler: str, nfe: int, device, calib_kwargs) -> Dict[str, Any]:
@@ -228,8 +240,8 @@ def choose_objective(tb, sampler: str, nfe: int, device, calib_kwargs) -> Dict[s
     cli_args.log(f"{NAME}: {sampler}@{nfe} objective pilot: " + ", ".join(
         f"{k} held-out {v.get('endpoint_mse_tuned', float('nan')):.4g}" for k, v in candidates.items())
         + f" -> {chosen}")
-    return {"nfe": nfe, "chosen": chosen, "rule": "lowest held-out endpoint MSE to the teacher (calibrate's held-out "
-                                                  "x_T, disjoint from the FID sets)", "candidates": candidates}
+    return {"family": sampler, "nfe": nfe, "chosen": chosen, "candidates": candidates,
+            "rule": "lowest held-out endpoint MSE to the teacher (calibrate's held-out x_T, not the FID sets)"}
 
 
 def held_out(cal) -> Dict[str, Any]:
@@ -295,11 +307,14 @@ def markdown(results) -> str:
         lines.append(f"- many-step floor ({floor['family']}@{floor['nfe']}): FID {floor['fid']:.2f}, sFID "
                      f"{floor['sfid']:.2f}, precision {floor['precision']:.3f}, recall {floor['recall']:.3f}, "
                      f"accuracy {100 * floor['accuracy']:.1f}%")
-    for sampler, c in results["objective_choice"].items():
-        parts = [f"{k}: {v['endpoint_mse_tuned']:.4g} (untuned {v['endpoint_mse_untuned']:.4g})" if "error" not in v
+    c = results["objective_choice"]
+    if c is not None:
+        parts = [f"{k}: {v['endpoint_mse_tuned']:.4g} (untuned {v['endpoint_mse_untuned']:.4g}"
+                 f"{', guard kept tau = t' if v['identity'] else ''})" if "error" not in v
                  else f"{k}: failed ({v['error']})" for k, v in c["candidates"].items()]
-        lines.append(f"- objective for {FAMILIES[sampler].label}, chosen at NFE {c['nfe']} by held-out endpoint MSE "
-                     f"to the teacher: **{c['chosen']}** ({'; '.join(parts)})")
+        lines.append(f"- objective, chosen at {FAMILIES[c['family']].label}@{c['nfe']} by the held-out endpoint MSE "
+                     f"to the teacher (calibrate's own held-out x_T): **{c['chosen']}** ({'; '.join(parts)}); every "
+                     "cell uses it")
     lines += ["", "| sampler | NFE | objective | FID untuned | FID tuned | change (+/- bootstrap SE) | headroom vs "
                   "floor | gap closed | sFID untuned / tuned | precision u / t | recall u / t | accuracy u / t | "
                   "held-out endpoint MSE u -> t |",
@@ -353,7 +368,7 @@ def plot(results):
                     yerr=[cells[str(n)]["fid_change_se"] for n in tuned], fmt="s-", color="tab:blue", capsize=3,
                     label="tuned (+/- SE of the change)")
         missing = [n for n in results["settings"]["nfes"] if str(n) not in cells]
-        title = FAMILIES[sampler].label + f" ({results['objective_choice'][sampler]['chosen']})"
+        title = FAMILIES[sampler].label + f" (tuned: {results['objective_choice']['chosen']})"
         ax.set_title(title if not missing else f"{title}\nnot measured: NFE {', '.join(map(str, sorted(missing)))}",
                      fontsize=9)
         ax.set_xticks(sorted(set(nfes)))
