@@ -48,8 +48,8 @@ OBJECTIVES = ("endpoint", "teacher_local")  # the two candidates the pilot cell 
 STRATEGY = "data_free"  # the testbed ships no training data
 EVAL_SEED_OFFSET = 1000  # evaluation x_T: a seed none of calibrate's draws (seed, seed + 1, seed + 2) uses
 SIZES: Dict[str, Dict[str, Any]] = {
-    # CI smoke size: 10 samples against 20 reference images (2 per class), tiny calibration sets.
-    "quick": dict(n=10, n_reference=20, samplers=["ddim"], nfes=[4], pilot=("ddim", 4), floor=("ddim", 10),
+    # CI smoke size: 10 samples against 10 reference images (1 per class), tiny calibration sets.
+    "quick": dict(n=10, n_reference=10, samplers=["ddim"], nfes=[4], pilot=("ddim", 4), floor=("ddim", 10),
                   calib=CALIB["quick"], bootstrap=20),
     # NFEs in the order they are measured: the headline cells first, so a short run still has them.
     "medium": dict(n=500, n_reference=500, samplers=["ddim", "dpmpp"], nfes=[10, 5, 4, 8, 6], pilot=("ddim", 10),

@@ -162,7 +162,7 @@ def test_fashion_fid_writes_every_cell_with_finite_figures(fashion_quick):
     for name in ("untuned", "tuned"):
         assert cell[name]["fid"] > 0 and cell[name]["n_samples"] == 10
         assert set(cell[name]) >= {"fid", "sfid", "precision", "recall", "accuracy"}
-    assert res["floor"]["nfe"] == 10 and res["settings"]["n_reference"] == 20  # 2 reference images per class
+    assert res["floor"]["nfe"] == 10 and res["settings"]["n_reference"] == 10  # 1 reference image per class
     assert cell["headroom"] == pytest.approx(cell["untuned"]["fid"] - res["floor"]["fid"])
     choice = res["objective_choice"]
     assert set(choice["candidates"]) == {"endpoint", "teacher_local"} and choice["chosen"] == cell["objective"]
