@@ -19,8 +19,8 @@ against the reference): compare values only within one run. The FID change of ea
 bootstrap standard error (the same resampled x_T indices for untuned and tuned).
 
 Inception features of every set are cached in ``<out-dir>/fashion_fid_cache/`` under a hash of what decides the set
-(sampler, NFE, table, sample count, seed, package code, Inception weights), so an interrupted run loses one set; the
-JSON / Markdown / PNG are rewritten after every cell, and cells not reached are listed as "not measured".
+(sampler, NFE, table, sample count, seed, package code, UNet and Inception weights), so an interrupted run loses one
+set; the JSON / Markdown / PNG are rewritten after every cell, and cells not reached are listed as "not measured".
 
 Usage: python -m benchmarks.fashion_fid --quick|--medium [--threads 2] [--nfes 10 5] [--samplers ddim dpmpp]
 """
@@ -59,7 +59,6 @@ SIZES: Dict[str, Dict[str, Any]] = {
     "full": dict(n=500, n_reference=500, samplers=["ddim", "dpmpp", "dpm2"], nfes=[10, 5, 4, 8, 6], pilot=("ddim", 10),
                  floor=("ddim", 100), calib=CALIB["full"], bootstrap=200),
 }
-METRICS = ("fid", "sfid", "precision", "recall", "accuracy")
 
 
 def parse_args(argv=None):
@@ -86,6 +85,7 @@ class SetScorer:
 
     def __init__(self, testbed, size: Dict[str, Any], seed: int, device, cache_dir: Path):
         from diffusers_timetuner.inception import INCEPTION_WEIGHTS_SHA1, InceptionFeatures
+        from diffusers_timetuner.testbeds import FASHION_MODEL_DIR
         from diffusers_timetuner.testbeds.fashion.reference import load_reference
 
         self.tb, self.n, self.device = testbed, size["n"], device
@@ -94,7 +94,9 @@ class SetScorer:
         self.cache_dir = cache_dir
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.features = InceptionFeatures(device=device, batch_size=50, progress=False)
-        self.fingerprint = {"code": code_fingerprint(), "inception": INCEPTION_WEIGHTS_SHA1}
+        weights = Path(FASHION_MODEL_DIR) / "unet" / "diffusion_pytorch_model.safetensors"
+        self.fingerprint = {"code": code_fingerprint(), "inception": INCEPTION_WEIGHTS_SHA1,
+                            "model": _file_sha1(weights)}
         images, labels = load_reference()
         keep = _per_class_prefix(labels, size["n_reference"] // testbed.num_classes)
         self.n_reference = int(keep.numel())
@@ -139,6 +141,10 @@ class SetScorer:
         tmp.replace(path)  # atomic: a killed run leaves no half-written set
         entry["cached"] = False
         return entry
+
+
+def _file_sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
 def _per_class_prefix(labels: torch.Tensor, per_class: int) -> torch.Tensor:
