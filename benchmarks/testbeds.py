@@ -1,5 +1,7 @@
-"""The two testbeds the benchmarks run on, loaded once per device: the exact-score GMM (with an exact sampler of its
-data distribution) and the bundled class-conditional MNIST pipeline (with the MNIST training split as data)."""
+"""The testbeds the benchmarks run on, loaded once per device: the exact-score GMM (with an exact sampler of its
+data distribution), the bundled class-conditional MNIST pipelines (the 28x28 eps UNet and the 16x16 flow-matching
+UNet, with the MNIST training split as data) and the bundled class-conditional 16x16 Fashion-MNIST pipeline (no data: calibrated data-free, judged by Inception FID against
+its bundled 500 test images, so the benchmarks need no dataset package)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,12 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from diffusers_timetuner import Denoiser
-from diffusers_timetuner.testbeds import load_gmm_model, load_mnist_flow_pipeline, load_mnist_pipeline
+from diffusers_timetuner.testbeds import (
+    load_fashion_pipeline,
+    load_gmm_model,
+    load_mnist_flow_pipeline,
+    load_mnist_pipeline,
+)
 from diffusers_timetuner.testbeds.data import downsample, load_mnist
 
 from .families import NOISE_KEYS
@@ -21,15 +28,16 @@ class Testbed:
 
     model: the network given to `calibrate` and wrapped by `denoiser(guidance)`; sample_shape: (C, H, W);
     noise_config: the noise schedule (diffusers scheduler config); data/labels: real samples for calibration
-    objectives that need data (MNIST: the training split, 16x16 for "mnist_flow"); num_classes: None for unconditional models; null_label: CFG null class;
-    device: where the model (and the FD-MNIST classifier) runs.
+    objectives that need data (MNIST: the training split, 16x16 for "mnist_flow"; None: the testbed is calibrated
+    data-free only); num_classes: None for unconditional models; null_label: CFG null class; device: where the model
+    (and the FD-MNIST classifier) runs.
     """
 
     name: str
     model: Any
     sample_shape: tuple
     noise_config: Dict[str, Any]
-    data: torch.Tensor
+    data: Optional[torch.Tensor]
     labels: Optional[torch.Tensor] = None
     num_classes: Optional[int] = None
     null_label: Optional[int] = None
@@ -56,7 +64,9 @@ _TESTBED_CACHE: Dict[tuple, Testbed] = {}
 def load_testbed(name: str, device: torch.device) -> Testbed:
     key = (name, str(device))
     if key not in _TESTBED_CACHE:
-        loaders = {"gmm": _load_gmm, "mnist": _load_mnist, "mnist_flow": _load_mnist_flow}
+        loaders = {"gmm": _load_gmm, "mnist": _load_mnist, "mnist_flow": _load_mnist_flow, "fashion": _load_fashion}
+        if name not in loaders:
+            raise ValueError(f"unknown testbed {name!r}: choose from {sorted(loaders)}.")
         _TESTBED_CACHE[key] = loaders[name](torch.device(device))
     return _TESTBED_CACHE[key]
 
@@ -93,3 +103,14 @@ def _load_mnist(device: torch.device, pipe=None, name: str = "mnist") -> Testbed
 def _load_mnist_flow(device: torch.device) -> Testbed:
     """The 16x16 flow-matching MNIST UNet (velocity, FlowMatchEuler's config as its noise config)."""
     return _load_mnist(device, load_mnist_flow_pipeline(device), "mnist_flow")
+
+
+def _load_fashion(device: torch.device) -> Testbed:
+    # data=None: the Fashion-MNIST images come from a Debian package that only retraining needs; calibration here is
+    # data-free (x_T ~ N(0, I), strategy="data_free"), so the testbed runs wherever the package is installed.
+    pipe = load_fashion_pipeline(device)
+    unet = pipe.unet.eval().requires_grad_(False)
+    size = unet.config.sample_size
+    n_cls = int(unet.config.num_class_embeds) - 1
+    return Testbed("fashion", unet, (unet.config.in_channels, size, size), dict(pipe.scheduler.config), None,
+                   num_classes=n_cls, null_label=n_cls, pipeline=pipe, device=device)
