@@ -1,5 +1,5 @@
-"""The sampler families the benchmarks compare (DDIM, DDPM, DPM-Solver-2, DPM-Solver++(2M)) and their untuned
-TimeTuner schedulers on a model's noise schedule."""
+"""The sampler families the benchmarks compare (DDIM, DDPM, DPM-Solver-2, DPM-Solver++(2M); for flow matching
+FlowMatchEuler and UniPC; EDM's Heun) and their untuned TimeTuner schedulers on a model's noise schedule."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from diffusers_timetuner import (
     TimeTunerDDPMScheduler,
     TimeTunerDPMSolverScheduler,
     TimeTunerDPMSolverSinglestepScheduler,
+    TimeTunerFlowMatchEulerDiscreteScheduler,
+    TimeTunerHeunDiscreteScheduler,
+    TimeTunerUniPCMultistepScheduler,
 )
 from diffusers_timetuner.sampling import grid_timesteps
 
@@ -39,12 +42,23 @@ FAMILIES: Dict[str, Family] = {
     ),
     "dpmpp": Family("dpmpp", "DPM-Solver++(2M)", {"solver_order": 2, "algorithm_type": "dpmsolver++",
                                                   "use_lu_lambdas": True}),
+    # Flow matching (a velocity model whose noise config is its FlowMatchEuler config): Euler with shift 1, and UniPC
+    # (bh2, order 2) on the same flow sigmas; the settings of flow_gmm.py / flow_mnist.py.
+    "flow_euler": Family("flow_euler", "FlowMatchEuler", {"shift": 1.0}),
+    "unipc_flow": Family("unipc_flow", "UniPC (flow, bh2)", {"prediction_type": "flow_prediction",
+                                                             "use_flow_sigmas": True, "flow_shift": 1.0,
+                                                             "solver_order": 2, "solver_type": "bh2"}),
+    # EDM's Heun on Karras sigmas (2 n - 1 evaluations for n steps; heun_gmm.py's setting).
+    "heun": Family("heun", "Heun (Karras)", {"use_karras_sigmas": True}),
 }
 SCHEDULER_CLASSES = {
     "ddim": TimeTunerDDIMScheduler,
     "ddpm": TimeTunerDDPMScheduler,
     "dpm2": TimeTunerDPMSolverSinglestepScheduler,
     "dpmpp": TimeTunerDPMSolverScheduler,
+    "flow_euler": TimeTunerFlowMatchEulerDiscreteScheduler,
+    "unipc_flow": TimeTunerUniPCMultistepScheduler,
+    "heun": TimeTunerHeunDiscreteScheduler,
 }
 NOISE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
 

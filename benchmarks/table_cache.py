@@ -80,7 +80,7 @@ class Calibration:
 
     def scheduler(self, testbed: Testbed, family: str):
         base = make_scheduler(family, testbed.noise_config, **self.settings.get("overrides", {}))
-        nfe = len(self.taus)
+        nfe = self.settings["nfe"]  # the step count (Heun's table holds 2 n - 1 taus for n steps)
         return base.with_tuned_timesteps(nfe, self.taus, grid=self.grid,
                                          info={"objective": self.settings["objective"], "source": "benchmarks"})
 

@@ -1,5 +1,5 @@
-"""The testbeds the benchmarks run on, loaded once per device: the exact-score GMM (with an exact sampler of its
-data distribution), the bundled class-conditional MNIST pipelines (the 28x28 eps UNet and the 16x16 flow-matching
+"""The testbeds the benchmarks run on, loaded once per device: the exact-score GMM and the same mixture as an
+exact-velocity flow-matching model (each with an exact sampler of its data distribution), the bundled class-conditional MNIST pipelines (the 28x28 eps UNet and the 16x16 flow-matching
 UNet, with the MNIST training split as data) and the bundled class-conditional 16x16 Fashion-MNIST pipeline (no data: calibrated data-free, judged by Inception FID against
 its bundled 500 test images, so the benchmarks need no dataset package)."""
 
@@ -13,6 +13,7 @@ import torch
 from diffusers_timetuner import Denoiser
 from diffusers_timetuner.testbeds import (
     load_fashion_pipeline,
+    load_flow_gmm_model,
     load_gmm_model,
     load_mnist_flow_pipeline,
     load_mnist_pipeline,
@@ -64,7 +65,7 @@ _TESTBED_CACHE: Dict[tuple, Testbed] = {}
 def load_testbed(name: str, device: torch.device) -> Testbed:
     key = (name, str(device))
     if key not in _TESTBED_CACHE:
-        loaders = {"gmm": _load_gmm, "mnist": _load_mnist, "mnist_flow": _load_mnist_flow, "fashion": _load_fashion}
+        loaders = {"gmm": _load_gmm, "flow_gmm": _load_flow_gmm, "mnist": _load_mnist, "mnist_flow": _load_mnist_flow, "fashion": _load_fashion}
         if name not in loaders:
             raise ValueError(f"unknown testbed {name!r}: choose from {sorted(loaders)}.")
         _TESTBED_CACHE[key] = loaders[name](torch.device(device))
@@ -81,6 +82,20 @@ def _load_gmm(device: torch.device) -> Testbed:
 
     data = exact(2048, 12345)  # calibration data x_0 (a draw disjoint from the evaluation draws)
     return Testbed("gmm", gmm, tuple(data.shape[1:]), noise_config, data, exact_sampler=exact, device=device)
+
+
+def _load_flow_gmm(device: torch.device) -> Testbed:
+    """The GMM's mixture under the rectified flow x_s = (1 - s) x_0 + s eps, with its exact velocity (timestep =
+    s * 1000; the noise config is FlowMatchEuler's: only the number of training steps)."""
+    model = load_flow_gmm_model().to(device)
+
+    def exact(n: int, seed: int) -> torch.Tensor:
+        return model.sample_data(n, torch.Generator().manual_seed(seed)).float().cpu()
+
+    data = exact(2048, 12345)  # as for "gmm": a draw disjoint from the evaluation draws
+    return Testbed("flow_gmm", model, tuple(data.shape[1:]),
+                   {"num_train_timesteps": model.config.num_train_timesteps}, data, exact_sampler=exact,
+                   device=device)
 
 
 def _load_mnist(device: torch.device, pipe=None, name: str = "mnist") -> Testbed:
