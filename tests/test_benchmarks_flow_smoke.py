@@ -60,3 +60,24 @@ def test_inference_overhead_flow_quick(tmp_path):
         lo, hi = r["paired_ratio_ci95"]
         assert lo <= r["median_paired_ratio"] <= hi
         assert r["taus"] != r["grid"]  # the tuned variant really ran a table
+
+
+def test_trajectory_error_flow_quick(tmp_path):
+    from benchmarks import trajectory_error_flow
+
+    res = _run(trajectory_error_flow, tmp_path)
+    panels = res["panels"]
+    assert set(panels) == {"flow_gmm/flow_euler", "flow_gmm/unipc_flow", "gmm/heun", "mnist_flow/flow_euler"}
+    for key, cells in panels.items():
+        for c in cells:
+            # one error per grid state s_K..s_1 plus the final sample (Heun: n steps, n grid times)
+            assert len(c["untuned"]) == len(c["sigmas"]) == c["steps"] + 1
+            assert c["untuned"][0] < 1e-9  # the same x_T: no error at the first state
+            # the refined reference is far closer to the ODE than the few-step sampler is
+            assert c["reference"]["extrapolated_endpoint_change"] < 0.2 * c["untuned"][-1]
+            for errs in c["tuned"].values():
+                assert len(errs) == len(c["untuned"])
+    euler = panels["flow_gmm/flow_euler"][0]
+    # a real table (not tau = t): in this seeded quick run the endpoint table lowers the endpoint error by ~30%
+    assert not euler["identity"]["endpoint"]
+    assert euler["tuned"]["endpoint"][-1] < euler["untuned"][-1]
