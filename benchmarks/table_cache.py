@@ -55,9 +55,7 @@ CALIB = {
 # 64 calibration / 32 validation samples: with 16 / 8 the validation guard (2 paired SE) could not tell any table from
 # noise and kept tau = t in every MNIST cell.
 CALIB_OVERRIDES = {("medium", "mnist"): dict(num_samples=64, batch_size=64, validation_samples=32, heldout_samples=32,
-                                             adam_steps=100),
-                   ("medium", "mnist_flow"): dict(num_samples=64, batch_size=64, validation_samples=32,
-                                                  heldout_samples=32, adam_steps=100)}
+                                             adam_steps=100)}
 
 
 def calib_for(size: str, testbed: str) -> Dict[str, Any]:
