@@ -1,7 +1,8 @@
 """The testbeds the benchmarks run on, loaded once per device: the exact-score GMM and the same mixture as an
-exact-velocity flow-matching model (each with an exact sampler of its data distribution), the bundled class-conditional MNIST pipelines (the 28x28 eps UNet and the 16x16 flow-matching
-UNet, with the MNIST training split as data) and the bundled class-conditional 16x16 Fashion-MNIST pipeline (no data: calibrated data-free, judged by Inception FID against
-its bundled 500 test images, so the benchmarks need no dataset package)."""
+exact-velocity flow-matching model (each with an exact sampler of its data distribution), the bundled
+class-conditional MNIST pipelines (the 28x28 eps UNet and the 16x16 flow-matching UNet, with the MNIST training split
+as data) and the bundled class-conditional 16x16 Fashion-MNIST pipeline (no data: calibrated data-free, judged by
+Inception FID against its bundled 500 test images, so the benchmarks need no dataset package)."""
 
 from __future__ import annotations
 

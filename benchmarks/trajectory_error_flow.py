@@ -35,8 +35,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from diffusers_timetuner import TimeTunerFlowMatchEulerDiscreteScheduler
 from diffusers_timetuner.metrics import trajectory_error
 
@@ -289,7 +287,8 @@ def plot(results):
                 ax.plot(x, e[1:], styles.get(o, "-"), color=color, marker=".", ms=3, label=f"NFE {c['nfe']} {o}")
         ax.set_title(key, fontsize=9)
         heun = key.endswith("/heun")
-        ax.set_xlabel(("sigma_i / (1 + sigma_i)" if heun else "sigma_i") + " (sampling runs left to right)", fontsize=8)
+        ax.set_xlabel(("sigma_i / (1 + sigma_i)" if heun else "sigma_i") + " (sampling runs left to right)",
+                      fontsize=8)
         ax.set_ylabel("L2 to reference")
         ax.set_yscale("log")
         ax.invert_xaxis()
