@@ -231,17 +231,18 @@ def markdown(results) -> str:
            "Per-state L2 distance (batch mean over x_T) of the few-step sampler's grid states and final sample to a "
            "reference from the same x_T that passes through every grid point (refined per grid and Richardson-"
            "extrapolated; see the script's docstring). *yardstick*: endpoint L2 change of that reference when its "
-           "sub-steps are halved, an estimate of its own error. *sum*: over all states. *identity*: calibrate's "
-           "validation guard kept tau = t. Heun: NFE = 2 n - 1, errors in the VP scale.\n"]
+           "sub-steps are halved, an estimate of its own error. *sum*: over all states. *states lower*: states after "
+           "x_T at which the tuned error is below the untuned one. *identity*: calibrate's validation guard kept "
+           "tau = t. Heun: NFE = 2 n - 1, errors in the VP scale.\n"]
     for key, cells in results["panels"].items():
         objs = sorted({o for c in cells for o in list(c["tuned"]) + list(c["unavailable"])})
         header = ["NFE", "yardstick", "final untuned", *[f"final {o}" for o in objs], "sum untuned",
-                  *[f"sum {o}" for o in objs]]
+                  *[f"sum {o}" for o in objs], *[f"states lower {o}" for o in objs]]
         rows = []
         for c in cells:
             def final(o):
                 if o in c["unavailable"]:
-                    return "refused"
+                    return "not calibrated"
                 if o not in c["tuned"]:
                     return None
                 e = c["tuned"][o][-1]
@@ -250,16 +251,26 @@ def markdown(results) -> str:
 
             def total(o):
                 return sum(c["tuned"][o]) if o in c["tuned"] else None
+
+            def lower(o):  # states after x_T where the tuned error is lower than the untuned one
+                if o not in c["tuned"]:
+                    return None
+                pairs = list(zip(c["tuned"][o], c["untuned"]))[1:]
+                return f"{sum(t < u for t, u in pairs)}/{len(pairs)}"
             rows.append([c["nfe"], c["reference"]["extrapolated_endpoint_change"], c["untuned"][-1],
-                         *[final(o) for o in objs], sum(c["untuned"]), *[total(o) for o in objs]])
+                         *[final(o) for o in objs], sum(c["untuned"]), *[total(o) for o in objs],
+                         *[lower(o) for o in objs]])
         out.append(f"\n## {key}\n\n" + writer.markdown_table(header, rows))
         for c in cells:
             out.append(f"- NFE {c['nfe']} per state (sigma {', '.join(f'{s:.3g}' for s in c['sigmas'])}): untuned "
                        f"{', '.join(f'{e:.3g}' for e in c['untuned'])}"
                        + "".join(f"; {o} {', '.join(f'{x:.3g}' for x in e)}" for o, e in c["tuned"].items()) + "\n")
-        refusals = {o: why for c in cells for o, why in c["unavailable"].items()}
-        for o, why in refusals.items():
-            out.append(f"- {o}: not calibrated ({why[:240]})\n")
+        reasons = {}  # one line per distinct reason
+        for c in cells:
+            for o, why in c["unavailable"].items():
+                reasons.setdefault((o, why), []).append(str(c["nfe"]))
+        for (o, why), nfes in reasons.items():
+            out.append(f"- {o} at NFE {', '.join(nfes)}: not calibrated, calibrate raised: {why[:300]}\n")
     out.append("\n## Consistency models\n\nThe consistency-model sampler takes 1-2 steps from x_T: there is no "
                "trajectory to compare state by state, so it has no panel here; its tuned vs untuned figures are in "
                "cm_gmm.md.\n")
