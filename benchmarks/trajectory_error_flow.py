@@ -22,11 +22,12 @@ L2 norm). The reference is built per grid:
 UniPC's states are the predictor's (the states the network evaluates; its corrector updates each one a step later
 with that evaluation). Consistency models take 1-2 steps: there is no trajectory to speak of (cm_gmm.py).
 
-Usage: python -m benchmarks.trajectory_error_flow --quick|--medium [--threads 1] [--testbeds flow_gmm gmm ...]
-Testbeds can run in parallel processes and be merged (same size and seed):
+Usage: python -m benchmarks.trajectory_error_flow --quick|--medium [--threads 1] [--testbeds ...] [--families ...]
+Testbeds / samplers can run in parallel processes and be merged (same size and seed):
     python -m benchmarks.trajectory_error_flow --medium --testbeds flow_gmm gmm --out-dir /tmp/a
-    python -m benchmarks.trajectory_error_flow --medium --testbeds mnist_flow --out-dir /tmp/b
-    python -m benchmarks.trajectory_error_flow --medium --merge /tmp/a /tmp/b
+    python -m benchmarks.trajectory_error_flow --medium --testbeds mnist_flow --families flow_euler --out-dir /tmp/b
+    python -m benchmarks.trajectory_error_flow --medium --testbeds mnist_flow --families unipc_flow --out-dir /tmp/c
+    python -m benchmarks.trajectory_error_flow --medium --merge /tmp/a /tmp/b /tmp/c
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ SIZES = {
     # About 5 minutes (exact-model testbeds) plus 25 (MNIST) on one loaded CPU thread; 256 x_T on the GMMs, 128 on
     # MNIST.
     "medium": dict(
-        n={"flow_gmm": 256, "gmm": 256, "mnist_flow": 128}, refine={"flow_gmm": 32, "gmm": 8, "mnist_flow": 8},
+        n={"flow_gmm": 256, "gmm": 256, "mnist_flow": 128}, refine={"flow_gmm": 32, "gmm": 8, "mnist_flow": 32},
         plan=[("flow_gmm", "flow_euler", [4, 6, 10, 20], ["endpoint", "teacher_local", "paper"]),
               ("gmm", "heun", [3, 6, 10], ["endpoint", "teacher_local", "paper"]),
               ("flow_gmm", "unipc_flow", [4, 6, 10, 20], ["endpoint", "teacher_local", "paper"]),
@@ -74,6 +75,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbeds", nargs="+", choices=TESTBEDS, default=None,
                         help="run only these testbeds' panels (default: all of the size's plan)")
+    parser.add_argument("--families", nargs="+", choices=("flow_euler", "unipc_flow", "heun"), default=None,
+                        help="run only these samplers' panels (default: all of the size's plan)")
     parser.add_argument("--merge", nargs="+", default=None,
                         help=f"merge the {NAME}.json of these --out-dir folders into --out-dir (no sampling)")
     return cli_args.add_common_args(parser).parse_args(argv)
@@ -193,9 +196,9 @@ def main(args) -> dict:
         return merge(run, args.merge)
     cfg = SIZES[args.size]
     chosen = args.testbeds or TESTBEDS
-    results = {"settings": {**cfg, "testbeds": list(chosen)}, "panels": {}}
+    results = {"settings": {**cfg, "testbeds": list(chosen), "families": args.families}, "panels": {}}
     for tb_name, family, step_list, objectives in cfg["plan"]:
-        if tb_name not in chosen:
+        if tb_name not in chosen or (args.families and family not in args.families):
             continue
         testbed = testbeds.load_testbed(tb_name, device)
         noise = evaluation.seeded_noise(cfg["n"][tb_name], testbed.sample_shape, args.seed + 1000)
@@ -218,10 +221,13 @@ def merge(run, folders) -> dict:
     if len({(p["size"], p["seed"]) for p in payloads}) != 1:
         raise ValueError(f"--merge needs runs of one size and seed, got {[(p['size'], p['seed']) for p in payloads]}")
     parts = [p["results"] for p in payloads]
-    results = {"settings": {**parts[0]["settings"], "testbeds": [t for p in parts for t in p["settings"]["testbeds"]]},
+    testbed_names = sorted({t for p in parts for t in p["settings"]["testbeds"]})
+    results = {"settings": {**parts[0]["settings"], "testbeds": testbed_names, "families": None},
                "merged_from": [{"command": p["command"], "wall_time_s": p["wall_time_s"],
                                 "skipped_for_budget": p["skipped_for_budget"]} for p in payloads],
                "panels": {k: v for p in parts for k, v in p["panels"].items()}}
+    if sum(len(p["panels"]) for p in parts) != len(results["panels"]):
+        raise ValueError("--merge: two runs hold the same testbed / sampler panel; merge disjoint runs.")
     cli_args.log(f"{NAME}: merged {len(parts)} runs")
     return run.write(results, markdown(results), plot(results))
 
