@@ -221,6 +221,12 @@ def merge(run, folders) -> dict:
     if len({(p["size"], p["seed"]) for p in payloads}) != 1:
         raise ValueError(f"--merge needs runs of one size and seed, got {[(p['size'], p['seed']) for p in payloads]}")
     parts = [p["results"] for p in payloads]
+
+    def shared(settings):
+        return {k: v for k, v in settings.items() if k not in ("testbeds", "families")}
+    if any(shared(p["settings"]) != shared(parts[0]["settings"]) for p in parts):
+        raise ValueError("--merge needs runs of the same settings (sizes, plan, reference sub-steps); rerun the "
+                         "older part with the current script.")
     testbed_names = sorted({t for p in parts for t in p["settings"]["testbeds"]})
     results = {"settings": {**parts[0]["settings"], "testbeds": testbed_names, "families": None},
                "merged_from": [{"command": p["command"], "wall_time_s": p["wall_time_s"],
