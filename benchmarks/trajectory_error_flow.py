@@ -17,7 +17,7 @@ L2 norm). The reference is built per grid:
   order) and the yardstick of its own error the endpoint L2 distance to the extrapolation 2 x(2 m) - x(m). On the
   exact-velocity GMM the extrapolation converges at second order; on the trained MNIST UNet only at first (the
   network is not smooth in t at fine scales), hence m = 32 there (at m = 8 the yardstick was 15% of UniPC@10's
-  error, at 32 it is a few percent);
+  endpoint error, at 32 it is 0.7%; at most 1.4% of any untuned endpoint error in the medium run);
 - Heun: Heun itself on Karras grids of f (n - 1) + 1, 2 f (n - 1) + 1 and 4 f (n - 1) + 1 steps, which contain the
   n-step Karras grid (the Karras ramp is uniform), extrapolated as (4 x(4 f) - x(2 f)) / 3 (second order), same
   yardstick. The last step sigma_min -> 0 is a single Euler step in both Heun and its reference (diffusers' Heun).
