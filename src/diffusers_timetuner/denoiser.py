@@ -23,8 +23,6 @@ class NetworkCall:
     """How a network is called: ``model(sample, t, **cond)`` (UNets, DiT, the testbeds), t in scheduler units."""
 
     description: Dict[str, Any] = {"call": "model(sample, t, **cond)"}
-    # what to tell a user who passes text prompts where this network's pipeline cannot encode them here (None: can)
-    prompt_hint: Optional[str] = None
 
     def inputs(self, cond: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
         """The network's keyword inputs from the user's conditioning (pipeline argument names accepted)."""
@@ -55,11 +53,6 @@ class _TransformerCall(NetworkCall):
 
     def __init__(self, name: str):
         self.name = name
-        self.prompt_hint = (
-            f"Text prompts are not encoded for a {name} here: encode them with the pipeline "
-            "(`pipe.encode_prompt(...)`) and pass conditions={'prompt_embeds': ..., 'pooled_prompt_embeds': ...} "
-            "(negative_conditions likewise for guidance)."
-        )
 
     def inputs(self, cond):
         if cond is None:

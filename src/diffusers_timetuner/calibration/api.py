@@ -290,7 +290,7 @@ def calibrate(
     model.eval()
     model.requires_grad_(False)
     cond_set = build_conditions(model, pipeline, conditions, negative_conditions, guidance_scale, null_class_label,
-                                device, prompt_hint=network_call.prompt_hint)
+                                device, network_call=network_call)
     denoiser = Denoiser(model, guidance_scale=guidance_scale, uncond=cond_set.uncond, network_call=network_call)
     probe = check_float_timesteps(denoiser, shape, cond_set.take(range(1)), device, train_steps)
 

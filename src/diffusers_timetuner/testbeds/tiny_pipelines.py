@@ -1,6 +1,8 @@
 """Random, offline `StableDiffusion3Pipeline` / `FluxPipeline` components, for tests and the overhead benchmark.
 
-No text encoders or tokenizers: the prompt embeddings are seeded random tensors passed to the pipeline directly.
+By default no text encoders or tokenizers: the prompt embeddings are seeded random tensors passed to the pipeline
+directly. ``text_encoders=True`` adds one-layer random CLIP (and for Flux T5) encoders with tokenizers built in memory
+(one token per one-letter word), so prompts such as ``"a b c"`` run through the pipeline's own ``encode_prompt``.
 ``scale="tiny"`` is the smallest configuration the transformers accept (one block; a network call takes well under a
 millisecond, so scheduler cost weighs the most); ``scale="realistic"`` keeps the architecture but gives it more
 blocks, wider attention and a longer token sequence, so one transformer call takes tens of milliseconds on one CPU
@@ -8,6 +10,8 @@ core, in proportion to the per-step work of a real model. Everything is seeded: 
 """
 
 from __future__ import annotations
+
+import string
 
 import torch
 
@@ -39,8 +43,60 @@ def tiny_vae():
     ).eval()
 
 
-def sd3_parts(scale: str = "tiny"):
-    """(components for `StableDiffusion3Pipeline(**components, scheduler=...)`, prompt embeddings with negatives)."""
+def clip_tokenizer():
+    """A `CLIPTokenizer` built in memory with one token per one-letter word: with no merges, BPE keeps single
+    characters only, so a vocabulary of longer words would turn every prompt into the same end-of-text tokens."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2,
+             **{f"{c}</w>": i + 3 for i, c in enumerate(string.ascii_lowercase)}}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def clip_text_config():
+    """A one-layer CLIP text encoder config (hidden size and projection 32)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=1, vocab_size=100, layer_norm_eps=1e-5,
+                          projection_dim=32)
+
+
+def t5_parts():
+    """(`T5TokenizerFast` built in memory, a one-layer `T5EncoderModel` of width 32)."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{c}", -1.0) for c in string.ascii_lowercase]
+    encoder = T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                      decoder_start_token_id=0)).eval()
+    return T5TokenizerFast(vocab=vocab, extra_ids=0), encoder
+
+
+def sd3_text_components():
+    """Seeded `StableDiffusion3Pipeline` text components: two CLIP encoders with projections, no T5 (the pipeline
+    then uses zero T5 embeddings)."""
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    return dict(text_encoder=CLIPTextModelWithProjection(clip_text_config()).eval(), tokenizer=clip_tokenizer(),
+                text_encoder_2=CLIPTextModelWithProjection(clip_text_config()).eval(), tokenizer_2=clip_tokenizer())
+
+
+def flux_text_components():
+    """Seeded `FluxPipeline` text components: a CLIP encoder (pooled embedding) and a T5 encoder."""
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(clip_text_config()).eval()
+    tokenizer_2, text_encoder_2 = t5_parts()
+    return dict(text_encoder=text_encoder, tokenizer=clip_tokenizer(), text_encoder_2=text_encoder_2,
+                tokenizer_2=tokenizer_2)
+
+
+def sd3_parts(scale: str = "tiny", text_encoders: bool = False):
+    """(components for `StableDiffusion3Pipeline(**components, scheduler=...)`, prompt embeddings with negatives).
+
+    ``text_encoders=True``: with tiny CLIP text encoders and tokenizers (the transformer is the same either way)."""
     from diffusers import SD3Transformer2DModel
 
     _check_scale(scale)
@@ -53,6 +109,8 @@ def sd3_parts(scale: str = "tiny"):
     ).eval()
     components = dict(transformer=transformer, vae=tiny_vae(), text_encoder=None, tokenizer=None,
                       text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    if text_encoders:
+        components.update(sd3_text_components())
     g = torch.Generator().manual_seed(1)
     pe, pp = torch.randn(1, 7, 32, generator=g), torch.randn(1, 64, generator=g)
     embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=0.5 * pe,
@@ -60,11 +118,12 @@ def sd3_parts(scale: str = "tiny"):
     return components, embeds
 
 
-def flux_parts(scale: str = "tiny", guidance_embeds: bool = False):
+def flux_parts(scale: str = "tiny", guidance_embeds: bool = False, text_encoders: bool = False):
     """(components for `FluxPipeline(**components, scheduler=...)`, prompt embeddings with negatives).
 
     ``guidance_embeds=True`` gives the transformer FLUX.1-dev's guidance embedding (the pipeline's
-    ``guidance_scale`` is then a network input, not classifier-free guidance).
+    ``guidance_scale`` is then a network input, not classifier-free guidance). ``text_encoders=True``: with tiny
+    CLIP and T5 text encoders and tokenizers (the transformer is the same either way).
     """
     from diffusers import FluxTransformer2DModel
 
@@ -78,6 +137,8 @@ def flux_parts(scale: str = "tiny", guidance_embeds: bool = False):
     ).eval()
     components = dict(transformer=transformer, vae=tiny_vae(), text_encoder=None, tokenizer=None,
                       text_encoder_2=None, tokenizer_2=None)
+    if text_encoders:
+        components.update(flux_text_components())
     g = torch.Generator().manual_seed(1)
     pe, pp = torch.randn(1, 7, 32, generator=g), torch.randn(1, 32, generator=g)
     embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=0.5 * pe,
