@@ -173,8 +173,8 @@ def test_cli_image_size_is_checked(no_work, capsys):
 
 
 # ------------------------------------------------------------------------------------------ the console script
-CLI_SIZES = ["--num_inference_steps", str(N), "--num_samples", "4", "--batch_size", "4", "--num_validation_samples", "4", "--num_heldout_samples", "4",
-             "--teacher_steps", "12", "--no_progress"]
+CLI_SIZES = ["--num_inference_steps", str(N), "--num_samples", "4", "--batch_size", "4", "--num_validation_samples", "4",
+             "--num_heldout_samples", "4", "--teacher_steps", "12", "--no_progress"]
 
 
 def run_cli(tmp_path, pipe, *argv):

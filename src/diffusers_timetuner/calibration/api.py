@@ -151,10 +151,12 @@ def calibrate(
         optimizer: ``"local_search"`` (default, derivative-free, common random numbers) or ``"adam"`` (the reference
             code's Adam on r = tau / t; ``optimizer_kwargs={"num_steps": 500}`` as in the paper), or an instance.
         guidance_scale: classifier-free guidance scale (recorded in the table's info; one table per scale).
-        conditions: class labels (ints), prompts (strings, for a pipeline with ``encode_prompt``), prompt embeddings
-            (a float tensor), or a dict of batch-first network inputs; cycled over the calibration samples.
+        conditions: class labels (ints), prompts (strings, encoded by the pipeline's own ``encode_prompt``: SD, SD3,
+            Flux), prompt embeddings (a float tensor), or a dict of batch-first network inputs (SD3 / Flux:
+            ``{"prompt_embeds": ..., "pooled_prompt_embeds": ...}``); cycled over the calibration samples.
             ``None``: unconditional, or every class in turn for a class-conditional model.
-        negative_conditions: the unconditional branch for guidance (negative prompt(s) / embeddings / dict);
+        negative_conditions: the unconditional branch for guidance (one negative prompt / embeddings / dict; Flux:
+            the ``negative_prompt`` of its true CFG, ``true_cfg_scale=guidance_scale``);
             class-conditional models use ``null_class_label`` (default: the pipeline's or ``num_class_embeds - 1``).
         data: x_0 samples in the model's input space, shape (N, *sample_shape), for ``sequential`` / ``parallel``.
         num_samples: calibration samples (fixed batch, common random numbers across candidates).

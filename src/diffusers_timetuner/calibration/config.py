@@ -60,7 +60,9 @@ class CalibrationConfig:
         "choices": list(OPTIMIZERS)})
     adam_steps: Optional[int] = field(default=None, metadata={
         "help": "Adam mini-batches per step (default: the optimizer's, 500 as in the reference code)."})
-    guidance_scale: float = field(default=1.0, metadata={"help": "Classifier-free guidance scale."})
+    guidance_scale: float = field(default=1.0, metadata={
+        "help": "Classifier-free guidance scale (SD3: the pipeline's guidance_scale; Flux: its true_cfg_scale, with "
+                "a negative prompt)."})
     embedded_guidance_scale: Optional[float] = field(default=None, metadata={
         "help": "A guidance-distilled Flux transformer (guidance_embeds=True, FLUX.1-dev): the value its guidance "
                 "embedding gets, FluxPipeline's guidance_scale (default 3.5 there and here); not classifier-free "
