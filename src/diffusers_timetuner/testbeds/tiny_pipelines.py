@@ -1,8 +1,10 @@
-"""Random, offline `StableDiffusion3Pipeline` / `FluxPipeline` components, for tests and the overhead benchmark.
+"""Random, offline `StableDiffusion3Pipeline` / `FluxPipeline` / `Flux2Pipeline` components, for tests and the
+overhead benchmark.
 
 By default no text encoders or tokenizers: the prompt embeddings are seeded random tensors passed to the pipeline
 directly. ``text_encoders=True`` adds one-layer random CLIP (and for Flux T5) encoders with tokenizers built in memory
-(one token per one-letter word), so prompts such as ``"a b c"`` run through the pipeline's own ``encode_prompt``.
+(one token per one-letter word), so prompts such as ``"a b c"`` run through the pipeline's own ``encode_prompt``
+(Flux2 has no such option: its Mistral3 encoder's chat-template processor needs files).
 ``scale="tiny"`` is the smallest configuration the transformers accept (one block; a network call takes well under a
 millisecond, so scheduler cost weighs the most); ``scale="realistic"`` keeps the architecture but gives it more
 blocks, wider attention and a longer token sequence, so one transformer call takes tens of milliseconds on one CPU
@@ -15,12 +17,12 @@ import string
 
 import torch
 
-# Transformer sizes per scale. SD3: (blocks, attention heads, head dimension, patch size); Flux: (double blocks, single
-# blocks, attention heads, head dimension). At "realistic" a 64x64 image (a 32x32 latent with this VAE) is 256 image
-# tokens for both, as the real models' 2x2 patches / packing make them.
+# Transformer sizes per scale. SD3: (blocks, attention heads, head dimension, patch size); Flux and Flux2: (double
+# blocks, single blocks, attention heads, head dimension). At "realistic" a 64x64 image (a 32x32 latent with these
+# VAEs) is 256 image tokens for all three, as the real models' 2x2 patches / packing make them.
 SCALES = {
-    "tiny": dict(sd3=(1, 4, 8, 1), flux=(1, 1, 2, 16)),
-    "realistic": dict(sd3=(2, 4, 32, 2), flux=(1, 2, 4, 32)),
+    "tiny": dict(sd3=(1, 4, 8, 1), flux=(1, 1, 2, 16), flux2=(1, 1, 2, 16)),
+    "realistic": dict(sd3=(2, 4, 32, 2), flux=(1, 2, 4, 32), flux2=(1, 2, 4, 32)),
 }
 # Pixel size (height = width) at which each scale is sampled by default.
 IMAGE_SIZE = {"tiny": 16, "realistic": 64}
@@ -144,3 +146,37 @@ def flux_parts(scale: str = "tiny", guidance_embeds: bool = False, text_encoders
     embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=0.5 * pe,
                   negative_pooled_prompt_embeds=0.5 * pp)
     return components, embeds
+
+
+def tiny_flux2_vae():
+    """A two-block `AutoencoderKLFlux2` (4 latent channels, downsampling by 2; the pipeline's 2x2 patchify makes 16)."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(0)
+    return AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=16, mid_block_add_attention=False,
+    ).eval()
+
+
+def flux2_parts(scale: str = "tiny", guidance_embeds: bool = True):
+    """(components for `Flux2Pipeline(**components, scheduler=...)`, prompt embeddings).
+
+    No text encoder or tokenizer (`Flux2Pipeline` needs neither when given ``prompt_embeds``); the pipeline has no
+    negative prompt, so only ``prompt_embeds``. ``guidance_embeds=True`` (FLUX.2-dev's default) gives the transformer
+    its guidance embedding, which takes the pipeline's ``guidance_scale``.
+    """
+    from diffusers import Flux2Transformer2DModel
+
+    _check_scale(scale)
+    double, single, heads, head_dim = SCALES[scale]["flux2"]
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=32, timestep_guidance_channels=32,
+        axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=guidance_embeds,
+    ).eval()
+    components = dict(transformer=transformer, vae=tiny_flux2_vae(), text_encoder=None, tokenizer=None)
+    g = torch.Generator().manual_seed(1)
+    return components, dict(prompt_embeds=torch.randn(1, 7, 32, generator=g))
