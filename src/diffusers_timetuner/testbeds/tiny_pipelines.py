@@ -149,7 +149,7 @@ def flux_parts(scale: str = "tiny", guidance_embeds: bool = False, text_encoders
 
 
 def tiny_flux2_vae():
-    """A two-block `AutoencoderKLFlux2` (4 latent channels, downsampling by 2; the pipeline's 2x2 patchify makes 16)."""
+    """A two-block `AutoencoderKLFlux2`: 4 latent channels, downsampling by 2 (the pipeline's 2x2 patches make 16)."""
     from diffusers import AutoencoderKLFlux2
 
     torch.manual_seed(0)
