@@ -9,13 +9,13 @@ of a pipeline call with the calibrated scheduler receives the taus, and round-tr
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import Flux2Pipeline, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from diffusers_timetuner import TimeTunerFlowMatchEulerDiscreteScheduler, calibrate
 from diffusers_timetuner.denoiser import Denoiser
 from diffusers_timetuner.sampling import sample
-from diffusers_timetuner.testbeds.tiny_pipelines import flux_parts, sd3_parts
+from diffusers_timetuner.testbeds.tiny_pipelines import flux2_parts, flux_parts, sd3_parts
 
 FM = TimeTunerFlowMatchEulerDiscreteScheduler
 # Flux's scheduler config with the token counts of the tiny latents (an 8x8 latent is 16 tokens, 16x16 is 64)
@@ -193,6 +193,16 @@ def test_pipeline_inputs_are_checked_before_calibrating():
                   sample_shape=(4, 8, 8), **small())
     with pytest.raises(ValueError, match="must be even"):
         calibrate(flux, None, 2, conditions=embeds_as_conditions(fembeds)[0], sample_shape=(4, 7, 8), **small())
+    # a Flux2 transformer is refused by name before any work, not called with the UNet signature
+    f2comps, f2embeds = flux2_parts()
+    flux2 = Flux2Pipeline(**f2comps, scheduler=FM(**FLUX_CONFIG))
+    spy = Spy(f2comps["transformer"])
+    with pytest.raises(ValueError, match="A Flux2Transformer2DModel cannot be calibrated"):
+        calibrate(flux2, None, 2, conditions=f2embeds, sample_shape=(16, 4, 4), mu=1.0, **small())
+    with pytest.raises(ValueError, match="A Flux2Transformer2DModel cannot be calibrated"):
+        Denoiser(f2comps["transformer"])
+    spy.close()
+    assert spy.times == []  # the transformer was never called
 
 
 def test_sd3_pipeline_calibrates_on_a_custom_sigma_grid(tmp_path):

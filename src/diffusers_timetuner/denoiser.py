@@ -145,8 +145,16 @@ class FluxTransformerCall(_TransformerCall):
 
 def network_call_for(model, embedded_guidance_scale: Optional[float] = None) -> NetworkCall:
     """The :class:`NetworkCall` of `model`: by its class for SD3 / Flux transformers, the UNet call otherwise."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
 
+    if isinstance(model, Flux2Transformer2DModel):
+        # Called as model(x, t) it would fail deep inside, or worse run on the wrong time units; Flux2Pipeline also
+        # computes mu from the step count, which calibration's one mu per run does not carry.
+        raise ValueError(
+            "A Flux2Transformer2DModel cannot be calibrated or wrapped in a Denoiser yet: only SD3 / Flux "
+            "transformers are called as their pipelines call them. A tuned table still runs in Flux2Pipeline with "
+            "TimeTunerFlowMatchEulerDiscreteScheduler (it feeds the transformer tau / 1000)."
+        )
     if isinstance(model, FluxTransformer2DModel):
         return FluxTransformerCall(model, embedded_guidance_scale)
     if embedded_guidance_scale is not None:
