@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..denoiser import FluxTransformerCall, NetworkCall, SD3TransformerCall
+from ..denoiser import Flux2TransformerCall, FluxTransformerCall, NetworkCall, SD3TransformerCall
 
 # per network call: the text components its pipeline's encode_prompt needs (SD3 runs without its T5 encoder)
 REQUIRED_TEXT_COMPONENTS = {
@@ -26,6 +26,11 @@ EMBEDDINGS_HINT = ("pass conditions={'prompt_embeds': ..., 'pooled_prompt_embeds
 
 def check_prompt_pipeline(pipeline, network_call: Optional[NetworkCall]) -> None:
     """Refuse, before any encoding, a pipeline that cannot encode prompts for this network."""
+    if isinstance(network_call, Flux2TransformerCall):
+        # its Mistral3 encoder and chat-template processor cannot be built offline, so this path would go untested
+        raise ValueError("Prompts for a Flux2Transformer2DModel are not encoded here: pass "
+                         "conditions={'prompt_embeds': pipe.encode_prompt(prompts)[0]} (Flux2Pipeline's own "
+                         "encoding).")
     transformer = type(network_call) in REQUIRED_TEXT_COMPONENTS
     if pipeline is None or not hasattr(pipeline, "encode_prompt"):
         if transformer:
