@@ -319,6 +319,17 @@ def test_flux_settings_refused(flux_pipe, config, match, no_sampling):
         prepare_evaluation(flux_pipe, flow_table(3, **FLUX_CONFIG), small(**config), prompts=PROMPTS)
 
 
+def test_flux2_pipeline_refused_before_any_sampling(no_sampling):
+    from diffusers import Flux2Pipeline
+
+    from diffusers_timetuner.testbeds.tiny_pipelines import flux2_parts
+
+    comps, _ = flux2_parts()
+    pipe = Flux2Pipeline(**comps, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG))
+    with pytest.raises(ValueError, match="Flux.2 transformer.*not supported by this evaluation"):
+        prepare_evaluation(pipe, flow_table(3, **FLUX_CONFIG), small(), prompts=PROMPTS)
+
+
 def test_text_settings_refused_for_a_pixel_pipeline(no_sampling):
     from diffusers_timetuner.hub import load_tuned_scheduler
 
