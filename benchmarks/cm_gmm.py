@@ -102,21 +102,13 @@ def main(args) -> dict:
             tick = time.perf_counter()
             result = calibrate(model, untuned(), steps, objective=obj, seed=args.seed, progress=False, guard=guard,
                                model_id=GMM_CM_MODEL_ID, **size["calib"])
-            rep = result.reports[steps]
-            out = score(draw(result.scheduler, steps))
-            held = rep.heldout
-            out.update(taus=rep.taus, grid=rep.grid, calibration_s=time.perf_counter() - tick,
-                       teacher_steps=held.get("teacher_steps"), heldout_metric=held["metric"],
-                       heldout_change=held["relative_change"], heldout_change_se=held["change_se"] / held["untuned"],
-                       shipped_tuned=bool(result.scheduler.config.tuned_timesteps))
+            out = writer.calibrated_entry(result, steps, score(draw(result.scheduler, steps)), tick)
+            out["teacher_steps"] = result.reports[steps].heldout.get("teacher_steps")
             cell["tuned"][key] = out
             cli_args.log(f"cm@{steps} {key}: FD {cell['untuned']['fd']:.4g} -> {out['fd']:.4g}, L2 to ODE "
-                         f"{cell['untuned']['l2_to_ode']:.4g} -> {out['l2_to_ode']:.4g}, taus {rep.taus} "
-                         f"(grid {rep.grid}; {out['calibration_s']:.0f} s)")
-        if cell["tuned"]:
-            best = min(cell["tuned"], key=lambda o: cell["tuned"][o]["fd"])
-            cell["best_objective"] = best
-            cell["best_fd_change"] = writer.rel_change(cell["tuned"][best]["fd"], cell["untuned"]["fd"])
+                         f"{cell['untuned']['l2_to_ode']:.4g} -> {out['l2_to_ode']:.4g}, taus {out['taus']} "
+                         f"(grid {out['grid']}; {out['calibration_s']:.0f} s)")
+        writer.mark_best(cell)
         results["cells"].append(cell)
     return run.write(results, markdown(results), plot(results))
 

@@ -99,18 +99,13 @@ def main(args) -> dict:
                 kwargs.update(strategy="sequential")
             result = calibrate(model, families[family](), nfe, data=data if obj == "paper_x0" else None, **kwargs)
             rep = result.reports[nfe]
-            out = score(sample(velocity, result.scheduler, noise, nfe))
-            out.update(taus=rep.taus, grid=rep.grid, calibration_s=time.perf_counter() - tick,
-                       heldout_change=rep.heldout["relative_change"],
-                       identity=all(abs(a - b) < 1e-6 for a, b in zip(rep.taus, rep.grid)))
+            out = writer.calibrated_entry(result, nfe, score(sample(velocity, result.scheduler, noise, nfe)), tick)
+            out["identity"] = all(abs(a - b) < 1e-6 for a, b in zip(rep.taus, rep.grid))
             cell["tuned"][obj] = out
             cli_args.log(f"{family}@{nfe} {obj}: FD {cell['untuned']['fd']:.4g} -> {out['fd']:.4g}, "
                        f"L2 {cell['untuned']['l2_to_floor']:.4g} -> {out['l2_to_floor']:.4g} "
                        f"({out['calibration_s']:.0f} s)")
-        if cell["tuned"]:
-            best = min(cell["tuned"], key=lambda o: cell["tuned"][o]["fd"])
-            cell["best_objective"] = best
-            cell["best_fd_change"] = writer.rel_change(cell["tuned"][best]["fd"], cell["untuned"]["fd"])
+        writer.mark_best(cell)
         results["cells"].append(cell)
 
     target = next((c for c in results["cells"] if c["family"] == "flow_euler" and c["nfe"] == 10), None)

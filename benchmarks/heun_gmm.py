@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 from . import cli_args, evaluation, testbeds, writer
 
@@ -84,20 +83,12 @@ def main(args) -> dict:
             tick = time.perf_counter()
             result = calibrate(tb.model, make_heun(tb.noise_config), steps, objective=obj, seed=args.seed,
                                teacher_steps=size["teacher_factor"] * (steps - 1) + 1, progress=False, **size["calib"])
-            rep = result.reports[steps]
-            out = score(generate(result.scheduler, steps))
-            out.update(taus=rep.taus, grid=rep.grid, calibration_s=time.perf_counter() - tick,
-                       heldout_change=rep.heldout["relative_change"],
-                       heldout_change_se=rep.heldout["change_se"] / rep.heldout["untuned"],
-                       shipped_tuned=bool(result.scheduler.config.tuned_timesteps))
+            out = writer.calibrated_entry(result, steps, score(generate(result.scheduler, steps)), tick)
             cell["tuned"][obj] = out
             cli_args.log(f"heun@{nfe} {obj}: FD {cell['untuned']['fd']:.4g} -> {out['fd']:.4g}, "
                          f"L2 {cell['untuned']['l2_to_floor']:.4g} -> {out['l2_to_floor']:.4g} "
                          f"({out['calibration_s']:.0f} s)")
-        if cell["tuned"]:
-            best = min(cell["tuned"], key=lambda o: cell["tuned"][o]["fd"])
-            cell["best_objective"] = best
-            cell["best_fd_change"] = writer.rel_change(cell["tuned"][best]["fd"], cell["untuned"]["fd"])
+        writer.mark_best(cell)
         results["cells"].append(cell)
     return run.write(results, markdown(results), plot(results))
 

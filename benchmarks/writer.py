@@ -114,6 +114,25 @@ def rel_change(new: Optional[float], old: Optional[float]) -> Optional[float]:
     return (new - old) / old
 
 
+def calibrated_entry(result, steps: int, scores: dict, started: float) -> dict:
+    """One objective's entry of a quality cell: its scores plus what `calibrate` found (taus, grid, seconds since
+    `started`, the held-out change relative to untuned with its paired SE, whether a tuned table shipped)."""
+    rep = result.reports[steps]
+    held = rep.heldout
+    return dict(scores, taus=rep.taus, grid=rep.grid, calibration_s=time.perf_counter() - started,
+                heldout_metric=held.get("metric"), heldout_change=held["relative_change"],
+                heldout_change_se=held["change_se"] / held["untuned"],
+                shipped_tuned=bool(result.scheduler.config.tuned_timesteps))
+
+
+def mark_best(cell: dict, key: str = "fd") -> None:
+    """Record in `cell` the objective whose entry has the lowest `key`, and its relative change from untuned."""
+    if cell["tuned"]:
+        best = min(cell["tuned"], key=lambda o: cell["tuned"][o][key])
+        cell["best_objective"] = best
+        cell[f"best_{key}_change"] = rel_change(cell["tuned"][best][key], cell["untuned"][key])
+
+
 def figure(ncols: int = 1, nrows: int = 1, size=(5.0, 3.6)):
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
     return fig, axes

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import string
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from diffusers import (
 )
 from hub_server.outputs import tiny_stable_diffusion, tuned_sd_scheduler
 from test_pipelines_flow import FLUX_CONFIG, flux, sd3, shifted  # noqa: F401  (fixtures: tiny SD3 / Flux parts)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from diffusers_timetuner import evaluation, evaluation_pipelines, testbeds
 from diffusers_timetuner.calibration.stats import energy_distance_change_se
@@ -34,36 +33,15 @@ from diffusers_timetuner.schedulers import (
     TimeTunerDDPMScheduler,
     TimeTunerFlowMatchEulerDiscreteScheduler,
 )
+from diffusers_timetuner.testbeds.tiny_pipelines import clip_text_config as clip_config
+from diffusers_timetuner.testbeds.tiny_pipelines import clip_tokenizer, t5_parts
 
-PROMPTS = ["a b c", "d", "e f"]  # words of the tiny vocabularies below; 3 prompts cycled over the samples
+PROMPTS = ["a b c", "d", "e f"]  # one-letter words of the tiny tokenizers; 3 prompts cycled over the samples
 N, TEACHER = 4, 8  # tiny sizes: enough to test the bookkeeping, not the quality
 FM = TimeTunerFlowMatchEulerDiscreteScheduler
 
 
 # ------------------------------------------------------------------------------------------ tiny pipelines
-def clip_tokenizer():
-    """One token per one-letter word: with no merges, BPE keeps single characters only, so a vocabulary of longer
-    words would turn every prompt into the same end-of-text tokens (and the prompts would not matter)."""
-    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2,
-             **{f"{c}</w>": i + 3 for i, c in enumerate(string.ascii_lowercase)}}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)  # transformers 5: no files needed
-
-
-def clip_config():
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                          num_attention_heads=4, num_hidden_layers=1, vocab_size=100, layer_norm_eps=1e-5,
-                          projection_dim=32)
-
-
-def t5_parts():
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{c}", -1.0) for c in string.ascii_lowercase]
-    encoder = T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
-                                      decoder_start_token_id=0)).eval()
-    return T5TokenizerFast(vocab=vocab, extra_ids=0), encoder
-
-
 @pytest.fixture(scope="module")
 def sd():
     pipe = tiny_stable_diffusion()  # UNet + VAE + CLIP text encoder; 8x8 images (VAE factor 1)
@@ -339,6 +317,17 @@ def test_reference_images_that_cannot_be_compared(sd, shape, match, no_sampling)
 def test_flux_settings_refused(flux_pipe, config, match, no_sampling):
     with pytest.raises(ValueError, match=match):
         prepare_evaluation(flux_pipe, flow_table(3, **FLUX_CONFIG), small(**config), prompts=PROMPTS)
+
+
+def test_flux2_pipeline_refused_before_any_sampling(no_sampling):
+    from diffusers import Flux2Pipeline
+
+    from diffusers_timetuner.testbeds.tiny_pipelines import flux2_parts
+
+    comps, _ = flux2_parts()
+    pipe = Flux2Pipeline(**comps, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG))
+    with pytest.raises(ValueError, match="Flux.2 transformer.*not supported by this evaluation"):
+        prepare_evaluation(pipe, flow_table(3, **FLUX_CONFIG), small(), prompts=PROMPTS)
 
 
 def test_text_settings_refused_for_a_pixel_pipeline(no_sampling):

@@ -1,9 +1,9 @@
-"""SD3 / Flux pipelines with the TimeTuner flow-matching Euler scheduler and SD with UniPC, offline, built from tiny
-random components (text embeddings passed directly, so no tokenizer or text encoder files are needed).
+"""SD3 / Flux / Flux2 pipelines with the TimeTuner flow-matching Euler scheduler and SD with UniPC, offline, built
+from tiny random components (text embeddings passed directly, so no tokenizer or text encoder files are needed).
 
 A forward pre-hook records the timestep each network call receives: SD3 passes `scheduler.timesteps` as they are,
-Flux passes them divided by 1000, so the spy must see tau (resp. tau / 1000). An identity table reproduces the
-untuned pipeline bit-for-bit and a shifted table changes the image.
+Flux and Flux2 pass them divided by 1000, so the spy must see tau (resp. tau / 1000). An identity table reproduces
+the untuned pipeline bit-for-bit and a shifted table changes the image.
 """
 import numpy as np
 import pytest
@@ -11,6 +11,7 @@ import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    Flux2Pipeline,
     FluxImg2ImgPipeline,
     FluxPipeline,
     StableDiffusion3Img2ImgPipeline,
@@ -18,13 +19,14 @@ from diffusers import (
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
 from diffusers_timetuner import (
     TimeTunerFlowMatchEulerDiscreteScheduler,
     TimeTunerHeunDiscreteScheduler,
     TimeTunerUniPCMultistepScheduler,
 )
-from diffusers_timetuner.testbeds.tiny_pipelines import flux_parts, sd3_parts
+from diffusers_timetuner.testbeds.tiny_pipelines import flux2_parts, flux_parts, sd3_parts
 from test_pipelines import SD_CONFIG, TimestepSpy, sd_components, vae  # noqa: F401  (fixtures)
 
 FM = TimeTunerFlowMatchEulerDiscreteScheduler
@@ -154,6 +156,31 @@ def test_flux_img2img_transformer_receives_tau_over_1000(flux):
     assert not np.array_equal(tuned, untuned)
     assert np.array_equal(run(make(FluxImg2ImgPipeline, comps, FM(**FLUX_CONFIG, tuned_timesteps={n: full}))),
                           untuned)
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev_guidance", "no_guidance_embedding"])
+def test_flux2_transformer_receives_tau_over_1000(guidance_embeds):
+    comps, embeds = flux2_parts("tiny", guidance_embeds=guidance_embeds)
+    n = 3
+    # guidance_scale is embedded guidance (one transformer call per step, no negative prompt in Flux2Pipeline)
+    kw = dict(num_inference_steps=n, height=16, width=16, guidance_scale=4.0, output_type="latent", **embeds)
+    run = lambda p: p(generator=gen(), **kw).images  # noqa: E731
+    # Flux2Pipeline passes its own sigmas and mu, so only use_dynamic_shifting of the config matters here
+    grid, mu = grid_and_mu(make(Flux2Pipeline, comps, FM(**FLUX_CONFIG)), run)
+    # a 16x16 image: 8x8 latent, 2x2 patches -> 16 tokens; Flux2's mu depends on tokens and step count
+    assert mu == compute_empirical_mu(image_seq_len=16, num_steps=n)
+    taus = shifted(grid)
+    info = {n: {"time_shift": FM(**FLUX_CONFIG).time_shift_record(mu)}}
+    sched = FM(**FLUX_CONFIG, tuned_timesteps={n: taus}, tuned_grids={n: grid}, tuning_info=info)
+    spy = TimestepSpy(comps["transformer"])
+    tuned = run(make(Flux2Pipeline, comps, sched))
+    assert torch.equal(spy.timesteps(), torch.tensor(taus, dtype=torch.float32) / 1000)
+    untuned = run(make(Flux2Pipeline, comps, FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG)))
+    assert not torch.equal(tuned, untuned)
+    assert torch.equal(run(make(Flux2Pipeline, comps, FM(**FLUX_CONFIG, tuned_timesteps={n: grid}))), untuned)
+    # another resolution gives another mu: the table refuses it
+    with pytest.raises(ValueError, match=r"tuned with mu="):
+        make(Flux2Pipeline, comps, sched)(generator=gen(), **dict(kw, height=32, width=32))
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0], ids=["no_cfg", "cfg"])

@@ -2,11 +2,11 @@
 
 Samplers, calibration and benchmarks never call a network directly: they call a :class:`Denoiser`, which turns a
 diffusers network (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, SD3Transformer2DModel,
-FluxTransformer2DModel, or any module with the UNet call signature) into ``denoiser(x, tau, cond) -> model_output``
-in the scheduler's ``prediction_type``, with classifier-free guidance applied exactly as diffusers pipelines apply
-it. Compare dpm-solver's ``model_wrapper`` / ``get_model_input_time``: :meth:`Denoiser.model_input_time` is that
+FluxTransformer2DModel, Flux2Transformer2DModel, or any module with the UNet call signature) into
+``denoiser(x, tau, cond) -> model_output`` in the scheduler's ``prediction_type``, with classifier-free guidance
+applied exactly as diffusers pipelines apply it. Compare dpm-solver's ``model_wrapper`` / ``get_model_input_time``: :meth:`Denoiser.model_input_time` is that
 function here (tau in the scheduler's units), and a :class:`NetworkCall` hands it to the network the way the
-network's own pipeline does (SD3: as it is, by keyword; Flux: ``tau / 1000`` on packed latents).
+network's own pipeline does (SD3: as it is, by keyword; Flux and Flux2: ``tau / 1000`` on packed latents).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ class NetworkCall:
     """How a network is called: ``model(sample, t, **cond)`` (UNets, DiT, the testbeds), t in scheduler units."""
 
     description: Dict[str, Any] = {"call": "model(sample, t, **cond)"}
-    # what to tell a user who passes text prompts where this network's pipeline cannot encode them here (None: can)
-    prompt_hint: Optional[str] = None
 
     def inputs(self, cond: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
         """The network's keyword inputs from the user's conditioning (pipeline argument names accepted)."""
@@ -45,21 +43,56 @@ class NetworkCall:
         """The sigma grid the network's pipeline passes to `set_timesteps` for n steps, `None` when it passes none."""
         return None
 
+    # Whether the network's pipeline applies classifier-free guidance (a table tuned with CFG must be usable there).
+    pipeline_cfg = True
+    # Whether the pipeline's dynamic shift `mu` depends on the step count as well as on the image size.
+    mu_depends_on_steps = False
+
+    def pipeline_mu(self, scheduler, shape, num_inference_steps: int) -> Optional[float]:
+        """The dynamic shift `mu` the network's pipeline passes for samples of `shape` at n steps (diffusers'
+        `calculate_shift` of the image tokens, the scheduler's shift settings), for a scheduler with
+        ``use_dynamic_shifting``; else `None`."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        seq_len = self.image_seq_len(shape)
+        if seq_len is None or not scheduler.config.get("use_dynamic_shifting", False):
+            return None
+        c = scheduler.config
+        return float(calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                     c.get("base_shift", 0.5), c.get("max_shift", 1.15)))
+
+
+def _embedded_guidance(model, guidance: Optional[float], default: float, name: str, variant: str) -> Optional[float]:
+    """The guidance-embedding value a guidance-distilled transformer gets (`default`: its pipeline's), `None` for a
+    transformer without one; refuses a value it cannot take."""
+    embeds = bool(getattr(model.config, "guidance_embeds", False))
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance)):
+        raise ValueError(f"embedded_guidance_scale must be a finite number, got {guidance!r}.")
+    if guidance is not None and not embeds:
+        raise ValueError(f"embedded_guidance_scale={guidance} is for a transformer with a guidance embedding "
+                         f"(guidance_embeds=True, {variant}); this {name} has none: leave it unset.")
+    return (default if guidance is None else float(guidance)) if embeds else None
+
+
+def _flux_sigmas(num_inference_steps: int, scheduler) -> Optional[list]:
+    """The grid FluxPipeline and Flux2Pipeline pass: ``linspace(1, 1/n, n)``, none with ``use_flow_sigmas``."""
+    if getattr(scheduler.config, "use_flow_sigmas", False):
+        return None
+    n = int(num_inference_steps)
+    return [float(v) for v in torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)]
+
 
 class _TransformerCall(NetworkCall):
-    """SD3 / Flux transformers: keyword inputs; the pipelines' embedding names map to the network's."""
+    """SD3 / Flux / Flux2 transformers: keyword inputs; the pipelines' embedding names map to the network's."""
 
     RENAME = {"prompt_embeds": "encoder_hidden_states", "negative_prompt_embeds": "encoder_hidden_states",
               "pooled_prompt_embeds": "pooled_projections", "negative_pooled_prompt_embeds": "pooled_projections"}
     REQUIRED = ("encoder_hidden_states", "pooled_projections")
+    CONDITIONS_HINT = "{'prompt_embeds': ..., 'pooled_prompt_embeds': ...}"
 
     def __init__(self, name: str):
         self.name = name
-        self.prompt_hint = (
-            f"Text prompts are not encoded for a {name} here: encode them with the pipeline "
-            "(`pipe.encode_prompt(...)`) and pass conditions={'prompt_embeds': ..., 'pooled_prompt_embeds': ...} "
-            "(negative_conditions likewise for guidance)."
-        )
 
     def inputs(self, cond):
         if cond is None:
@@ -76,9 +109,8 @@ class _TransformerCall(NetworkCall):
         missing = [k for k in self.REQUIRED if k not in cond]
         if missing:
             raise ValueError(
-                f"The {self.name} needs {missing} among its inputs: pass conditions={{'prompt_embeds': ..., "
-                "'pooled_prompt_embeds': ...}} (the embeddings the pipeline takes), and negative_conditions "
-                "likewise for classifier-free guidance."
+                f"The {self.name} needs {missing} among its inputs: pass conditions={self.CONDITIONS_HINT} (the "
+                "embeddings the pipeline takes), and negative_conditions likewise for classifier-free guidance."
             )
 
 
@@ -110,14 +142,7 @@ class FluxTransformerCall(_TransformerCall):
 
     def __init__(self, model, guidance: Optional[float] = None):
         super().__init__(type(model).__name__)
-        embeds = bool(getattr(model.config, "guidance_embeds", False))
-        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
-                                     or not math.isfinite(guidance)):
-            raise ValueError(f"embedded_guidance_scale must be a finite number, got {guidance!r}.")
-        if guidance is not None and not embeds:
-            raise ValueError(f"embedded_guidance_scale={guidance} is for a transformer with a guidance embedding "
-                             f"(guidance_embeds=True, FLUX.1-dev); this {self.name} has none: leave it unset.")
-        self.guidance = (self.DEFAULT_GUIDANCE if guidance is None else float(guidance)) if embeds else None
+        self.guidance = _embedded_guidance(model, guidance, self.DEFAULT_GUIDANCE, self.name, "FLUX.1-dev")
         self.channels = int(model.config.in_channels) // 4
         self.description = {"call": "FluxPipeline", "network_time": "tau / 1000", "guidance": self.guidance}
 
@@ -144,16 +169,65 @@ class FluxTransformerCall(_TransformerCall):
         return (int(shape[-2]) // 2) * (int(shape[-1]) // 2)  # packed tokens, as FluxPipeline computes it
 
     def pipeline_sigmas(self, num_inference_steps, scheduler):
-        if getattr(scheduler.config, "use_flow_sigmas", False):
-            return None  # FluxPipeline then passes none
-        n = int(num_inference_steps)
-        return [float(v) for v in torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)]
+        return _flux_sigmas(num_inference_steps, scheduler)
+
+
+class Flux2TransformerCall(_TransformerCall):
+    """`Flux2Transformer2DModel` as `Flux2Pipeline` calls it: the sample is the latent (B, C, H, W) that
+    `Flux2Pipeline.prepare_latents` draws (already in 2x2 patches), flattened into tokens around the call with the
+    pipeline's own helpers and 4-axis image / text ids; the network sees ``tau / 1000`` and, with a guidance
+    embedding (FLUX.2-dev), `guidance` (the pipeline's ``guidance_scale``, default 4.0). The pipeline has no negative
+    prompt, so no classifier-free guidance, and its `mu` depends on the step count too (`compute_empirical_mu`)."""
+
+    DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline's default guidance_scale
+    REQUIRED = ("encoder_hidden_states",)
+    CONDITIONS_HINT = "{'prompt_embeds': ...}"
+    pipeline_cfg = False
+    mu_depends_on_steps = True
+
+    def __init__(self, model, guidance: Optional[float] = None):
+        super().__init__(type(model).__name__)
+        self.guidance = _embedded_guidance(model, guidance, self.DEFAULT_GUIDANCE, self.name, "FLUX.2-dev")
+        self.channels = int(model.config.in_channels)
+        self.description = {"call": "Flux2Pipeline", "network_time": "tau / 1000", "guidance": self.guidance}
+
+    def __call__(self, model, sample, t, cond):
+        from diffusers import Flux2Pipeline
+
+        self._check(cond)
+        b, c, h, w = sample.shape
+        img_ids = Flux2Pipeline._prepare_latent_ids(sample).to(sample.device)
+        txt_ids = Flux2Pipeline._prepare_text_ids(cond["encoder_hidden_states"]).to(sample.device)
+        guidance = None if self.guidance is None else torch.full((b,), self.guidance, device=sample.device)
+        out = model(hidden_states=Flux2Pipeline._pack_latents(sample), timestep=t / 1000, guidance=guidance,
+                    img_ids=img_ids, txt_ids=txt_ids, return_dict=False, **cond)[0]
+        return out.permute(0, 2, 1).reshape(b, c, h, w)  # the inverse of _pack_latents
+
+    def default_sample_shape(self, model):
+        # Flux2Pipeline's default image (default_sample_size 128 times the VAE factor 8): a 64 x 64 patched latent
+        return (self.channels, 64, 64)
+
+    def image_seq_len(self, shape) -> int:
+        return int(shape[-2]) * int(shape[-1])  # one token per patched latent pixel, as Flux2Pipeline counts them
+
+    def pipeline_sigmas(self, num_inference_steps, scheduler):
+        return _flux_sigmas(num_inference_steps, scheduler)
+
+    def pipeline_mu(self, scheduler, shape, num_inference_steps):
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        if not scheduler.config.get("use_dynamic_shifting", False):
+            return None
+        return float(compute_empirical_mu(image_seq_len=self.image_seq_len(shape), num_steps=int(num_inference_steps)))
 
 
 def network_call_for(model, embedded_guidance_scale: Optional[float] = None) -> NetworkCall:
-    """The :class:`NetworkCall` of `model`: by its class for SD3 / Flux transformers, the UNet call otherwise."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    """The :class:`NetworkCall` of `model`: by its class for SD3 / Flux / Flux2 transformers, the UNet call
+    otherwise."""
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
 
+    if isinstance(model, Flux2Transformer2DModel):
+        return Flux2TransformerCall(model, embedded_guidance_scale)
     if isinstance(model, FluxTransformer2DModel):
         return FluxTransformerCall(model, embedded_guidance_scale)
     if embedded_guidance_scale is not None:
@@ -180,8 +254,8 @@ class Denoiser:
         keep_learned_variance: models that also predict a variance return ``2 * C`` channels. By default only the
             first ``C`` channels (the mean prediction) are returned, as ``DiTPipeline`` does; set ``True`` when the
             scheduler consumes the variance channels itself (``DDPMScheduler(variance_type="learned")``).
-        network_call: how the network is called (default: `network_call_for(model)`, which knows SD3 and Flux
-            transformers).
+        network_call: how the network is called (default: `network_call_for(model)`, which knows SD3, Flux and
+            Flux2 transformers).
     """
 
     def __init__(

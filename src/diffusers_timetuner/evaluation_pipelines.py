@@ -58,6 +58,13 @@ class TextPipelineSampler:
             raise ValueError(f"{type(pipeline).__name__}.__call__ takes no {', '.join(missing)}: this evaluation "
                              "drives text-to-image pipelines through those arguments (e.g. StableDiffusionPipeline, "
                              "StableDiffusion3Pipeline, FluxPipeline).")
+        transformer = getattr(pipeline, "transformer", None)
+        if type(transformer).__name__.startswith("Flux2"):
+            # Flux.2 packs latents with another layout and mu also depends on the step count: its x_T cannot be
+            # handed over the way this sampler does for Flux.1, and the text encoder cannot be tested offline here.
+            raise ValueError(f"{type(pipeline).__name__} (a Flux.2 transformer) is not supported by this evaluation: "
+                             "compare tuned and untuned calls of the pipeline yourself from the same `latents=`; "
+                             "calibrate() does support it (pass prompt_embeds).")
         self.pipeline = pipeline
         self.params = params
         self.network = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)

@@ -151,10 +151,13 @@ def calibrate(
         optimizer: ``"local_search"`` (default, derivative-free, common random numbers) or ``"adam"`` (the reference
             code's Adam on r = tau / t; ``optimizer_kwargs={"num_steps": 500}`` as in the paper), or an instance.
         guidance_scale: classifier-free guidance scale (recorded in the table's info; one table per scale).
-        conditions: class labels (ints), prompts (strings, for a pipeline with ``encode_prompt``), prompt embeddings
-            (a float tensor), or a dict of batch-first network inputs; cycled over the calibration samples.
+        conditions: class labels (ints), prompts (strings, encoded by the pipeline's own ``encode_prompt``: SD, SD3,
+            Flux), prompt embeddings (a float tensor), or a dict of batch-first network inputs (SD3 / Flux:
+            ``{"prompt_embeds": ..., "pooled_prompt_embeds": ...}``; Flux2: ``{"prompt_embeds": ...}``, its prompts
+            are not encoded here); cycled over the calibration samples.
             ``None``: unconditional, or every class in turn for a class-conditional model.
-        negative_conditions: the unconditional branch for guidance (negative prompt(s) / embeddings / dict);
+        negative_conditions: the unconditional branch for guidance (one negative prompt / embeddings / dict; Flux:
+            the ``negative_prompt`` of its true CFG, ``true_cfg_scale=guidance_scale``);
             class-conditional models use ``null_class_label`` (default: the pipeline's or ``num_class_embeds - 1``).
         data: x_0 samples in the model's input space, shape (N, *sample_shape), for ``sequential`` / ``parallel``.
         num_samples: calibration samples (fixed batch, common random numbers across candidates).
@@ -246,7 +249,7 @@ def calibrate(
             )
     if timesteps is not None:
         check_custom_grid(untuned, timesteps)
-    # how the network is called (SD3 / Flux transformers as their pipelines call them) and the sample it takes
+    # how the network is called (SD3 / Flux / Flux2 transformers as their pipelines call them) and the sample it takes
     network_call = network_call_for(model, config.embedded_guidance_scale)
     data, data_labels = split_data(data)
     shape = sample_shape_of(model, data, sample_shape if sample_shape is not None
@@ -254,11 +257,17 @@ def calibrate(
     if data is not None:
         if tuple(data.shape[1:]) != shape:
             raise ValueError(f"data has samples of shape {tuple(data.shape[1:])}, the model expects {shape}.")
-    mu = pipeline_mu(untuned, network_call, shape) if mu is None else mu
-    check_flow_settings(untuned, sigmas, mu)
+    # the dynamic shift per step count: the given mu, else the one the network's pipeline computes (Flux: from the
+    # image size; Flux2: from the image size and n)
+    mus = {n: network_call.pipeline_mu(untuned, shape, n) if mu is None else mu for n in steps}
+    check_flow_settings(untuned, sigmas, mus[steps[0]])
+    if not network_call.pipeline_cfg and float(guidance_scale) != 1.0:
+        raise ValueError(f"{network_call.description['call']} has no classifier-free guidance (its guidance_scale "
+                         f"is the guidance embedding's value): use guidance_scale=1.0, and embedded_guidance_scale= "
+                         f"for the embedded guidance.")
 
     def sigmas_for(n: int):
-        """The custom sigmas, else the ones the network's pipeline passes for n steps (Flux), else None."""
+        """The custom sigmas, else the ones the network's pipeline passes for n steps (Flux, Flux2), else None."""
         if sigmas is not None or "sigmas" not in inspect.signature(untuned.set_timesteps).parameters:
             return sigmas
         return network_call.pipeline_sigmas(n, untuned)
@@ -290,7 +299,7 @@ def calibrate(
     model.eval()
     model.requires_grad_(False)
     cond_set = build_conditions(model, pipeline, conditions, negative_conditions, guidance_scale, null_class_label,
-                                device, prompt_hint=network_call.prompt_hint)
+                                device, network_call=network_call)
     denoiser = Denoiser(model, guidance_scale=guidance_scale, uncond=cond_set.uncond, network_call=network_call)
     probe = check_float_timesteps(denoiser, shape, cond_set.take(range(1)), device, train_steps)
 
@@ -311,7 +320,9 @@ def calibrate(
         "scheduler_class": type(base).__name__, "model_id": model_id,
         "prediction_type": getattr(untuned.config, "prediction_type", None),
         "data_free": data is None, "num_processes": dist.world_size,
-        "conditioning": cond_set.description, "network_call": network_call.description, "mu": mu,
+        "conditioning": cond_set.description, "network_call": network_call.description,
+        "mu": {str(n): v for n, v in mus.items()} if network_call.mu_depends_on_steps and mu is None
+        else mus[steps[0]],
     }
     # What a resumed run must share with the interrupted one: every setting (not the process count) and a probe of
     # the model (tells another model apart). A checkpoint with other values is refused, naming the keys.
@@ -333,7 +344,8 @@ def calibrate(
 
     def tau_table(n, grid, teacher=None):
         """Tau for n steps on ``grid`` (None: the scheduler's own) with the chosen strategy; guarded on that grid."""
-        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=grid, sigmas=sigmas_for(n), mu=mu)
+        rollout = Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=grid, sigmas=sigmas_for(n),
+                          mu=mus[n])
         objective_obj.check(rollout)
         check_untuned_finite(rollout, shape, cond_set.take(range(1)))
         if teacher is None:
@@ -373,7 +385,7 @@ def calibrate(
         info = dict(settings, package="diffusers-timetuner", package_version=_version())
         # refuse a sampler that already ends non-finite before any teacher work (names its step, not the teacher's)
         check_untuned_finite(Rollout(denoiser, untuned, n, eta=eta, device=device, timesteps=timesteps,
-                                     sigmas=sigmas_for(n), mu=mu), shape, cond_set.take(range(1)))
+                                     sigmas=sigmas_for(n), mu=mus[n]), shape, cond_set.take(range(1)))
         if fine_teacher is not None:
             if yardstick is None:
                 k = min(8, len(calib))
@@ -414,7 +426,7 @@ def calibrate(
         m = teacher.num_inference_steps
         info["teacher_steps"] = m
         if hasattr(untuned, "time_shift_record"):  # flow matching: the shift / mu the table is for (checked on load)
-            info["time_shift"] = untuned.time_shift_record(mu)
+            info["time_shift"] = untuned.time_shift_record(mus[n])
         candidate = result_sched.with_tuned_timesteps(n, taus, grid=table_grid, info=info)
         metric = metric_for(held_rollout)
         held = evaluate_heldout(held_rollout, candidate, teacher, heldout.noise, heldout.cond, dist, batch_size,
@@ -467,19 +479,6 @@ def check_untuned_finite(rollout: Rollout, shape, cond) -> None:
                 "final_sigmas_type='sigma_min' or solver_type='bh2')" if "UniPC" in type(sched).__name__ else "")
         raise ValueError(f"The untuned {type(sched).__name__} with n={rollout.num_inference_steps} gives non-finite "
                          f"samples{hint}; fix the scheduler config before calibrating.")
-
-
-def pipeline_mu(scheduler, network_call, shape) -> Optional[float]:
-    """The dynamic shift `mu` the network's pipeline computes from the image size (`calculate_shift` of its image
-    tokens, the scheduler's shift settings), for a scheduler with ``use_dynamic_shifting``; else `None`."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    seq_len = network_call.image_seq_len(shape)
-    if seq_len is None or not scheduler.config.get("use_dynamic_shifting", False):
-        return None
-    c = scheduler.config
-    return float(calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                 c.get("base_shift", 0.5), c.get("max_shift", 1.15)))
 
 
 def check_flow_settings(scheduler, sigmas, mu) -> None:

@@ -7,6 +7,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from .prompts import encode_prompts
+
 
 def resolve_model(model_or_pipeline):
     """(network, pipeline or None) from a Diffusers pipeline (``.unet`` / ``.transformer``) or a network."""
@@ -49,10 +51,11 @@ class ConditionSet:
 
 
 def build_conditions(model, pipeline, conditions, negative_conditions, guidance_scale: float,
-                     null_class_label: Optional[int], device, prompt_hint: Optional[str] = None) -> ConditionSet:
+                     null_class_label: Optional[int], device, network_call=None) -> ConditionSet:
     """Turn the user's ``conditions`` into a :class:`ConditionSet` (see :func:`~.api.calibrate`).
 
-    ``prompt_hint``: for a network whose prompts are not encoded here (SD3 / Flux), the error text for prompts.
+    ``network_call``: how the network is called (:func:`~diffusers_timetuner.denoiser.network_call_for`); it decides
+    how prompts are encoded (SD3 / Flux transformers take their pipelines' prompt and pooled embeddings).
     """
     cfg = float(guidance_scale) != 1.0
     num_classes = getattr(getattr(model, "config", None), "num_class_embeds", None)
@@ -61,22 +64,14 @@ def build_conditions(model, pipeline, conditions, negative_conditions, guidance_
         if null_class_label is None and num_classes is not None:
             null_class_label = int(num_classes) - 1
 
-    # text prompts: encode once with the pipeline's text encoder
+    # text prompts: encoded once by the pipeline's own encode_prompt (SD, SD3, Flux)
     if _is_prompts(conditions):
-        if prompt_hint is not None:
-            raise ValueError(prompt_hint)
-        if pipeline is None or not hasattr(pipeline, "encode_prompt"):
-            raise ValueError("Prompts need a pipeline with `encode_prompt` (e.g. StableDiffusionPipeline): pass the "
-                             "pipeline, or pass prompt embeddings as a tensor.")
         prompts = [conditions] if isinstance(conditions, str) else list(conditions)
         negative = negative_conditions if negative_conditions is not None else ""
         if not isinstance(negative, str):
             raise ValueError("negative_conditions must be one negative prompt (a string) when conditions are prompts.")
-        with torch.no_grad():
-            embeds, neg = pipeline.encode_prompt(prompts, device, 1, cfg, negative_prompt=[negative] * len(prompts))
-        uncond = {"encoder_hidden_states": neg[:1].cpu()} if cfg else None
-        return ConditionSet("encoder_hidden_states", embeds.cpu(), uncond,
-                            {"kind": "prompts", "prompts": prompts, "negative_prompt": negative})
+        key, values, uncond = encode_prompts(pipeline, network_call, prompts, negative, cfg, device)
+        return ConditionSet(key, values, uncond, {"kind": "prompts", "prompts": prompts, "negative_prompt": negative})
 
     if conditions is None and num_classes is not None and null_class_label is not None:
         conditions = list(range(int(null_class_label)))  # every real class in turn

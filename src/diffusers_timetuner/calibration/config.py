@@ -36,7 +36,8 @@ class CalibrationConfig:
                                         "pipe(..., sigmas=<the same grid>)."})
     mu: Optional[float] = field(
         default=None, metadata={"help": "Flow matching with use_dynamic_shifting: the time shift mu the table is "
-                                        "for (Flux pipelines compute it from the image size); recorded in the table."})
+                                        "for (Flux pipelines compute it from the image size, Flux2 from the image "
+                                        "size and the step count); recorded in the table."})
     tune: str = field(default="tau", metadata={
         "help": "What is learned: tau (the paper: the time the network sees, on the scheduler's grid), grid (the "
                 "grid t_K > ... > t_1 itself, tau = t) or grid+tau (both). grid modes need a solver that runs on a "
@@ -60,11 +61,13 @@ class CalibrationConfig:
         "choices": list(OPTIMIZERS)})
     adam_steps: Optional[int] = field(default=None, metadata={
         "help": "Adam mini-batches per step (default: the optimizer's, 500 as in the reference code)."})
-    guidance_scale: float = field(default=1.0, metadata={"help": "Classifier-free guidance scale."})
+    guidance_scale: float = field(default=1.0, metadata={
+        "help": "Classifier-free guidance scale (SD3: the pipeline's guidance_scale; Flux: its true_cfg_scale, with "
+                "a negative prompt; Flux2 has none: 1.0)."})
     embedded_guidance_scale: Optional[float] = field(default=None, metadata={
-        "help": "A guidance-distilled Flux transformer (guidance_embeds=True, FLUX.1-dev): the value its guidance "
-                "embedding gets, FluxPipeline's guidance_scale (default 3.5 there and here); not classifier-free "
-                "guidance. Sample with the same value."})
+        "help": "A guidance-distilled Flux / Flux2 transformer (guidance_embeds=True, FLUX.1-dev / FLUX.2-dev): the "
+                "value its guidance embedding gets, the pipeline's guidance_scale (default 3.5 for FluxPipeline, 4.0 "
+                "for Flux2Pipeline, there and here); not classifier-free guidance. Sample with the same value."})
     num_samples: int = field(default=64, metadata={"help": "Calibration samples."})
     batch_size: int = field(default=64, metadata={"help": "Samples per network call and process."})
     num_validation_samples: Optional[int] = field(default=32, metadata={"help": "Samples of the validation guard."})

@@ -62,7 +62,12 @@ class ScriptArguments:
     labels: Optional[List[int]] = field(default=None, metadata={"help": "Class labels to calibrate on (cycled)."})
     prompts_file: Optional[str] = field(default=None, metadata={
         "help": "Text file, one prompt per line (text-to-image pipelines)."})
-    negative_prompt: str = field(default="", metadata={"help": "Negative prompt for guidance with prompts."})
+    negative_prompt: str = field(default="", metadata={
+        "help": "Negative prompt for guidance with prompts (--guidance_scale != 1; Flux: its true_cfg_scale)."})
+    height: Optional[int] = field(default=None, metadata={
+        "help": "Image height in pixels of a latent text-to-image pipeline (SD, SD3, Flux), as its height= "
+                "argument: sets the latent size (and Flux's time shift mu). Default: the pipeline's default size."})
+    width: Optional[int] = field(default=None, metadata={"help": "Image width in pixels; see --height."})
     data_dir: Optional[str] = field(default=None, metadata={
         "help": "Images for the data-based strategies: a folder of images, a .pt/.npy/.npz array (N, C, H, W) in "
                 "the model's input range, or 'mnist' (the bundled MNIST digits)."})
@@ -127,6 +132,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
     loads, in ``main``)."""
     if args.labels and args.prompts_file:
         raise ValueError("Give --labels or --prompts_file, not both.")
+    for name in ("height", "width"):
+        size = getattr(args, name)
+        if size is not None and size < 1:
+            raise ValueError(f"--{name} must be a positive number of pixels, got {size}.")
     if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
         raise ValueError(f"--prompts_file {args.prompts_file} is not a file: give a text file with one prompt per "
                          "line.")
@@ -163,6 +172,7 @@ def main(args: argparse.Namespace):
     data = load_data(args.data_dir) if args.data_dir else None
     pipeline, model_id = load_model(args.pretrained_model_name_or_path)
     scheduler = scheduler_for(args.scheduler, pipeline)
+    sample_shape = latent_sample_shape(pipeline, args.height, args.width)
     config = args.config
     logger.info(
         f"timetuner-calibrate on {accelerator.num_processes} process(es), device {accelerator.device} "
@@ -170,10 +180,12 @@ def main(args: argparse.Namespace):
         f"{config.timesteps or config.num_inference_steps or [10]}; objective {config.objective}; "
         f"optimizer {config.optimizer}; "
         f"strategy {config.strategy or ('sequential' if data is not None else 'data_free')}; "
-        f"guidance {config.guidance_scale}; {config.num_samples} samples", main_process_only=True)
+        f"guidance {config.guidance_scale}; {config.num_samples} samples"
+        + (f"; x_T of shape {sample_shape}" if sample_shape else ""), main_process_only=True)
 
     result = calibrate(
         pipeline, scheduler, config=config, conditions=conditions, negative_conditions=negative, data=data,
+        sample_shape=sample_shape,
         accelerator=accelerator, checkpoint_dir=checkpoint_dir, progress=not args.no_progress, model_id=model_id,
     )
     if accelerator.is_main_process:
@@ -236,9 +248,32 @@ def load_model(path: Optional[str]):
         return testbeds.load_mnist_flow_pipeline(), testbeds.MNIST_FLOW_MODEL_ID
     if path in ("fashion", testbeds.FASHION_MODEL_ID):
         return testbeds.load_fashion_pipeline(), testbeds.FASHION_MODEL_ID
+    return load_pipeline_folder(path), path
+
+
+def load_pipeline_folder(path: str, **kwargs):
+    """``DiffusionPipeline.from_pretrained(path)``, with the components its ``model_index.json`` records as absent
+    (``[null, null]``: an SD3 pipeline saved without its T5 encoder) passed as None, which diffusers otherwise
+    refuses for components it does not list as optional."""
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(path), path
+    index = DiffusionPipeline.load_config(path)
+    absent = {name: None for name, value in index.items()
+              if not name.startswith("_") and isinstance(value, (list, tuple)) and list(value) == [None, None]}
+    return DiffusionPipeline.from_pretrained(path, **{**absent, **kwargs})
+
+
+def latent_sample_shape(pipeline, height: Optional[int], width: Optional[int]):
+    """x_T's shape (latent channels, height / f, width / f) for --height / --width pixels, as the pipeline draws it
+    (Flux: before packing); None when neither is given (the model's default)."""
+    if height is None and width is None:
+        return None
+    from ..evaluation_pipelines import TextPipelineSampler, is_latent_pipeline, is_text_pipeline
+
+    if not (is_latent_pipeline(pipeline) and is_text_pipeline(pipeline)):
+        raise ValueError(f"--height / --width are the image size of a latent text-to-image pipeline (SD, SD3, Flux); "
+                         f"{type(pipeline).__name__} samples its model's own size: leave them out.")
+    return TextPipelineSampler(pipeline, [""], height=height, width=width).noise_shape
 
 
 def result_lines(result) -> List[str]:

@@ -153,7 +153,7 @@ def load_pipeline(name: Optional[str], tuned_scheduler, torch_dtype: Optional[st
     records (a table for another model needs --pretrained_model_name_or_path). ``torch_dtype`` (a name) applies to
     a pipeline folder / Hub id."""
     from .. import testbeds
-    from .calibrate import load_model
+    from .calibrate import load_model, load_pipeline_folder
 
     if name is None:
         recorded = {i.get("model_id") for i in (tuned_scheduler.config.get("tuning_info") or {}).values()
@@ -173,9 +173,7 @@ def load_pipeline(name: Optional[str], tuned_scheduler, torch_dtype: Optional[st
     if name in {"mnist", "gmm", "flow_gmm", "mnist_flow", "fashion"} | testbed_ids:
         raise ValueError(f"--torch_dtype applies to a pipeline folder or Hub id, not the bundled testbed {name}: "
                          "leave it out.")
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(name, torch_dtype=getattr(torch, torch_dtype)), name
+    return load_pipeline_folder(name, torch_dtype=getattr(torch, torch_dtype)), name
 
 
 def main(args: argparse.Namespace):
