@@ -183,7 +183,12 @@ def run_panel(testbed, family, steps, objectives, noise, m, cfg, args, device, r
         if cal is None:
             cell["unavailable"][obj] = err
             continue
-        t_states, t_sigmas, _ = run_sampler(testbed, cal.scheduler(testbed, family), steps, noise, device)
+        tuned = cal.scheduler(testbed, family)
+        tuned.set_timesteps(steps)
+        fed = [float(t) for t in tuned.timesteps]
+        if len(fed) != len(cal.taus) or max(abs(a - b) for a, b in zip(fed, cal.taus)) > 1e-3:
+            raise RuntimeError(f"the tuned {family} scheduler does not feed its table at {steps} steps: {fed}")
+        t_states, t_sigmas, _ = run_sampler(testbed, tuned, steps, noise, device)
         if t_sigmas != sigmas:
             raise RuntimeError(f"the tuned {family} scheduler integrates on other sigmas than the untuned one")
         cell["tuned"][obj] = errors(t_states, ref, sigmas, family)
