@@ -81,3 +81,17 @@ def test_trajectory_error_flow_quick(tmp_path):
     # a real table (not tau = t): in this seeded quick run the endpoint table lowers the endpoint error by ~30%
     assert not euler["identity"]["endpoint"]
     assert euler["tuned"]["endpoint"][-1] < euler["untuned"][-1]
+
+
+def test_trajectory_error_flow_takes_heuns_corrected_states():
+    from benchmarks.trajectory_error_flow import grid_states
+
+    # Heun at 3 steps: timesteps [t0, t1, t1, t2, t2], sigmas [s0, s1, s1, s2, s2, 0]; the loop's states are x_T and
+    # the output of each evaluation: predictor at s1, corrected s1, predictor at s2, corrected s2, final (Euler to 0).
+    states = ["x_T", "pred_s1", "corr_s1", "pred_s2", "corr_s2", "final"]
+    picked, sigmas = grid_states(states, [999.0, 500.0, 500.0, 100.0, 100.0], [80.0, 5.0, 5.0, 0.5, 0.5, 0.0])
+    assert picked == ["x_T", "corr_s1", "corr_s2", "final"]
+    assert sigmas == [80.0, 5.0, 0.5, 0.0]
+    # one evaluation per step (Euler, UniPC): every state is a grid state
+    picked, sigmas = grid_states(["a", "b", "c"], [1000.0, 500.0], [1.0, 0.5, 0.0])
+    assert picked == ["a", "b", "c"] and sigmas == [1.0, 0.5, 0.0]
