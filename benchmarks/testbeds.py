@@ -66,7 +66,8 @@ _TESTBED_CACHE: Dict[tuple, Testbed] = {}
 def load_testbed(name: str, device: torch.device) -> Testbed:
     key = (name, str(device))
     if key not in _TESTBED_CACHE:
-        loaders = {"gmm": _load_gmm, "flow_gmm": _load_flow_gmm, "mnist": _load_mnist, "mnist_flow": _load_mnist_flow, "fashion": _load_fashion}
+        loaders = {"gmm": _load_gmm, "flow_gmm": _load_flow_gmm, "mnist": _load_mnist, "mnist_flow": _load_mnist_flow,
+                   "fashion": _load_fashion}
         if name not in loaders:
             raise ValueError(f"unknown testbed {name!r}: choose from {sorted(loaders)}.")
         _TESTBED_CACHE[key] = loaders[name](torch.device(device))
