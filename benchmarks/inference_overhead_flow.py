@@ -36,8 +36,8 @@ NAME = "inference_overhead_flow"
 SIZES = {
     "quick": dict(tiny=dict(nfe=4, reps=4, warmup=1, bootstrap=2000, size=16),
                   realistic=dict(nfe=2, reps=2, warmup=1, bootstrap=2000, size=64)),
-    "medium": dict(tiny=dict(nfe=10, reps=100, warmup=3, bootstrap=2000, size=32),
-                   realistic=dict(nfe=10, reps=30, warmup=2, bootstrap=2000, size=64)),
+    "medium": dict(tiny=dict(nfe=10, reps=300, warmup=5, bootstrap=2000, size=32),
+                   realistic=dict(nfe=10, reps=60, warmup=3, bootstrap=2000, size=64)),
 }
 
 
