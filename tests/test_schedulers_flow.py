@@ -266,3 +266,14 @@ def test_flow_tuned_step_reads_no_timestep_value(monkeypatch):
     sched.timesteps[0] += 40.0
     sched.step(torch.zeros(1), sched.timesteps[0].clone(), torch.zeros(1))
     assert sched.step_index == 1
+
+
+def test_unipc_flow_table_may_feed_the_top_of_the_flow_time_range():
+    # flow sigmas run up to 1, i.e. t = num_train_timesteps (1000); a calibrated first tau of 1000.0 must load there,
+    # while a VP UniPC (trained on t in [0, 999]) still refuses it
+    table = {2: [1000.0, 400.0]}
+    flow = TimeTunerUniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                            tuned_timesteps=table)
+    assert flow.config.tuned_timesteps["2"] == [1000.0, 400.0]
+    with pytest.raises(ValueError, match="outside the training range"):
+        TimeTunerUniPCMultistepScheduler(tuned_timesteps=table)

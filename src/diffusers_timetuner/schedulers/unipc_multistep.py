@@ -99,6 +99,11 @@ class TimeTunerUniPCMultistepScheduler(TimeTunerMixin, UniPCMultistepScheduler):
         )
         self._init_tau_tables(tuned_timesteps, tuned_grids, tuning_info)
 
+    def _table_timestep_bound(self) -> int:
+        # With flow sigmas the network's time runs up to sigma = 1, i.e. num_train_timesteps itself (as in
+        # FlowMatchEuler), and calibration may put the first tau there; VP models stop at num_train_timesteps - 1.
+        return self.config.num_train_timesteps + (1 if self.config.use_flow_sigmas else 0)
+
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
