@@ -51,6 +51,9 @@ FAMILIES: Dict[str, Family] = {
     # EDM's Heun on Karras sigmas (2 n - 1 evaluations for n steps; heun_gmm.py's setting).
     "heun": Family("heun", "Heun (Karras)", {"use_karras_sigmas": True}),
 }
+# The families that run on a model's beta (VP) noise schedule with one model evaluation per step: the ones the
+# scripts written for the eps testbeds (e.g. inference_overhead.py) loop over.
+VP_FAMILIES = ("ddim", "ddpm", "dpm2", "dpmpp")
 SCHEDULER_CLASSES = {
     "ddim": TimeTunerDDIMScheduler,
     "ddpm": TimeTunerDDPMScheduler,

@@ -163,7 +163,7 @@ def main(args) -> dict:
              "pipeline_untuned_s_per_step": pipeline["untuned_s_per_step"],
              "ratio_bound": 1.0 + diff / pipeline["untuned_s_per_step"]}
     sched_only = {}
-    for family in families.FAMILIES:
+    for family in families.VP_FAMILIES:
         pair = {"untuned": families.make_scheduler(family, testbed.noise_config),
                 "tuned": synthetic_table(families.make_scheduler(family, testbed.noise_config), nfe)}
         sched_only[family] = time_schedulers_interleaved(pair, nfe, shape, cfg["sched_rounds"], cfg["sched_reps"])
