@@ -113,11 +113,15 @@ def sd3_parts(scale: str = "tiny", text_encoders: bool = False):
                       text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
     if text_encoders:
         components.update(sd3_text_components())
+    return components, _prompt_embeddings(pooled_dim=64)
+
+
+def _prompt_embeddings(pooled_dim: int) -> dict:
+    """Seeded prompt / pooled embeddings (7 tokens of width 32) with negatives at half their scale."""
     g = torch.Generator().manual_seed(1)
-    pe, pp = torch.randn(1, 7, 32, generator=g), torch.randn(1, 64, generator=g)
-    embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=0.5 * pe,
-                  negative_pooled_prompt_embeds=0.5 * pp)
-    return components, embeds
+    pe, pp = torch.randn(1, 7, 32, generator=g), torch.randn(1, pooled_dim, generator=g)
+    return dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=0.5 * pe,
+                negative_pooled_prompt_embeds=0.5 * pp)
 
 
 def flux_parts(scale: str = "tiny", guidance_embeds: bool = False, text_encoders: bool = False):
@@ -141,11 +145,7 @@ def flux_parts(scale: str = "tiny", guidance_embeds: bool = False, text_encoders
                       text_encoder_2=None, tokenizer_2=None)
     if text_encoders:
         components.update(flux_text_components())
-    g = torch.Generator().manual_seed(1)
-    pe, pp = torch.randn(1, 7, 32, generator=g), torch.randn(1, 32, generator=g)
-    embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=0.5 * pe,
-                  negative_pooled_prompt_embeds=0.5 * pp)
-    return components, embeds
+    return components, _prompt_embeddings(pooled_dim=32)
 
 
 def tiny_flux2_vae():
