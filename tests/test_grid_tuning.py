@@ -14,7 +14,8 @@ from diffusers_timetuner.calibration.grid_search import (
 from diffusers_timetuner.sampling import sample
 from diffusers_timetuner.schedulers import (
     TimeTunerDDIMScheduler, TimeTunerDDPMScheduler, TimeTunerDPMSolverScheduler,
-    TimeTunerDPMSolverSinglestepScheduler, TimeTunerEulerDiscreteScheduler, TimeTunerHeunDiscreteScheduler,
+    TimeTunerDPMSolverSinglestepScheduler, TimeTunerEulerDiscreteScheduler, TimeTunerFlowMatchEulerDiscreteScheduler,
+    TimeTunerHeunDiscreteScheduler,
     TimeTunerUniPCMultistepScheduler,
 )
 
@@ -181,6 +182,18 @@ def test_refuses_schedulers_without_custom_grids_before_any_evaluation():
         calibrate(model, TimeTunerDDIMScheduler(), tune="grid+tau", timesteps=[900, 500, 100], sample_shape=(1, 4, 4))
     with pytest.raises(ValueError, match="tune must be"):
         calibrate(model, TimeTunerDDIMScheduler(), 4, tune="grids", sample_shape=(1, 4, 4))
+
+
+def test_grid_modes_refuse_flow_matching_and_the_same_sampler_teacher_before_any_evaluation():
+    # The grid search prices DDIM jumps on a VP noise schedule against the fine DPM-Solver++ teacher; a flow-matching
+    # Euler scheduler runs custom grids, so only this check stops it (it used to fail late with an AttributeError).
+    def model(*a, **k):  # never called
+        raise AssertionError("evaluated the network")
+
+    with pytest.raises(ValueError, match="variance-preserving"):
+        calibrate(model, TimeTunerFlowMatchEulerDiscreteScheduler(), 4, tune="grid", sample_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match="teacher='dpmsolver\\+\\+'"):
+        calibrate(model, TimeTunerDDIMScheduler(), 4, tune="grid+tau", teacher="same", sample_shape=(1, 4, 4))
 
 
 def test_guard_refuses_a_candidate_that_is_not_clearly_better():
