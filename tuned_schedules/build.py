@@ -39,10 +39,15 @@ ENTRIES = {
                                           num_samples=256, batch_size=256, num_validation_samples=128,
                                           num_heldout_samples=512, teacher="same", teacher_steps=200, seed=0)),
     # The tau entries were built with the same-sampler teacher, the default before the DPM-Solver++ teacher.
-    "mnist-ddim-5-g1": ("cli", ["--num_inference_steps", "5", "--objective", "endpoint", "--num_samples", "64",
-                                "--batch_size", "64", "--num_validation_samples", "32", "--num_heldout_samples",
-                                "128", "--teacher", "same", "--teacher_steps", "50", "--seed", "0", "--no_progress"]),
-    "mnist-ddim-10-g1": ("cli", ["--num_inference_steps", "10", "--teacher", "same", "--no_progress"]),
+    "mnist-ddim-5-g1": ("cli", [
+        "--pretrained_model_name_or_path", "mnist", "--num_inference_steps", "5", "--objective", "endpoint",
+        "--num_samples", "64", "--batch_size", "64", "--num_validation_samples", "32", "--num_heldout_samples", "128",
+        "--teacher", "same", "--teacher_steps", "50", "--seed", "0", "--no_progress"]),
+    # (built when the CLI's preset held 32 / 16 / 32 samples and a 50-step teacher: pinned here)
+    "mnist-ddim-10-g1": ("cli", [
+        "--pretrained_model_name_or_path", "mnist", "--num_inference_steps", "10", "--teacher", "same",
+        "--num_samples", "32", "--batch_size", "32", "--num_validation_samples", "16", "--num_heldout_samples", "32",
+        "--teacher_steps", "50", "--no_progress"]),
     # Flow-matching MNIST testbed, Euler at 10 steps; the endpoint objective, as on the exact flow GMM where it
     # gave the lowest FD at every NFE (benchmarks/flow_gmm.py).
     "mnist-flow-euler-10-g1": ("cli", [
@@ -57,18 +62,32 @@ ENTRIES = {
     "gmm-digits-ddim-10-grid-tau-g1": ("gmm", dict(scheduler="ddim", num_inference_steps=10, tune="grid+tau",
                                                    grid_search_criterion="mean", num_samples=256, batch_size=256,
                                                    num_validation_samples=128, num_heldout_samples=512, seed=0)),
-    # Grid modes on the bundled MNIST UNet, DPM-Solver++ multistep at 5 steps (the pipeline's scheduler, time-uniform
-    # default grid [830, 664, 498, 332, 166]). The per-sample endpoint error is heavy-tailed on this model, so the
-    # search scores grids by the mean log error (docs/facts.md, 6); 32 validation x_T for the guard, a 40-step
-    # DPM-Solver++ teacher (0.045 from an 80-step run; calibration/config.py).
+    # Grid modes on the bundled MNIST UNet (the eps model, pinned: the CLI's default model is the flow MNIST UNet).
+    # The per-sample endpoint error is heavy-tailed on this model, so the search scores grids by the mean log error
+    # (docs/facts.md, 6); 32 validation x_T for the guard, a 40-step DPM-Solver++ teacher (0.045 from an 80-step run;
+    # calibration/config.py). DDIM at 10 steps (the pipeline's scheduler) with the sizes of the grid side-by-side
+    # benchmark's MNIST cells, where the learned DDIM@10 grid passed the guard:
+    "mnist-ddim-10-grid-g1": ("cli", [
+        "--pretrained_model_name_or_path", "mnist", "--num_inference_steps", "10", "--tune", "grid",
+        "--grid_search_criterion", "log_mean", "--num_samples", "32", "--batch_size", "32",
+        "--num_validation_samples", "32", "--num_heldout_samples", "64", "--teacher_steps", "40", "--seed", "0",
+        "--no_progress"]),
+    "mnist-ddim-10-grid-tau-g1": ("cli", [
+        "--pretrained_model_name_or_path", "mnist", "--num_inference_steps", "10", "--tune", "grid+tau",
+        "--grid_search_criterion", "log_mean", "--num_samples", "32", "--batch_size", "32",
+        "--num_validation_samples", "32", "--num_heldout_samples", "64", "--teacher_steps", "40", "--seed", "0",
+        "--no_progress"]),
+    # DPM-Solver++ multistep at 5 steps (time-uniform default grid [830, 664, 498, 332, 166]):
     "mnist-dpmpp-5-grid-g1": ("cli", [
-        "--scheduler", "dpmsolver", "--num_inference_steps", "5", "--tune", "grid", "--grid_search_criterion",
-        "log_mean", "--num_samples", "32", "--batch_size", "32", "--num_validation_samples", "32",
-        "--num_heldout_samples", "64", "--teacher_steps", "40", "--seed", "0", "--no_progress"]),
+        "--pretrained_model_name_or_path", "mnist", "--scheduler", "dpmsolver", "--num_inference_steps", "5",
+        "--tune", "grid", "--grid_search_criterion", "log_mean", "--num_samples", "32", "--batch_size", "32",
+        "--num_validation_samples", "32", "--num_heldout_samples", "64", "--teacher_steps", "40", "--seed", "0",
+        "--no_progress"]),
     "mnist-dpmpp-5-grid-tau-g1": ("cli", [
-        "--scheduler", "dpmsolver", "--num_inference_steps", "5", "--tune", "grid+tau", "--grid_search_criterion",
-        "log_mean", "--num_samples", "32", "--batch_size", "32", "--num_validation_samples", "32",
-        "--num_heldout_samples", "64", "--teacher_steps", "40", "--seed", "0", "--no_progress"]),
+        "--pretrained_model_name_or_path", "mnist", "--scheduler", "dpmsolver", "--num_inference_steps", "5",
+        "--tune", "grid+tau", "--grid_search_criterion", "log_mean", "--num_samples", "32", "--batch_size", "32",
+        "--num_validation_samples", "32", "--num_heldout_samples", "64", "--teacher_steps", "40", "--seed", "0",
+        "--no_progress"]),
 }
 
 
