@@ -69,6 +69,10 @@ RUN_ORDER = ("untuned", "hand_grid", "tau", "gits", "ld3", "grid+tau", "grid")  
 LABELS = {"untuned": "untuned", "hand_grid": "best hand grid", "tau": "tau only", "grid": "grid only",
           "grid+tau": "grid + tau", "gits": "GITS", "ld3": "LD3"}
 HAND_GRIDS = ("quadratic", "logsnr", "karras")
+# Every method of a cell samples (and calibrates) one scheduler: the one calibrate(tune="grid" ...) starts from and
+# whose default grid its guard compares against. For DPM-Solver++ that is diffusers' default time-uniform spacing,
+# not the benchmarks' log-SNR family setting (use_lu_lambdas refuses custom grids); the log-SNR grid is a hand grid.
+SIDE_BY_SIDE_OVERRIDES = {"dpmpp": {"use_lu_lambdas": False}}
 HEADLINE = [("mnist", "ddim", 10), ("mnist", "dpmpp", 5), ("gmm", "ddim", 10)]
 NFES = [4, 5, 6, 8, 10]
 SAMPLERS = ["ddim", "dpmpp"]
@@ -142,9 +146,7 @@ def build_scheduler(family: str, noise_config: Dict, nfe: int, grid: Optional[Se
 
     The grid is set once here, so that a grid the scheduler refuses (duplicates, out of range) raises ValueError
     before any sampling."""
-    # diffusers' DPM-Solver refuses timesteps= with use_lu_lambdas
-    overrides = {"use_lu_lambdas": False} if grid is not None and family == "dpmpp" else {}
-    sched = make_scheduler(family, noise_config, **overrides)
+    sched = make_scheduler(family, noise_config, **SIDE_BY_SIDE_OVERRIDES.get(family, {}))
     timesteps = None if grid is None else [int(t) for t in grid]
     if taus is not None:
         table_grid = timesteps or [int(t) for t in scheduler_grid(sched, nfe)]
@@ -294,7 +296,7 @@ def method_hand_grid(bench, family, nfe, shared):
 
 def _tau_calibration(bench, family, nfe):
     kwargs = dict(objective=package_default_objective(), calib=calib_for(bench.args.size, bench.tb.name),
-                  seed=bench.args.seed)
+                  seed=bench.args.seed, overrides=SIDE_BY_SIDE_OVERRIDES.get(family))
     if bench.args.reuse_tables_of_older_code:
         stale = _older_table(bench, family, nfe, kwargs)
         if stale is not None:
@@ -353,9 +355,7 @@ def _method_tune(mode):
         data = (bench.tb.data, bench.tb.labels) if bench.tb.labels is not None else bench.tb.data
         t0 = time.perf_counter()
         try:
-            # calibrate(tune=grid...) needs a scheduler that takes custom grids: DPM-Solver++ without use_lu_lambdas
-            base = make_scheduler(family, bench.tb.noise_config,
-                                  **({"use_lu_lambdas": False} if family == "dpmpp" else {}))
+            base = make_scheduler(family, bench.tb.noise_config, **SIDE_BY_SIDE_OVERRIDES.get(family, {}))
             result = calibrate(bench.tb.model, base, nfe, config, data=data, progress=False,
                                accelerator=PartialState(cpu=bench.device.type == "cpu"))
         except (ValueError, NotImplementedError) as err:
@@ -565,6 +565,7 @@ def main(argv=None):
                     f = bench.floor()
                     entry["floor"] = {"metrics": f["metrics"], "steps": f["steps"], "family": bench.floor_family}
                     entry["seed"] = args.seed
+                    entry["scheduler_config"] = dict(FAMILIES[family].config, **SIDE_BY_SIDE_OVERRIDES.get(family, {}))
                     entry["code"] = {"package": code_fingerprint(), "peers": _peer_fingerprint(),
                                      "git_commit": git_commit(), "created_utc": utc_now()}
                     cache_path(cache_dir, args, cell, method).write_text(
