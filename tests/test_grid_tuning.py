@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from diffusers_timetuner.calibration import calibrate
 from diffusers_timetuner.calibration.grid_search import (
@@ -20,7 +20,8 @@ from diffusers_timetuner.schedulers import (
 )
 
 GRID_SCHEDULERS = [TimeTunerDDIMScheduler, TimeTunerDDPMScheduler, TimeTunerDPMSolverScheduler,
-                   TimeTunerDPMSolverSinglestepScheduler, TimeTunerEulerDiscreteScheduler]
+                   TimeTunerDPMSolverSinglestepScheduler, TimeTunerEulerDiscreteScheduler,
+                   TimeTunerUniPCMultistepScheduler]
 LEARNED = [990, 700, 300, 50]
 TAUS = [985.5, 702.25, 298.5, 49.5]
 
@@ -45,7 +46,8 @@ def test_plain_set_timesteps_samples_on_the_learned_grid(cls):
 
 
 @pytest.mark.parametrize("cls, parent", [(TimeTunerDDIMScheduler, DDIMScheduler),
-                                         (TimeTunerDPMSolverScheduler, DPMSolverMultistepScheduler)])
+                                         (TimeTunerDPMSolverScheduler, DPMSolverMultistepScheduler),
+                                         (TimeTunerUniPCMultistepScheduler, UniPCMultistepScheduler)])
 def test_learned_grid_equal_to_the_default_is_bit_exact_with_the_parent(cls, parent):
     """A recorded grid equal to the scheduler's own, with tau = t, samples exactly like the parent class."""
     probe = parent()
@@ -169,15 +171,16 @@ def test_grid_evaluator_reuses_the_unchanged_prefix():
 
 
 def test_refuses_schedulers_without_custom_grids_before_any_evaluation():
-    for cls in (TimeTunerUniPCMultistepScheduler, TimeTunerHeunDiscreteScheduler):
+    for sched in (TimeTunerUniPCMultistepScheduler(use_karras_sigmas=True), TimeTunerHeunDiscreteScheduler()):
         with pytest.raises(ValueError, match="tune='grid'"):
-            check_grid_tunable(cls())
+            check_grid_tunable(sched)
 
     def model(*a, **k):  # never called
         raise AssertionError("evaluated the network")
 
     with pytest.raises(ValueError, match="tune='grid'"):
-        calibrate(model, TimeTunerUniPCMultistepScheduler(), 4, tune="grid", sample_shape=(1, 4, 4))
+        calibrate(model, TimeTunerUniPCMultistepScheduler(use_karras_sigmas=True), 4, tune="grid",
+                  sample_shape=(1, 4, 4))
     with pytest.raises(ValueError, match="do not pass `timesteps`"):
         calibrate(model, TimeTunerDDIMScheduler(), tune="grid+tau", timesteps=[900, 500, 100], sample_shape=(1, 4, 4))
     with pytest.raises(ValueError, match="tune must be"):
@@ -241,6 +244,44 @@ def test_grid_search_beats_the_default_grid_on_the_exact_gmm(gmm):
     # cost accounting: the search's forward samples are part of the step count's total
     assert 0 < rep.grid_tuning["search"]["forward_samples"] < rep.forward_samples
     assert rep.grid_tuning["teacher_error"]["endpoint_mse"] < 1e-2 * rep.grid_tuning["teacher_error"]["sample_sq_norm"]
+
+
+def test_unipc_custom_grid_reads_the_parents_sigmas_and_refuses_respacing_options():
+    """UniPC's custom grid takes the sigmas the parent computes for its own spacing at the same timesteps."""
+    parent = UniPCMultistepScheduler()
+    parent.set_timesteps(7)
+    ours = TimeTunerUniPCMultistepScheduler()
+    ours.set_timesteps(timesteps=parent.timesteps.tolist())
+    torch.testing.assert_close(ours.sigmas, parent.sigmas, rtol=0, atol=0)
+    ours.set_timesteps(timesteps=[900, 500, 120])
+    assert ours.timesteps.tolist() == [900, 500, 120] and float(ours.sigmas[-1]) == 0.0
+    expected = ((1 - parent.alphas_cumprod[500]) / parent.alphas_cumprod[500]) ** 0.5  # sigma_t of the VP schedule
+    assert float(ours.sigmas[1]) == pytest.approx(float(expected), rel=1e-6)
+    for bad, match in [(dict(use_karras_sigmas=True), "use_karras_sigmas"),
+                       (dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas")]:
+        with pytest.raises(ValueError, match=match):
+            TimeTunerUniPCMultistepScheduler(**bad).set_timesteps(timesteps=[900, 500, 120])
+    with pytest.raises(ValueError, match="one of"):
+        TimeTunerUniPCMultistepScheduler().set_timesteps(3, timesteps=[900, 500, 120])
+    with pytest.raises(ValueError, match="strictly descending"):
+        TimeTunerUniPCMultistepScheduler().set_timesteps(timesteps=[500, 900, 120])
+
+
+def test_unipc_grid_search_beats_the_default_grid_on_the_exact_gmm(gmm):
+    """UniPC@6 on the exact mixture: tune="grid+tau" ships a table on its learned grid that lowers the held-out
+    endpoint error to the teacher clearly (measured with these settings: -80%, 18 paired SE, against -7% for tau
+    alone; the test asks for -30% and > 2 paired SE)."""
+    sched = TimeTunerUniPCMultistepScheduler.from_config(gmm.scheduler.config)
+    res = calibrate(gmm, sched, 6, tune="grid+tau", num_samples=48, batch_size=48, num_validation_samples=48,
+                    num_heldout_samples=96, teacher_steps=60, progress=False)
+    rep = res.reports[6]
+    assert rep.grid_tuning["chosen"] in ("grid", "grid+tau")
+    held = rep.heldout
+    assert held["relative_change"] < -0.3 and held["tuned"] - held["untuned"] < -2 * held["change_se"]
+    s = copy.deepcopy(res.scheduler)
+    s.set_timesteps(6)
+    assert [int(t) for t in s.grid_timesteps] == [int(t) for t in rep.grid]
+    assert s.timesteps.tolist() == pytest.approx(rep.taus)
 
 
 def test_guard_falls_back_when_nothing_is_clearly_better(gmm, caplog):

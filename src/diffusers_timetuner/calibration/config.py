@@ -41,7 +41,7 @@ class CalibrationConfig:
     tune: str = field(default="tau", metadata={
         "help": "What is learned: tau (the paper: the time the network sees, on the scheduler's grid), grid (the "
                 "grid t_K > ... > t_1 itself, tau = t) or grid+tau (both). grid modes need a solver that runs on a "
-                "custom grid (DDIM, DDPM, DPM-Solver, Euler).", "choices": ["tau", "grid", "grid+tau"]})
+                "custom grid (DDIM, DDPM, DPM-Solver, Euler, UniPC on a VP schedule).", "choices": ["tau", "grid", "grid+tau"]})
     grid_search_evaluations: Optional[int] = field(default=None, metadata={
         "help": "tune=grid / grid+tau: candidate grids the pattern search rolls out (default 4 n; each costs about "
                 "n / 2 network evaluations per calibration sample; 0: the dynamic programme's grid as it is)."})

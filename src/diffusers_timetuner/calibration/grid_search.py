@@ -88,7 +88,7 @@ def check_grid_tunable(scheduler, teacher: str = "dpmsolver++") -> None:
         raise ValueError(
             f"tune='grid' / 'grid+tau' needs a solver that runs on a custom grid (`set_timesteps(timesteps=...)`); "
             f"{type(scheduler).__name__} has none. Use tune='tau', or DDIM, DDPM, DPM-Solver (multistep or "
-            "singlestep) or Euler.") from err
+            "singlestep), Euler or UniPC.") from err
     except ValueError as err:
         raise ValueError(f"tune='grid' / 'grid+tau': {type(scheduler).__name__} refuses custom grids ({err}); "
                          "use tune='tau'.") from err

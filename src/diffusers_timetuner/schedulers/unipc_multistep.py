@@ -10,7 +10,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from .mixin import TimeTunerMixin
+from .mixin import TimeTunerMixin, validate_custom_timesteps
 
 
 class TimeTunerUniPCMultistepScheduler(TimeTunerMixin, UniPCMultistepScheduler):
@@ -110,16 +110,73 @@ class TimeTunerUniPCMultistepScheduler(TimeTunerMixin, UniPCMultistepScheduler):
         device: str | torch.device = None,
         sigmas: list[float] | None = None,
         mu: float | None = None,
+        timesteps: list[int] | None = None,
     ):
         """The parent's `set_timesteps` (grid and sigmas), then the tau table for that step count, if any.
 
-        `sigmas` (flow sigmas only, parent semantics) sets a custom grid of ``len(sigmas)`` steps.
+        Args:
+            num_inference_steps (`int`, *optional*): number of steps (parent's spacing).
+            device (`str` or `torch.device`, *optional*): device of `timesteps`.
+            sigmas (`list[float]`, *optional*): flow sigmas only (parent semantics): a custom grid of
+                ``len(sigmas)`` steps.
+            mu (`float`, *optional*): the parent's dynamic-shifting parameter.
+            timesteps (`list[int]`, *optional*): a custom grid t_K > ... > t_1 on a VP noise schedule, integers in
+                [0, T - 1]; the sigmas are the parent's, read at these timesteps (what the parent computes for its
+                own spacing). The parent has no such argument; it is what tune="grid" calibrates and a learned grid
+                uses.
+
+        Raises:
+            ValueError: bad arguments or grid; tables exist but none for this step count; the table's recorded grid
+                differs from this grid.
         """
-        n = len(sigmas) if sigmas is not None else num_inference_steps
+        if timesteps is not None:
+            self._check_custom_grid_args(num_inference_steps, sigmas)
+            validate_custom_timesteps(timesteps, self.config.num_train_timesteps)
+        n = len(sigmas) if sigmas is not None else self._count_evaluations(num_inference_steps, timesteps)
         self._check_table_available(n)
         with self._restore_on_error():
-            super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu)
+            learned = self._learned_grid(num_inference_steps, timesteps, sigmas)
+            if timesteps is None:
+                super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu)
+            else:
+                self._set_custom_grid(timesteps, device)
+            self._set_learned_grid(self._set_custom_grid, learned, device)
             self._apply_tau_table()
+
+    def _check_custom_grid_args(self, num_inference_steps, sigmas) -> None:
+        if num_inference_steps is not None or sigmas is not None:
+            raise ValueError("Pass one of `num_inference_steps`, `sigmas` or `timesteps` to `set_timesteps`.")
+        cfg = self.config
+        converted = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
+                     if cfg.get(k)]
+        if converted:
+            raise ValueError(f"A custom `timesteps` grid needs the plain VP sigmas; this scheduler sets "
+                             f"{', '.join(converted)}, which respace the grid themselves. Drop that option (or pass "
+                             "flow `sigmas` with use_flow_sigmas).")
+        if self.solver_p is not None:
+            raise ValueError("A custom `timesteps` grid cannot be combined with `solver_p`; drop `solver_p`.")
+
+    def _set_custom_grid(self, timesteps, device) -> None:
+        """The parent's VP branch of `set_timesteps` with the given grid instead of its own spacing: sigmas read off
+        the training schedule at the grid timesteps, the same final sigma, the same solver state reset."""
+        grid = np.asarray([int(t) for t in timesteps], dtype=np.int64)
+        sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
+        sigmas = np.interp(grid, np.arange(0, len(sigmas)), sigmas)
+        if self.config.final_sigmas_type == "sigma_min":
+            sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
+        elif self.config.final_sigmas_type == "zero":
+            sigma_last = 0
+        else:
+            raise ValueError(f"`final_sigmas_type` must be one of 'zero', or 'sigma_min', but got "
+                             f"{self.config.final_sigmas_type}")
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
+        self.timesteps = torch.from_numpy(grid).to(device=device, dtype=torch.int64)
+        self.num_inference_steps = len(grid)
+        self.model_outputs = [None] * self.config.solver_order
+        self.lower_order_nums = 0
+        self.last_sample = None
+        self._step_index = None
+        self._begin_index = None
 
     def step(
         self,
