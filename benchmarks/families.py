@@ -1,4 +1,4 @@
-"""The sampler families the benchmarks compare (DDIM, DDPM, DPM-Solver-2, DPM-Solver++(2M); for flow matching
+"""The sampler families the benchmarks compare (DDIM, DDPM, DPM-Solver-2, DPM-Solver++(2M), UniPC; for flow matching
 FlowMatchEuler and UniPC; EDM's Heun) and their untuned TimeTuner schedulers on a model's noise schedule."""
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ FAMILIES: Dict[str, Family] = {
     ),
     "dpmpp": Family("dpmpp", "DPM-Solver++(2M)", {"solver_order": 2, "algorithm_type": "dpmsolver++",
                                                   "use_lu_lambdas": True}),
+    # UniPC (bh2, order 2, diffusers' defaults) on diffusers' default time-uniform grid
+    "unipc": Family("unipc", "UniPC (bh2)", {"solver_order": 2, "solver_type": "bh2"}),
     # Flow matching (a velocity model whose noise config is its FlowMatchEuler config): Euler with shift 1, and UniPC
     # (bh2, order 2) on the same flow sigmas; the settings of flow_gmm.py / flow_mnist.py.
     "flow_euler": Family("flow_euler", "FlowMatchEuler", {"shift": 1.0}),
@@ -59,6 +61,7 @@ SCHEDULER_CLASSES = {
     "ddpm": TimeTunerDDPMScheduler,
     "dpm2": TimeTunerDPMSolverSinglestepScheduler,
     "dpmpp": TimeTunerDPMSolverScheduler,
+    "unipc": TimeTunerUniPCMultistepScheduler,
     "flow_euler": TimeTunerFlowMatchEulerDiscreteScheduler,
     "unipc_flow": TimeTunerUniPCMultistepScheduler,
     "heun": TimeTunerHeunDiscreteScheduler,

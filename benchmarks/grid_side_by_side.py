@@ -75,7 +75,7 @@ HAND_GRIDS = ("quadratic", "logsnr", "karras")
 SIDE_BY_SIDE_OVERRIDES = {"dpmpp": {"use_lu_lambdas": False}}
 HEADLINE = [("mnist", "ddim", 10), ("mnist", "dpmpp", 5), ("gmm", "ddim", 10)]
 NFES = [4, 5, 6, 8, 10]
-SAMPLERS = ["ddim", "dpmpp"]
+SAMPLERS = ["ddim", "dpmpp", "unipc"]
 
 SIZES = {
     # CI smoke run: the exact model only, one cell, tiny peers
