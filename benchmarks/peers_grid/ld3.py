@@ -18,9 +18,12 @@ copied); what follows its published settings, and where this benchmark departs:
   ball of radius 0.001 * pixels / K^2 around its original, accepted per sample when it lowers that sample's loss.
 - Time: LD3's continuous VP time s = (k + 1) / T in [0, 1] (its learning rates and clip window are in those units),
   s = 1 the first training timestep k = T - 1, s = 0 the package samplers' end state (k = -1, alpha_bar = 1). The
-  sampler is the package's solver re-implemented in continuous time (``continuous.sample``). The learned grid is then rounded to integer
-  timesteps for the package schedulers (their custom ``timesteps=``), the decoupled times kept as the tau table;
-  :func:`round_grid` reports how much the rounding moved the grid.
+  sampler is the package's solver re-implemented in continuous time (``continuous.sample``: "ddim", "dpmpp" or
+  "unipc", the last UniPC-2 bh2 with its corrector as diffusers' ``UniPCMultistepScheduler``). The learned grid is
+  then rounded to integer timesteps for the package schedulers (their custom ``timesteps=``), the decoupled times
+  kept as the tau table; :func:`round_grid` reports how much the rounding moved the grid. The UniPC schedulers
+  (diffusers' and the package's) take no custom ``timesteps=`` on a VP schedule, so a rounded UniPC grid has no
+  such way in.
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ class _Counter:
 def train_ld3(cond_model: Callable, x_train: torch.Tensor, y_train: torch.Tensor,
               x_valid: torch.Tensor, y_valid: torch.Tensor, nfe: int, solver: str, schedule: ContinuousSchedule,
               config: LD3Config, labels_train=None, labels_valid=None) -> LD3Result:
-    """Train LD3's grid and decoupled time for `nfe` steps of `solver` against the teacher targets y.
+    """Train LD3's grid and decoupled time for `nfe` steps of `solver` (one of ``continuous.SOLVERS``: "ddim",
+    "dpmpp", "unipc") against the teacher targets y.
 
     `cond_model(labels)` returns a model ``(x, tau) -> eps`` for those class labels (None for unconditional ones).
     """
