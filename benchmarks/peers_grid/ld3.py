@@ -21,9 +21,8 @@ copied); what follows its published settings, and where this benchmark departs:
   sampler is the package's solver re-implemented in continuous time (``continuous.sample``: "ddim", "dpmpp" or
   "unipc", the last UniPC-2 bh2 with its corrector as diffusers' ``UniPCMultistepScheduler``). The learned grid is
   then rounded to integer timesteps for the package schedulers (their custom ``timesteps=``), the decoupled times
-  kept as the tau table; :func:`round_grid` reports how much the rounding moved the grid. The UniPC schedulers
-  (diffusers' and the package's) take no custom ``timesteps=`` on a VP schedule, so a rounded UniPC grid has no
-  such way in.
+  kept as the tau table; :func:`round_grid` reports how much the rounding moved the grid (the package's UniPC
+  scheduler takes a custom ``timesteps=`` on a VP schedule; diffusers' own does not).
 """
 
 from __future__ import annotations
