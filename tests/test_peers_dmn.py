@@ -5,14 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("scipy")
-
-from benchmarks.peers_grid.continuous import ContinuousSchedule, sample as continuous_sample  # noqa: E402
-from benchmarks.peers_grid.dmn import (  # noqa: E402
+from benchmarks.peers_grid.continuous import ContinuousSchedule, sample as continuous_sample
+from benchmarks.peers_grid.dmn import (
     dmn_grid, dmn_objective, dpmpp_weights, lagrange_weights, lambda_of_time, round_times, solver_weights,
     step_orders, time_of_lambda,
 )
-from diffusers_timetuner import TimeTunerDDIMScheduler  # noqa: E402
+from diffusers_timetuner import TimeTunerDDIMScheduler
 
 
 @pytest.fixture(scope="module")
