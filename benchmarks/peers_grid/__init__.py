@@ -8,4 +8,6 @@ TimeTuner schedulers:
   fractional timesteps), the same arithmetic as the package schedulers on an integer grid;
 - ``gits``: GITS (Chen et al., ICML 2024), dynamic programming over a fine teacher trajectory;
 - ``ld3``: LD3 (Tong et al., ICLR 2025), learned timesteps plus decoupled model time, trained through the sampler.
+- ``dmn``: DMN (Xue et al., CVPR 2024), data-free: a small constrained optimisation of the log-SNR steps against a
+  model of the solver's error (no model evaluation).
 """
