@@ -1,10 +1,11 @@
-"""Grid learning side by side: untuned, best hand grid, tau only, grid only, grid + tau, GITS and LD3.
+"""Grid learning side by side: untuned, best hand grid, tau only, grid only, grid + tau, GITS, LD3 and DMN.
 
 Same model, x_T (and class labels), sample count and NFE for every column; every method ends as an integer grid (and,
 for tau only / grid + tau / LD3, a tau table) sampled by the package's TimeTuner schedulers, so all columns run the
 same solver code. Per cell (testbed, sampler, NFE):
 
-- untuned: the scheduler's default spacing (DDIM "trailing", DPM-Solver++ log-SNR uniform);
+- untuned: the scheduler's default spacing (DDIM "trailing"; DPM-Solver++ and UniPC diffusers' time-uniform
+  "linspace", the grid the grid modes start from and guard against);
 - best hand grid: quadratic, log-SNR or Karras, whichever has the lowest endpoint L2 to the teacher on a separate
   calibration x_T set (never the evaluation set);
 - tau only: ``calibrate(...)`` with the package defaults (the paper's method on the default grid);
@@ -12,7 +13,9 @@ same solver code. Per cell (testbed, sampler, NFE):
 - GITS (ICML 2024, ``peers_grid/gits.py``): DP over a 61-timestamp iPNDM teacher trajectory (one grid per testbed
   and NFE, shared by both samplers);
 - LD3 (ICLR 2025, ``peers_grid/ld3.py``): learned grid + decoupled model time (a tau table), trained through a
-  continuous-time copy of the sampler against the teacher's final samples, then rounded to integer timesteps.
+  continuous-time copy of the sampler against the teacher's final samples, then rounded to integer timesteps;
+- DMN (CVPR 2024, ``peers_grid/dmn.py``): data-free, the grid minimising the solver's error bound in log-SNR (no
+  network evaluation; DPM-Solver++(2M) weights for DPM-Solver++ and UniPC-2, first-order ones for DDIM).
 
 Quality: exact GMM: FD against exact samples and endpoint L2 to the many-step floor from the same x_T; MNIST UNet:
 FD-MNIST and class accuracy. The floor (many-step DDIM, or DPM-Solver++ with --mnist-fd2000, from the same x_T)
@@ -49,7 +52,7 @@ from . import grids
 from .cli_args import add_common_args, log, setup
 from .evaluation import endpoint_l2, fd_pixels, generate, mnist_metrics, seeded_noise
 from .families import FAMILIES, make_scheduler, scheduler_grid, tuned_taus
-from .peers_grid import gits, ld3
+from .peers_grid import dmn, gits, ld3
 from .peers_grid.continuous import ContinuousSchedule
 from .provenance import code_fingerprint, git_commit, json_default, utc_now
 from .table_cache import (
@@ -64,10 +67,10 @@ from .testbeds import load_testbed
 from .writer import Run, figure, markdown_table, rel_change
 
 NAME = "grid_side_by_side"
-METHODS = ("untuned", "hand_grid", "tau", "grid", "grid+tau", "gits", "ld3")
-RUN_ORDER = ("untuned", "hand_grid", "tau", "gits", "ld3", "grid+tau", "grid")  # the costliest last
+METHODS = ("untuned", "hand_grid", "tau", "grid", "grid+tau", "gits", "ld3", "dmn")
+RUN_ORDER = ("untuned", "hand_grid", "tau", "dmn", "gits", "ld3", "grid+tau", "grid")  # the costliest last
 LABELS = {"untuned": "untuned", "hand_grid": "best hand grid", "tau": "tau only", "grid": "grid only",
-          "grid+tau": "grid + tau", "gits": "GITS", "ld3": "LD3"}
+          "grid+tau": "grid + tau", "gits": "GITS", "ld3": "LD3", "dmn": "DMN"}
 HAND_GRIDS = ("quadratic", "logsnr", "karras")
 # Every method of a cell samples (and calibrates) one scheduler: the one calibrate(tune="grid" ...) starts from and
 # whose default grid its guard compares against. For DPM-Solver++ that is diffusers' default time-uniform spacing,
@@ -416,6 +419,18 @@ def method_ld3(bench, family, nfe, shared):
             "stopped_early_for_time": res.stopped_early, "settings": c}
 
 
+# DMN's solver weights per family: the package's DPM-Solver++(2M) update for the second-order multistep samplers
+# (UniPC-2 included: DMN's repository weights a third-order solver, the nearest here is 2M), first order for DDIM
+DMN_SOLVER = {"ddim": "ddim", "dpmpp": "dpmpp", "unipc": "dpmpp"}
+
+
+def method_dmn(bench, family, nfe, shared):
+    out = dmn.dmn_grid(bench.schedule, nfe, solver=DMN_SOLVER[family])
+    return {"grid": out["grid"], "taus": None, "cost": {"forward": 0, "backward": 0, "wall_time_s": out["seconds"]},
+            "settings": out["settings"], "objective": {k: out[k] for k in ("objective_init", "objective",
+                                                                          "objective_rounded")}}
+
+
 @torch.no_grad()
 def _rounded_valid_loss(bench, sched, timesteps, family, x_T, labels, target):
     """LD3's validation loss (per-sample pixel MSE to the teacher) of the rounded grid through the package sampler."""
@@ -427,7 +442,7 @@ def _rounded_valid_loss(bench, sched, timesteps, family, x_T, labels, target):
 
 RUNNERS = {"untuned": method_untuned, "hand_grid": method_hand_grid, "tau": method_tau,
            "grid": _method_tune("grid"), "grid+tau": _method_tune("grid+tau"), "gits": method_gits,
-           "ld3": method_ld3}
+           "ld3": method_ld3, "dmn": method_dmn}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -612,7 +627,7 @@ def targets(results, floors):
             if gt is None or un is None:
                 continue
             never_worse.append(gt <= un)
-            others = [m[k]["metrics"]["fd"] for k in ("grid", "gits", "ld3") if "metrics" in m.get(k, {})]
+            others = [m[k]["metrics"]["fd"] for k in ("grid", "gits", "ld3", "dmn") if "metrics" in m.get(k, {})]
             wins.append(all(gt < o for o in others))
             tc = m.get("tau", {}).get("cost", {})
             gc = m.get("grid+tau", {}).get("cost", {})

@@ -107,12 +107,14 @@ def test_harness_runs_end_to_end(tmp_path):
 
     # calibrate(tune=...) itself is tested in tests/test_grid_tuning.py; here the harness and the peers
     gsb.main(["--quick", "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path), "--testbeds", "gmm",
-              "--methods", "untuned", "hand_grid", "tau", "gits", "ld3"])
+              "--methods", "untuned", "hand_grid", "tau", "gits", "ld3", "dmn"])
     payload = json.loads((tmp_path / "grid_side_by_side.json").read_text())
     cell = payload["results"]["cells"]["gmm"]["ddim@5"]
-    for method in ("untuned", "hand_grid", "tau", "gits", "ld3"):
+    for method in ("untuned", "hand_grid", "tau", "gits", "ld3", "dmn"):
         assert np.isfinite(cell[method]["metrics"]["fd"]), method
     assert cell["untuned"]["gap_closed_fd"] == 0.0
     assert len(cell["gits"]["grid_used"]) == 5 and cell["gits"]["grid_used"] == cell["gits"]["grid"]
     assert cell["ld3"]["taus_used"] == pytest.approx(cell["ld3"]["taus"], abs=1e-3)
+    # DMN is data-free: no network evaluation, its grid sampled as given
+    assert cell["dmn"]["cost"]["forward"] == 0 and cell["dmn"]["grid_used"] == cell["dmn"]["grid"]
     assert (tmp_path / "grid_side_by_side.md").exists() and (tmp_path / "grid_side_by_side.png").exists()
