@@ -64,10 +64,10 @@ ENTRIES = {
                                                    num_validation_samples=128, num_heldout_samples=512, seed=0)),
     # Grid modes on the bundled MNIST UNet (the eps model, pinned: the CLI's default model is the flow MNIST UNet).
     # The per-sample endpoint error is heavy-tailed on this model, so the search scores grids by the mean log error
-    # (docs/facts.md, 6); 32 validation x_T for the guard, a 40-step DPM-Solver++ teacher (0.045 from an 80-step run;
-    # calibration/config.py). DDIM at 10 steps (the pipeline's scheduler, "leading" default grid [900, ..., 0]):
+    # (docs/facts.md, 6); a 40-step DPM-Solver++ teacher (0.045 from an 80-step run; calibration/config.py).
+    # DDIM at 10 steps (the pipeline's scheduler, "leading" default grid [900, ..., 0]):
     # with 32 validation x_T the learned grid's -33% validation change was 1.2 paired SE, refused (run.log in
-    # rejected/); 128 validation / 128 held-out x_T give the guard the power to judge it.
+    # rejected/mnist-ddim-10-grid-g1-32val/); 128 validation / 128 held-out x_T give the guard the power to judge it.
     "mnist-ddim-10-grid-g1": ("cli", [
         "--pretrained_model_name_or_path", "mnist", "--num_inference_steps", "10", "--tune", "grid",
         "--grid_search_criterion", "log_mean", "--num_samples", "32", "--batch_size", "32",
@@ -78,7 +78,7 @@ ENTRIES = {
         "--grid_search_criterion", "log_mean", "--num_samples", "32", "--batch_size", "32",
         "--num_validation_samples", "128", "--num_heldout_samples", "128", "--teacher_steps", "40", "--seed", "0",
         "--no_progress"]),
-    # DPM-Solver++ multistep at 5 steps (time-uniform default grid [830, 664, 498, 332, 166]):
+    # DPM-Solver++ multistep at 5 steps (time-uniform default grid [830, 664, 498, 332, 166]), 32 validation x_T:
     "mnist-dpmpp-5-grid-g1": ("cli", [
         "--pretrained_model_name_or_path", "mnist", "--scheduler", "dpmsolver", "--num_inference_steps", "5",
         "--tune", "grid", "--grid_search_criterion", "log_mean", "--num_samples", "32", "--batch_size", "32",
