@@ -619,7 +619,7 @@ def targets(results, floors):
     base, _ = _fd(results, "gmm", "ddim@10", "untuned")
     out["gmm_ddim@10_grid+tau_fd_change"] = rel_change(fd, base)
     out["gmm_ddim@10_grid+tau_fd_50pct_lower"] = None if fd is None or base is None else bool(fd <= 0.5 * base)
-    never_worse, wins, ratios = [], [], []
+    never_worse, wins, ratios, peer_wins, grid_cmp = [], [], [], [], []
     for tb, cells in results.items():
         for cell, m in cells.items():
             gt = m.get("grid+tau", {}).get("metrics", {}).get("fd")
@@ -629,6 +629,11 @@ def targets(results, floors):
             never_worse.append(gt <= un)
             others = [m[k]["metrics"]["fd"] for k in ("grid", "gits", "ld3", "dmn") if "metrics" in m.get(k, {})]
             wins.append(all(gt < o for o in others))
+            peers = [m[k]["metrics"]["fd"] for k in ("gits", "ld3", "dmn") if "metrics" in m.get(k, {})]
+            peer_wins.append(all(gt < o for o in peers))
+            grid_fd = m.get("grid", {}).get("metrics", {}).get("fd")
+            if grid_fd is not None:
+                grid_cmp.append("better" if gt < grid_fd else "tied" if gt == grid_fd else "worse")
             tc = m.get("tau", {}).get("cost", {})
             gc = m.get("grid+tau", {}).get("cost", {})
             same_sizes = "calibration_sizes" in m.get("grid+tau", {}) and tb == "gmm"  # MNIST: different sizes
@@ -637,6 +642,9 @@ def targets(results, floors):
                               / ((tc["forward"] or 0) + 2 * (tc.get("backward") or 0)))
     out["grid+tau_never_worse_than_untuned"] = all(never_worse) if never_worse else None
     out["grid+tau_best_of_grid_and_peers_share_of_cells"] = (sum(wins) / len(wins)) if wins else None
+    out["grid+tau_better_than_every_peer_share_of_cells"] = (sum(peer_wins) / len(peer_wins)) if peer_wins else None
+    # ties: the guard refused the tau step on the learned grid, so grid + tau is the grid-only table
+    out["grid+tau_vs_grid_only_cells_better_tied_worse"] = [grid_cmp.count(k) for k in ("better", "tied", "worse")]
     # forward + 2 x backward sample-evaluations, cells where both used the same calibration sizes (the exact model)
     out["grid+tau_over_tau_cost_ratio_max"] = max(ratios) if ratios else None
     return out
