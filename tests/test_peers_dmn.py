@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.peers_grid.continuous import ContinuousSchedule, sample as continuous_sample
+from benchmarks.peers_grid.continuous import ContinuousSchedule, round_descending, sample as continuous_sample
 from benchmarks.peers_grid.dmn import (
-    dmn_grid, dmn_objective, dpmpp_weights, lagrange_weights, lambda_of_time, round_times, solver_weights,
+    dmn_grid, dmn_objective, dpmpp_weights, lagrange_weights, lambda_of_time, solver_weights,
     step_orders, time_of_lambda,
 )
 from diffusers_timetuner import TimeTunerDDIMScheduler
@@ -111,8 +111,8 @@ def test_dpmpp_weights_reproduce_the_package_dpmpp_sampler():
 
 
 def test_rounding_resolves_collisions_and_bad_inputs_raise(schedule):
-    assert round_times([999.0, 3.2, 2.6, 2.4, 0.2], 1000) == [999, 3, 2, 1, 0]
-    assert round_times([999.0, 998.7, 998.6, 500.0], 1000) == [999, 998, 997, 500]
+    assert round_descending([999.0, 3.2, 2.6, 2.4, 0.2], 1000) == [999, 3, 2, 1, 0]
+    assert round_descending([999.0, 998.7, 998.6, 500.0], 1000) == [999, 998, 997, 500]
     with pytest.raises(ValueError, match="solver must be one of"):
         dmn_grid(schedule, 5, solver="heun")
     with pytest.raises(ValueError, match="init must be one of"):

@@ -15,7 +15,8 @@ corrector), each with the settings of the package's scheduler of that name on a 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -163,3 +164,18 @@ def sample(model: Model, x_T: torch.Tensor, times: torch.Tensor, taus: Optional[
                 x = x - 0.5 * a_t * torch.expm1(-h) * d1
             prev_x0, prev_lambda = x0, lam_s
     return x.to(x_T.dtype)
+
+
+def round_descending(times: Sequence[float], num_train_timesteps: int) -> List[int]:
+    """Fractional model times -> the nearest integer timesteps, strictly descending, in [0, T - 1]: each rounded
+    (half up) and clipped, then collisions pushed apart by a forward pass (k_i <= k_{i-1} - 1) and a backward pass
+    (k_i >= k_{i+1} + 1, the last >= 0)."""
+    n = len(times)
+    if n > num_train_timesteps:
+        raise ValueError(f"{n} distinct timesteps do not fit in [0, {num_train_timesteps - 1}].")
+    ks = [min(max(int(math.floor(t + 0.5)), 0), num_train_timesteps - 1) for t in times]
+    for i in range(1, n):
+        ks[i] = min(ks[i], ks[i - 1] - 1)
+    for i in range(n - 1, -1, -1):
+        ks[i] = max(ks[i], 0 if i == n - 1 else ks[i + 1] + 1)
+    return ks

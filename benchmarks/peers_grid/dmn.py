@@ -61,7 +61,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .continuous import ContinuousSchedule
+from .continuous import ContinuousSchedule, round_descending
 
 SOLVERS = ("dpmpp", "ddim", "lagrange3")
 INITS = ("logsnr", "time")
@@ -163,20 +163,6 @@ def dmn_objective(lams: Sequence[float], solver: str = "dpmpp", power: float = 1
     return float(res + np.abs(c).sum())
 
 
-# ----------------------------------------------------------------------------------------------------- rounding
-def round_times(times: Sequence[float], num_train_timesteps: int) -> List[int]:
-    """Nearest integers, strictly decreasing, in [0, T - 1] (module docstring: forward then backward pass)."""
-    n = len(times)
-    if n > num_train_timesteps:
-        raise ValueError(f"{n} distinct timesteps do not fit in [0, {num_train_timesteps - 1}].")
-    ks = [min(max(int(np.floor(t + 0.5)), 0), num_train_timesteps - 1) for t in times]
-    for i in range(1, n):
-        ks[i] = min(ks[i], ks[i - 1] - 1)
-    for i in range(n - 1, -1, -1):
-        ks[i] = max(ks[i], 0 if i == n - 1 else ks[i + 1] + 1)
-    return ks
-
-
 # ------------------------------------------------------------------------------------------------------ the peer
 def dmn_grid(schedule: ContinuousSchedule, nfe: int, *, solver: str = "dpmpp", power: float = 1.0,
              init: str = "logsnr", trunc_num: Optional[int] = None, start_time: Optional[float] = None,
@@ -246,7 +232,7 @@ def dmn_grid(schedule: ContinuousSchedule, nfe: int, *, solver: str = "dpmpp", p
     times = time_of_lambda(schedule, lams)
     times[0] = start  # exact at the fixed ends (the inverse interpolation is exact there up to round-off)
     cont = [float(t) for t in times[:-1]]
-    grid = round_times(cont, T)
+    grid = round_descending(cont, T)
     rounded = np.concatenate([lambda_of_time(schedule, grid), [lam_end]])
     settings["optimizer"] = info
     return {"grid": grid, "continuous_times": cont, "lambdas": lams.tolist(), "objective_init": obj_init,
@@ -257,4 +243,4 @@ def dmn_grid(schedule: ContinuousSchedule, nfe: int, *, solver: str = "dpmpp", p
 
 
 __all__ = ["dmn_grid", "dmn_objective", "solver_weights", "lagrange_weights", "dpmpp_weights", "step_orders",
-           "lambda_of_time", "time_of_lambda", "round_times", "SOLVERS", "INITS"]
+           "lambda_of_time", "time_of_lambda", "SOLVERS", "INITS"]

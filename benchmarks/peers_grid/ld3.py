@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .continuous import ContinuousSchedule, sample
+from .continuous import ContinuousSchedule, round_descending, sample
 
 
 def ld3_times(xi: torch.Tensor, eta: torch.Tensor, t_max: float, t_min: float, win_rate: float = 0.5):
@@ -249,15 +249,10 @@ def train_ld3(cond_model: Callable, x_train: torch.Tensor, y_train: torch.Tensor
 def round_grid(times: List[float], num_train_timesteps: int = 1000) -> Dict:
     """Integer grid [t_K..t_1] for the package schedulers from LD3's continuous times [t_K..t_0 = -1].
 
-    Rounds to the nearest timestep, then pushes apart any that collide (keeping the order, within [0, T - 1]).
+    Rounds to the nearest timestep, then pushes apart any that collide (``continuous.round_descending``).
     Returns the grid and the largest / mean absolute change."""
     cont = times[:-1]
-    grid = [min(max(int(round(t)), 0), num_train_timesteps - 1) for t in cont]
-    for i in range(1, len(grid)):  # strictly descending
-        if grid[i] >= grid[i - 1]:
-            grid[i] = grid[i - 1] - 1
-    if grid[-1] < 0:
-        raise ValueError(f"cannot round {cont} to {len(cont)} distinct timesteps.")
+    grid = round_descending(cont, num_train_timesteps)
     moves = [abs(g - t) for g, t in zip(grid, cont)]
     return {"grid": grid, "max_abs_change": max(moves), "mean_abs_change": sum(moves) / len(moves)}
 
