@@ -273,7 +273,7 @@ def calibrate(
         return network_call.pipeline_sigmas(n, untuned)
     tune = config.tune
     if tune != "tau":
-        check_grid_tunable(untuned, config.teacher)
+        check_grid_tunable(untuned)
 
     objective_obj = get_objective(objective)
     strategy = strategy or ("sequential" if data is not None else "data_free")

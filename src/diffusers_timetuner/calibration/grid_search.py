@@ -67,18 +67,15 @@ def per_sample_score(errors: torch.Tensor, criterion: str) -> torch.Tensor:
     raise ValueError(f"grid_search_criterion must be one of {', '.join(GRID_CRITERIA)}, got {criterion!r}.")
 
 
-def check_grid_tunable(scheduler, teacher: str = "dpmsolver++") -> None:
-    """Refuse a scheduler whose solver cannot run on a custom integer grid, or a set-up without the fine teacher
-    the search is scored against (before any evaluation)."""
+def check_grid_tunable(scheduler) -> None:
+    """Refuse a scheduler the search cannot price (no VP noise schedule) or whose solver cannot run on a custom
+    integer grid (before any evaluation; ``teacher="same"`` is refused with the other settings in validate.py)."""
     if not FineTeacher.supports(scheduler):
         # the dynamic programme prices DDIM jumps on the VP noise schedule (alphas_cumprod)
         raise ValueError(
             f"tune='grid' / 'grid+tau' searches grids on a variance-preserving noise schedule (betas); "
             f"{type(scheduler).__name__} with this config has none (flow matching, Heun or a consistency model). "
             "Use tune='tau'.")
-    if teacher != "dpmsolver++":
-        raise ValueError(f"tune='grid' / 'grid+tau' scores grids against the fine DPM-Solver++ teacher; got "
-                         f"teacher={teacher!r}. Use teacher='dpmsolver++' (the default), or tune='tau'.")
     probe = copy.deepcopy(scheduler)
     T = int(probe.config.num_train_timesteps)
     grid = [T - 1, T // 2, 0]
