@@ -367,9 +367,10 @@ def _method_tune(mode):
         sched = result.scheduler  # plain set_timesteps(nfe) samples on its learned grid
         grid = [int(t) for t in scheduler_grid(sched, nfe)]
         rep = result.reports[nfe]
+        # grid_tuning: the grid the search proposed and the guard's validation verdicts (what it refused, and why)
         return {"scheduler": sched, "grid": grid, "taus": tuned_taus(sched, nfe), "calibration_sizes": c,
                 "cost": {"forward": int(rep.forward_samples), "backward": int(rep.backward_samples),
-                         "wall_time_s": wall}}
+                         "wall_time_s": wall}, "grid_tuning": rep.grid_tuning}
 
     return run
 
