@@ -348,13 +348,15 @@ def tune_supported() -> bool:
     return "tune" in CalibrationConfig.__dataclass_fields__
 
 
-def _method_tune(mode):
+def tune_method(mode, guard=True):
+    """The runner of calibrate(tune=mode) at the cell's sizes; ``guard=False``: the learned grid as the search
+    proposed it, unchecked (benchmarks/grid_guard_check.py measures what the guard's refusals cost)."""
     def run(bench, family, nfe, shared):
         c = bench.cfg.get("tune_calib") or calib_for(bench.args.size, bench.tb.name)
         config = CalibrationConfig(num_samples=c["num_samples"], batch_size=c["batch_size"], seed=bench.args.seed,
                                    num_validation_samples=c["validation_samples"],
                                    num_heldout_samples=c["heldout_samples"], teacher_steps=c.get("teacher_steps"))
-        config = config.replace(tune=mode, grid_search_criterion=c.get("grid_search_criterion", "auto"))
+        config = config.replace(tune=mode, grid_search_criterion=c.get("grid_search_criterion", "auto"), guard=guard)
         data = (bench.tb.data, bench.tb.labels) if bench.tb.labels is not None else bench.tb.data
         t0 = time.perf_counter()
         try:
@@ -370,7 +372,9 @@ def _method_tune(mode):
         # grid_tuning: the grid the search proposed and the guard's validation verdicts (what it refused, and why)
         return {"scheduler": sched, "grid": grid, "taus": tuned_taus(sched, nfe), "calibration_sizes": c,
                 "cost": {"forward": int(rep.forward_samples), "backward": int(rep.backward_samples),
-                         "wall_time_s": wall}, "grid_tuning": rep.grid_tuning}
+                         "wall_time_s": wall}, "grid_tuning": rep.grid_tuning,
+                "heldout": {k: rep.heldout.get(k) for k in ("num_samples", "metric", "untuned", "tuned",
+                                                            "relative_change", "change_se")}}
 
     return run
 
@@ -442,7 +446,7 @@ def _rounded_valid_loss(bench, sched, timesteps, family, x_T, labels, target):
 
 
 RUNNERS = {"untuned": method_untuned, "hand_grid": method_hand_grid, "tau": method_tau,
-           "grid": _method_tune("grid"), "grid+tau": _method_tune("grid+tau"), "gits": method_gits,
+           "grid": tune_method("grid"), "grid+tau": tune_method("grid+tau"), "gits": method_gits,
            "ld3": method_ld3, "dmn": method_dmn}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +119,32 @@ def test_harness_runs_end_to_end(tmp_path):
     # DMN is data-free: no network evaluation, its grid sampled as given
     assert cell["dmn"]["cost"]["forward"] == 0 and cell["dmn"]["grid_used"] == cell["dmn"]["grid"]
     assert (tmp_path / "grid_side_by_side.md").exists() and (tmp_path / "grid_side_by_side.png").exists()
+
+
+def test_guard_check_finds_the_cells_where_the_guard_kept_the_untuned_sampler(tmp_path):
+    from benchmarks import grid_guard_check as ggc
+    from benchmarks import grid_side_by_side as gsb
+
+    args = ggc.parse_args(["--medium", "--out-dir", str(tmp_path)])
+    sargs = ggc.side_by_side_args(args)
+    cache = Path(sargs.cache_dir_resolved)
+    cache.mkdir(parents=True)
+    default, learned = [999, 799, 599, 400, 200], [802, 556, 425, 293, 100]
+
+    def put(cell, method, grid):
+        entry = {"metrics": {"fd": 1.0}, "grid_used": grid, "taus_used": [float(t) for t in grid], "seed": 0}
+        gsb.cache_path(cache, sargs, ("mnist",) + cell, method).write_text(json.dumps(entry))
+
+    put(("dpmpp", 5), "untuned", default)
+    put(("dpmpp", 5), "grid", default)  # the guard fell back: the untuned grid, tau = t
+    put(("ddim", 5), "untuned", default)
+    put(("ddim", 5), "grid", learned)  # the guard kept the learned grid
+    put(("unipc", 5), "grid", default)  # no untuned result: nothing to compare with
+    assert ggc.refused_cells(sargs) == ["dpmpp@5"]
+
+
+def test_guard_check_refuses_sizes_the_side_by_side_did_not_measure(tmp_path):
+    from benchmarks import grid_guard_check as ggc
+
+    with pytest.raises(ValueError, match="--medium"):
+        ggc.side_by_side_args(ggc.parse_args(["--quick", "--out-dir", str(tmp_path)]))

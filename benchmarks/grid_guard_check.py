@@ -1,0 +1,156 @@
+"""What the grid modes' validation guard refused on the MNIST UNet, and what each refusal cost or saved.
+
+In the side-by-side (``grid_side_by_side --mnist-fd2000``) the guard kept the untuned sampler in some MNIST cells: the
+learned grid did not beat the default grid by more than 2 paired standard errors of the mean endpoint distance to the
+teacher on 32 validation x_T. This script runs the same grid search (same calibration x_T, sizes, criterion and seed)
+with the guard off, samples the grid it proposed from the side-by-side's 2000 evaluation x_T, and reports FD-MNIST
+beside the untuned sampler (what the guard shipped) and the best peer. A proposed grid with a better FD is a gain the
+guard gave up; a worse one is a loss it prevented. calibrate's own held-out verdict on 64 fresh x_T (mean endpoint
+distance to the teacher, tuned vs untuned) is reported beside it.
+
+Cells: by default every MNIST cell of the side-by-side cache whose grid-only result is the untuned sampler.
+Results are cached per cell in the side-by-side cache (method ``grid_unguarded``).
+
+    OMP_NUM_THREADS=1 python -m benchmarks.grid_guard_check --medium --device cpu --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import grid_side_by_side as sbs
+from .cli_args import add_common_args, log, setup
+from .families import FAMILIES
+from .provenance import code_fingerprint, git_commit, json_default, utc_now
+from .testbeds import load_testbed
+from .writer import Run, markdown_table
+
+NAME = "grid_guard_check"
+METHOD = "grid_unguarded"
+PEERS = ("hand_grid", "gits", "ld3", "dmn")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--cells", nargs="+", default=None, metavar="SAMPLER@NFE",
+                        help="MNIST cells to check (default: those where the guard kept the untuned sampler)")
+    parser.add_argument("--cache-dir", default=None, help="the side-by-side's per-cell cache (default <out-dir>/"
+                                                          "grid_side_by_side_cache)")
+    return parser.parse_args(argv)
+
+
+def side_by_side_args(args):
+    """The side-by-side's settings for its --mnist-fd2000 MNIST cells (the sizes, seed and cache this check shares)."""
+    if args.size != "medium":
+        raise ValueError(f"{NAME} checks the side-by-side's --medium --mnist-fd2000 MNIST cells; got --{args.size}. "
+                         "Pass --medium.")
+    a = sbs.parse_args(["--medium", "--mnist-fd2000", "--testbeds", "mnist", "--seed", str(args.seed),
+                        "--out-dir", args.out_dir] + (["--cache-dir", args.cache_dir] if args.cache_dir else []))
+    a.sizes = dict(sbs.SIZES["medium"], mnist=sbs.MNIST_FD2000)
+    a.cache_dir_resolved = str(Path(a.cache_dir) if a.cache_dir else Path(a.out_dir) / f"{sbs.NAME}_cache")
+    return a
+
+
+def cached(sargs, family: str, nfe: int, method: str) -> Optional[Dict]:
+    e = sbs.cached_entry(Path(sargs.cache_dir_resolved), sargs, ("mnist", family, nfe), method)
+    return e if e is not None and "metrics" in e else None
+
+
+def refused_cells(sargs) -> List[str]:
+    """Cells whose grid-only result samples the untuned sampler's grid with tau = t (the guard fell back)."""
+    out = []
+    for family in sargs.sizes["mnist"]["families"]:
+        for nfe in sargs.sizes["mnist"]["nfes"]:
+            g, u = cached(sargs, family, nfe, "grid"), cached(sargs, family, nfe, "untuned")
+            if g and u and g["grid_used"] == u["grid_used"] and g["taus_used"] == g["grid_used"]:
+                out.append(f"{family}@{nfe}")
+    return out
+
+
+def check_cell(bench, sargs, family: str, nfe: int) -> Dict:
+    """The unguarded grid search of this cell, sampled on the evaluation x_T (cached like a side-by-side method)."""
+    path = sbs.cache_path(Path(sargs.cache_dir_resolved), sargs, ("mnist", family, nfe), METHOD)
+    entry = cached(sargs, family, nfe, METHOD)
+    if entry is not None:
+        return entry
+    log(f"{NAME}: mnist {family}@{nfe}: grid search with the guard off")
+    t0 = time.perf_counter()
+    out = sbs.tune_method("grid", guard=False)(bench, family, nfe, {})
+    if "error" in out:
+        return out
+    sched = out.pop("scheduler")
+    x = bench.generate(sched, nfe, family)
+    out["metrics"] = bench.metrics(x)
+    out["grid_used"] = [int(t) for t in sbs.scheduler_grid(sched, nfe)]
+    out["seconds_total"] = time.perf_counter() - t0
+    f = bench.floor()
+    out["floor"] = {"metrics": f["metrics"], "steps": f["steps"], "family": bench.floor_family}
+    out["seed"] = sargs.seed
+    out["scheduler_config"] = dict(FAMILIES[family].config, **sbs.SIDE_BY_SIDE_OVERRIDES.get(family, {}))
+    out["code"] = {"package": code_fingerprint(), "peers": sbs._peer_fingerprint(), "git_commit": git_commit(),
+                   "created_utc": utc_now()}
+    path.write_text(json.dumps(out, indent=1, default=json_default))
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup(args)
+    sargs = side_by_side_args(args)
+    run = Run(NAME, args, device)
+    cells = args.cells if args.cells is not None else refused_cells(sargs)
+    bench = None
+    rows, results = [], {}
+    for cell in cells:
+        family, nfe = cell.split("@")[0], int(cell.split("@")[1])
+        if family not in FAMILIES or not cached(sargs, family, nfe, "untuned"):
+            raise ValueError(f"{NAME}: no side-by-side result for mnist {cell} in {sargs.cache_dir_resolved}; run "
+                             f"`python -m benchmarks.grid_side_by_side --medium --mnist-fd2000 --cells mnist:{cell}` "
+                             "first.")
+        if cached(sargs, family, nfe, METHOD) is None and run.out_of_time(f"mnist {cell}"):
+            results[cell] = {"not_measured": "time budget spent"}
+            continue
+        if bench is None and cached(sargs, family, nfe, METHOD) is None:
+            bench = sbs.Bench(load_testbed("mnist", device), sargs.sizes["mnist"], sargs, device,
+                              sargs.sizes["batch"])
+        e = check_cell(bench, sargs, family, nfe)
+        u, g = cached(sargs, family, nfe, "untuned"), cached(sargs, family, nfe, "grid")
+        floor = u["floor"]["metrics"]["fd"]
+        peers = {m: cached(sargs, family, nfe, m) for m in PEERS}
+        peers = {m: p["metrics"]["fd"] for m, p in peers.items() if p}
+        best_peer = min(peers, key=peers.get) if peers else None
+        res = {"untuned_fd": u["metrics"]["fd"], "guarded_grid_fd": g["metrics"]["fd"] if g else None,
+               "floor_fd": floor, "best_peer": best_peer, "best_peer_fd": peers.get(best_peer)}
+        if "metrics" in e:
+            fd = e["metrics"]["fd"]
+            res.update(proposed_grid=e["grid"], proposed_fd=fd,
+                       proposed_gap_closed=sbs.gap_share(fd, u["metrics"]["fd"], floor),
+                       verdict="gain given up" if fd < u["metrics"]["fd"] else "loss prevented",
+                       heldout=e.get("heldout"), cost=e.get("cost"))
+            h = e.get("heldout") or {}
+            z = (h["tuned"] - h["untuned"]) / h["change_se"] if h.get("change_se") else None
+            rows.append([f"mnist {cell}", f"{u['metrics']['fd']:.4g}", str(e["grid"]),
+                         f"{fd:.4g} ({sbs._fmt(res['proposed_gap_closed'], True)})", res["verdict"],
+                         f"{100 * h['relative_change']:+.1f}% ({z:+.1f} SE)" if z is not None else "-",
+                         f"{peers[best_peer]:.4g} ({sbs.LABELS[best_peer]})" if best_peer else "-"])
+        else:
+            res["error"] = e.get("error")
+            rows.append([f"mnist {cell}", f"{u['metrics']['fd']:.4g}", "-", e.get("error", "-"), "-", "-", "-"])
+        results[cell] = res
+    lines = ["# What the grid guard's refusals cost (MNIST UNet, FD-MNIST on 2000 samples)\n",
+             "The cells where the side-by-side's guard kept the untuned sampler (grid only = grid + tau = untuned). "
+             "'proposed': the grid the same search found, sampled without the guard. Held-out: calibrate's verdict on "
+             "its 64 fresh x_T, mean squared endpoint distance to the 40-step teacher, proposed grid vs untuned "
+             "(the guard needs better than -2 SE, on 32 validation x_T).\n",
+             markdown_table(["cell", "untuned FD (shipped)", "proposed grid", "proposed FD (gap closed)", "refusal",
+                             "held-out endpoint change", "best peer FD"], rows)]
+    run.write({"cells": results, "side_by_side_cache": sargs.cache_dir_resolved}, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
