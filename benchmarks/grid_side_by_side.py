@@ -111,8 +111,10 @@ SIZES = {
 # processes can split the cells and share the cache). Floor: DPM-Solver++ 2M at 25 steps
 # (second order; 25 rather than 50 steps because the machine is shared: the floor alone is 2000 x 25 network
 # evaluations). The peers keep the reduced CPU counts of --medium (GITS 8
-# warm-up samples, LD3 6 / 6 samples, 1 + 1 rounds); grid / grid + tau calibrate with the sizes of the bundled MNIST
-# grid tables (tuned_schedules/build.py), whose 40-step teacher is 0.045 from an 80-step run (calibration/config.py).
+# warm-up samples, LD3 6 / 6 samples, 1 + 1 rounds); grid / grid + tau calibrate with the sizes of the DPM-Solver++@5
+# grid entries of tuned_schedules/build.py (32 calibration / 32 validation / 64 held-out x_T; the bundled DDIM@10 grid
+# tables use 128 validation x_T, which their guard needed to accept the grid), with a 40-step teacher 0.045 from an
+# 80-step run (calibration/config.py).
 MNIST_FD2000 = dict(n=2000, families=SAMPLERS, nfes=NFES, floor_family="dpmpp",
                     floor_steps=25, select_n=16, gits=dict(num_steps_tea=61, num_warmup=8),
                     ld3=dict(num_train=6, num_valid=6, rounds_v1=1, rounds_v2=1, max_seconds=400),
