@@ -131,16 +131,18 @@ def test_guard_check_finds_the_cells_where_the_guard_kept_the_untuned_sampler(tm
     cache.mkdir(parents=True)
     default, learned = [999, 799, 599, 400, 200], [802, 556, 425, 293, 100]
 
-    def put(cell, method, grid):
-        entry = {"metrics": {"fd": 1.0}, "grid_used": grid, "taus_used": [float(t) for t in grid], "seed": 0}
+    def put(cell, method, grid, taus=None):
+        entry = {"metrics": {"fd": 1.0}, "grid_used": grid, "taus_used": taus or [float(t) for t in grid], "seed": 0}
         gsb.cache_path(cache, sargs, ("mnist",) + cell, method).write_text(json.dumps(entry))
 
     put(("dpmpp", 5), "untuned", default)
     put(("dpmpp", 5), "grid", default)  # the guard fell back: the untuned grid, tau = t
+    put(("dpmpp", 10), "untuned", default)
+    put(("dpmpp", 10), "grid", default, taus=[990.0, 800.0, 600.0, 400.0, 200.0])  # refused grid, tau fallback shipped
     put(("ddim", 5), "untuned", default)
     put(("ddim", 5), "grid", learned)  # the guard kept the learned grid
     put(("unipc", 5), "grid", default)  # no untuned result: nothing to compare with
-    assert ggc.refused_cells(sargs) == ["dpmpp@5"]
+    assert ggc.refused_cells(sargs) == ["dpmpp@5", "dpmpp@10"]
 
 
 def test_guard_check_refuses_sizes_the_side_by_side_did_not_measure(tmp_path):
