@@ -28,7 +28,7 @@ from .cli_args import add_common_args, log, setup
 from .families import FAMILIES
 from .provenance import code_fingerprint, git_commit, json_default, utc_now
 from .testbeds import load_testbed
-from .writer import Run, markdown_table
+from .writer import Run, figure, markdown_table
 
 NAME = "grid_guard_check"
 METHOD = "grid_unguarded"
@@ -153,7 +153,31 @@ def main(argv=None):
              "(the guard needs better than -2 SE, on 32 validation x_T).\n",
              markdown_table(["cell", "untuned FD", "shipped FD", "proposed grid", "proposed FD (gap closed)", "refusal",
                              "held-out endpoint change", "best hand grid / peer FD"], rows)]
-    run.write({"cells": results, "side_by_side_cache": sargs.cache_dir_resolved}, "\n".join(lines) + "\n")
+    run.write({"cells": results, "side_by_side_cache": sargs.cache_dir_resolved}, "\n".join(lines) + "\n",
+              make_figure(results))
+
+
+def make_figure(results):
+    """FD-MNIST per refused cell: untuned, what shipped, the proposed (refused) grid, the best hand grid / peer."""
+    cells = [c for c, r in results.items() if "proposed_fd" in r]
+    if not cells:
+        return None
+    bars = (("untuned_fd", "untuned"), ("shipped_fd", "shipped (guard)"), ("proposed_fd", "proposed grid (refused)"),
+            ("best_peer_fd", "best hand grid / peer"))
+    fig, axes = figure(size=(1.3 * len(cells) + 2.0, 3.6))
+    ax = axes[0][0]
+    width = 0.8 / len(bars)
+    for k, (key, label) in enumerate(bars):
+        ax.bar([i + (k - 1.5) * width for i in range(len(cells))], [results[c][key] or 0.0 for c in cells], width,
+               label=label, color=f"C{k}")
+    ax.axhline(results[cells[0]]["floor_fd"], color="k", ls=":", label="floor")
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels(cells, rotation=30)
+    ax.set_ylabel("FD-MNIST (2000 samples)")
+    ax.set_title("MNIST cells where the guard refused the learned grid")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":
