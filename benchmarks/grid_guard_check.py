@@ -74,6 +74,22 @@ def refused_cells(sargs) -> List[str]:
     return out
 
 
+def parse_cells(sargs, cells: List[str]) -> List[tuple]:
+    """(cell, sampler, NFE) for each "SAMPLER@NFE" that has the side-by-side's untuned and grid-only results."""
+    out = []
+    for cell in cells:
+        family, _, nfe = cell.partition("@")
+        if family not in sargs.sizes["mnist"]["families"] or not nfe.isdigit():
+            raise ValueError(f"{NAME}: cell {cell!r} is not SAMPLER@NFE with SAMPLER one of "
+                             f"{', '.join(sargs.sizes['mnist']['families'])} (e.g. dpmpp@5).")
+        if not (cached(sargs, family, int(nfe), "untuned") and cached(sargs, family, int(nfe), "grid")):
+            raise ValueError(f"{NAME}: no side-by-side untuned / grid-only result for mnist {cell} in "
+                             f"{sargs.cache_dir_resolved}; run `python -m benchmarks.grid_side_by_side --medium "
+                             f"--mnist-fd2000 --cells mnist:{cell}` first.")
+        out.append((cell, family, int(nfe)))
+    return out
+
+
 def check_cell(bench, sargs, family: str, nfe: int) -> Dict:
     """The unguarded grid search of this cell, sampled on the evaluation x_T (cached like a side-by-side method)."""
     path = sbs.cache_path(Path(sargs.cache_dir_resolved), sargs, ("mnist", family, nfe), METHOD)
@@ -105,15 +121,10 @@ def main(argv=None):
     device = setup(args)
     sargs = side_by_side_args(args)
     run = Run(NAME, args, device)
-    cells = args.cells if args.cells is not None else refused_cells(sargs)
+    cells = parse_cells(sargs, args.cells if args.cells is not None else refused_cells(sargs))  # before any work
     bench = None
     rows, results = [], {}
-    for cell in cells:
-        family, nfe = cell.split("@")[0], int(cell.split("@")[1])
-        if family not in FAMILIES or not cached(sargs, family, nfe, "untuned"):
-            raise ValueError(f"{NAME}: no side-by-side result for mnist {cell} in {sargs.cache_dir_resolved}; run "
-                             f"`python -m benchmarks.grid_side_by_side --medium --mnist-fd2000 --cells mnist:{cell}` "
-                             "first.")
+    for cell, family, nfe in cells:
         if cached(sargs, family, nfe, METHOD) is None and run.out_of_time(f"mnist {cell}"):
             results[cell] = {"not_measured": "time budget spent"}
             continue
@@ -126,7 +137,7 @@ def main(argv=None):
         peers = {m: cached(sargs, family, nfe, m) for m in PEERS}
         peers = {m: p["metrics"]["fd"] for m, p in peers.items() if p}
         best_peer = min(peers, key=peers.get) if peers else None
-        res = {"untuned_fd": u["metrics"]["fd"], "shipped_fd": g["metrics"]["fd"] if g else None,
+        res = {"untuned_fd": u["metrics"]["fd"], "shipped_fd": g["metrics"]["fd"],
                "floor_fd": floor, "best_peer": best_peer, "best_peer_fd": peers.get(best_peer)}
         if "metrics" in e:
             fd = e["metrics"]["fd"]

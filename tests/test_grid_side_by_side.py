@@ -143,6 +143,12 @@ def test_guard_check_finds_the_cells_where_the_guard_kept_the_untuned_sampler(tm
     put(("ddim", 5), "grid", learned)  # the guard kept the learned grid
     put(("unipc", 5), "grid", default)  # no untuned result: nothing to compare with
     assert ggc.refused_cells(sargs) == ["dpmpp@5", "dpmpp@10"]
+    # named cells are checked before any work: a malformed one, then one the side-by-side has not measured
+    with pytest.raises(ValueError, match="SAMPLER@NFE"):
+        ggc.parse_cells(sargs, ["dpmpp@5", "dpmpp5"])
+    with pytest.raises(ValueError, match="mnist:unipc@5"):
+        ggc.parse_cells(sargs, ["dpmpp@5", "unipc@5"])
+    assert ggc.parse_cells(sargs, ["ddim@5"]) == [("ddim@5", "ddim", 5)]
 
 
 def test_guard_check_refuses_sizes_the_side_by_side_did_not_measure(tmp_path):
