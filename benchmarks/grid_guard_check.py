@@ -1,12 +1,12 @@
 """What the grid modes' validation guard refused on the MNIST UNet, and what each refusal cost or saved.
 
 In the side-by-side (``grid_side_by_side --mnist-fd2000``) the guard refused the learned grid in some MNIST cells: it
-did not beat the untuned sampler on the default grid by more than 2 paired standard errors of the mean endpoint distance to the
-teacher on 32 validation x_T. This script runs the same grid search (same calibration x_T, sizes, criterion and seed)
-with the guard off, samples the grid it proposed from the side-by-side's 2000 evaluation x_T, and reports FD-MNIST
-beside the untuned sampler, what the guard shipped (the untuned sampler, or the tau-only fallback table) and the best
-peer. A proposed grid with a better FD is a gain the
-guard gave up; a worse one is a loss it prevented. calibrate's own held-out verdict on 64 fresh x_T (mean endpoint
+did not beat the untuned sampler on the default grid by more than 2 paired standard errors of the mean endpoint
+distance to the teacher on 32 validation x_T. This script runs the same grid search (same calibration x_T, sizes,
+criterion and seed) with the guard off, samples the grid it proposed from the side-by-side's 2000 evaluation x_T, and
+reports FD-MNIST beside the untuned sampler, what the guard shipped (the untuned sampler, or the tau-only fallback
+table) and the best hand grid / peer. A proposed grid with a better FD is a gain the guard gave up; a worse one is a
+loss it prevented. calibrate's own held-out verdict on 64 fresh x_T (mean endpoint
 distance to the teacher, tuned vs untuned) is reported beside it.
 
 Cells: by default every MNIST cell of the side-by-side cache whose grid-only result samples the default grid.
@@ -18,15 +18,11 @@ Results are cached per cell in the side-by-side cache (method ``grid_unguarded``
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import grid_side_by_side as sbs
 from .cli_args import add_common_args, log, setup
-from .families import FAMILIES
-from .provenance import code_fingerprint, git_commit, json_default, utc_now
 from .testbeds import load_testbed
 from .writer import Run, figure, markdown_table
 
@@ -75,44 +71,19 @@ def refused_cells(sargs) -> List[str]:
 
 
 def parse_cells(sargs, cells: List[str]) -> List[tuple]:
-    """(cell, sampler, NFE) for each "SAMPLER@NFE" that has the side-by-side's untuned and grid-only results."""
+    """(cell, sampler, NFE, untuned result, grid-only result) for each "SAMPLER@NFE" the side-by-side measured."""
     out = []
     for cell in cells:
         family, _, nfe = cell.partition("@")
         if family not in sargs.sizes["mnist"]["families"] or not nfe.isdigit():
             raise ValueError(f"{NAME}: cell {cell!r} is not SAMPLER@NFE with SAMPLER one of "
                              f"{', '.join(sargs.sizes['mnist']['families'])} (e.g. dpmpp@5).")
-        if not (cached(sargs, family, int(nfe), "untuned") and cached(sargs, family, int(nfe), "grid")):
+        u, g = cached(sargs, family, int(nfe), "untuned"), cached(sargs, family, int(nfe), "grid")
+        if not (u and g):
             raise ValueError(f"{NAME}: no side-by-side untuned / grid-only result for mnist {cell} in "
                              f"{sargs.cache_dir_resolved}; run `python -m benchmarks.grid_side_by_side --medium "
                              f"--mnist-fd2000 --cells mnist:{cell}` first.")
-        out.append((cell, family, int(nfe)))
-    return out
-
-
-def check_cell(bench, sargs, family: str, nfe: int) -> Dict:
-    """The unguarded grid search of this cell, sampled on the evaluation x_T (cached like a side-by-side method)."""
-    path = sbs.cache_path(Path(sargs.cache_dir_resolved), sargs, ("mnist", family, nfe), METHOD)
-    entry = cached(sargs, family, nfe, METHOD)
-    if entry is not None:
-        return entry
-    log(f"{NAME}: mnist {family}@{nfe}: grid search with the guard off")
-    t0 = time.perf_counter()
-    out = sbs.tune_method("grid", guard=False)(bench, family, nfe, {})
-    if "error" in out:
-        return out
-    sched = out.pop("scheduler")
-    x = bench.generate(sched, nfe, family)
-    out["metrics"] = bench.metrics(x)
-    out["grid_used"] = [int(t) for t in sbs.scheduler_grid(sched, nfe)]
-    out["seconds_total"] = time.perf_counter() - t0
-    f = bench.floor()
-    out["floor"] = {"metrics": f["metrics"], "steps": f["steps"], "family": bench.floor_family}
-    out["seed"] = sargs.seed
-    out["scheduler_config"] = dict(FAMILIES[family].config, **sbs.SIDE_BY_SIDE_OVERRIDES.get(family, {}))
-    out["code"] = {"package": code_fingerprint(), "peers": sbs._peer_fingerprint(), "git_commit": git_commit(),
-                   "created_utc": utc_now()}
-    path.write_text(json.dumps(out, indent=1, default=json_default))
+        out.append((cell, family, int(nfe), u, g))
     return out
 
 
@@ -124,15 +95,17 @@ def main(argv=None):
     cells = parse_cells(sargs, args.cells if args.cells is not None else refused_cells(sargs))  # before any work
     bench = None
     rows, results = [], {}
-    for cell, family, nfe in cells:
-        if cached(sargs, family, nfe, METHOD) is None and run.out_of_time(f"mnist {cell}"):
-            results[cell] = {"not_measured": "time budget spent"}
-            continue
-        if bench is None and cached(sargs, family, nfe, METHOD) is None:
-            bench = sbs.Bench(load_testbed("mnist", device), sargs.sizes["mnist"], sargs, device,
-                              sargs.sizes["batch"])
-        e = check_cell(bench, sargs, family, nfe)
-        u, g = cached(sargs, family, nfe, "untuned"), cached(sargs, family, nfe, "grid")
+    for cell, family, nfe, u, g in cells:
+        e = cached(sargs, family, nfe, METHOD)
+        if e is None:
+            if run.out_of_time(f"mnist {cell}"):
+                results[cell] = {"not_measured": "time budget spent"}
+                continue
+            if bench is None:
+                bench = sbs.Bench(load_testbed("mnist", device), sargs.sizes["mnist"], sargs, device,
+                                  sargs.sizes["batch"])
+            log(f"{NAME}: mnist {cell}: grid search with the guard off")
+            e = sbs.measure_and_cache(bench, Path(sargs.cache_dir_resolved), ("mnist", family, nfe), METHOD, {})
         floor = u["floor"]["metrics"]["fd"]
         peers = {m: cached(sargs, family, nfe, m) for m in PEERS}
         peers = {m: p["metrics"]["fd"] for m, p in peers.items() if p}
@@ -155,11 +128,12 @@ def main(argv=None):
             res["error"] = e.get("error")
             rows.append([f"mnist {cell}", f"{u['metrics']['fd']:.4g}", "-", "-", e.get("error", "-"), "-", "-", "-"])
         results[cell] = res
+    floor_fd = next((f"{r['floor_fd']:.1f}" for r in results.values() if "floor_fd" in r), "-")
     lines = ["# What the grid guard's refusals cost (MNIST UNet, FD-MNIST on 2000 samples)\n",
              "The cells where the side-by-side's guard refused the learned grid and shipped the untuned sampler or its "
              "tau-only fallback table on the default grid ('shipped': the grid-only column). "
              "'proposed': the grid the same search found, sampled without the guard; 'gap closed': the share of the "
-             "untuned -> floor gap (the floor's FD is 13.0; below it, FD's sampling noise). Held-out: calibrate's verdict on "
+             f"untuned -> floor gap (the floor's FD is {floor_fd}; below it, FD's sampling noise). Held-out: calibrate's verdict on "
              "its 64 fresh x_T, mean squared endpoint distance to the 40-step teacher, proposed grid vs untuned "
              "(the guard needs better than -2 SE, on 32 validation x_T).\n",
              markdown_table(["cell", "untuned FD", "shipped FD", "proposed grid", "proposed FD (gap closed)", "refusal",

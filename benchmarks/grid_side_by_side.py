@@ -449,7 +449,9 @@ def _rounded_valid_loss(bench, sched, timesteps, family, x_T, labels, target):
 
 RUNNERS = {"untuned": method_untuned, "hand_grid": method_hand_grid, "tau": method_tau,
            "grid": tune_method("grid"), "grid+tau": tune_method("grid+tau"), "gits": method_gits,
-           "ld3": method_ld3, "dmn": method_dmn}
+           "ld3": method_ld3, "dmn": method_dmn,
+           # not a column: the grid search with the guard off (benchmarks/grid_guard_check.py)
+           "grid_unguarded": tune_method("grid", guard=False)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -530,6 +532,27 @@ def run_method(bench, cell, method, shared):
     return out
 
 
+def measure_and_cache(bench, cache_dir: Path, cell, method, shared) -> Dict:
+    """Run one method on one cell; a finished result gets the floor, seed, scheduler config and code it was made with
+    and is cached (errors are not: they are re-run next time)."""
+    _, family, _ = cell
+    t0 = time.perf_counter()
+    try:
+        entry = run_method(bench, cell, method, shared)
+    except Exception as err:  # noqa: BLE001 - a failed method is a result to report, not a lost run
+        entry = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    entry["seconds_total"] = time.perf_counter() - t0
+    if "metrics" in entry:
+        f = bench.floor()
+        entry["floor"] = {"metrics": f["metrics"], "steps": f["steps"], "family": bench.floor_family}
+        entry["seed"] = bench.args.seed
+        entry["scheduler_config"] = dict(FAMILIES[family].config, **SIDE_BY_SIDE_OVERRIDES.get(family, {}))
+        entry["code"] = {"package": code_fingerprint(), "peers": _peer_fingerprint(), "git_commit": git_commit(),
+                         "created_utc": utc_now()}
+        cache_path(cache_dir, bench.args, cell, method).write_text(json.dumps(entry, indent=1, default=json_default))
+    return entry
+
+
 def gap_share(value, untuned, floor):
     """Share of the untuned -> floor gap closed; None when there is no gap (at small sample counts FD-MNIST's bias
     can put the floor above untuned: then only the endpoint distance is meaningful)."""
@@ -577,21 +600,7 @@ def main(argv=None):
                                              sizes["batch"])
                 bench = benches[tb_name]
                 log(f"{NAME}: {tb_name} {family}@{nfe} {LABELS[method]}")
-                t0 = time.perf_counter()
-                try:
-                    entry = run_method(bench, cell, method, shared.setdefault(tb_name, {}))
-                except Exception as err:  # noqa: BLE001 - a failed method is a result to report, not a lost run
-                    entry = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-                entry["seconds_total"] = time.perf_counter() - t0
-                if "metrics" in entry:  # only finished figures are cached; errors are re-run next time
-                    f = bench.floor()
-                    entry["floor"] = {"metrics": f["metrics"], "steps": f["steps"], "family": bench.floor_family}
-                    entry["seed"] = args.seed
-                    entry["scheduler_config"] = dict(FAMILIES[family].config, **SIDE_BY_SIDE_OVERRIDES.get(family, {}))
-                    entry["code"] = {"package": code_fingerprint(), "peers": _peer_fingerprint(),
-                                     "git_commit": git_commit(), "created_utc": utc_now()}
-                    cache_path(cache_dir, args, cell, method).write_text(
-                        json.dumps(entry, indent=1, default=json_default))
+                entry = measure_and_cache(bench, cache_dir, cell, method, shared.setdefault(tb_name, {}))
             results.setdefault(tb_name, {}).setdefault(f"{family}@{nfe}", {})[method] = entry
             if "floor" in entry:
                 floors[tb_name] = entry["floor"]
